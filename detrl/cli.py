@@ -1,0 +1,160 @@
+"""`detrl` command line: run, reproduce (run twice + verify), verify, profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import PROFILES, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def default_cache() -> str:
+    return os.environ.get("DETRL_CACHE", str(Path.home() / ".cache" / "detrl"))
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help=f"named profile: {', '.join(PROFILES)}")
+    p.add_argument("--config", help="a YAML file of config keys (applied after the profile)")
+    p.add_argument("--seed", type=int, help="the run seed (data order, sampling, init)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rollout.temperature=0.7 (repeatable)")
+    p.add_argument("--cache", default=default_cache(), help="where downloads and conversions are cached")
+    p.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR[:before_step|after_step]",
+                   help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it")
+
+
+def _load(args: argparse.Namespace):
+    if args.profile is None and args.config is None:
+        raise ConfigError("give --profile NAME or --config FILE (profiles: " + ", ".join(PROFILES) + ")")
+    return load_config(args.profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+
+
+def _plants(items: Sequence[str]):
+    from .trainer import Perturbation
+
+    out = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0].isdigit():
+            raise ConfigError(f"--plant {item!r}: expected ITER:TENSOR[:before_step|after_step]")
+        when = parts[2] if len(parts) == 3 else "before_step"
+        if when not in ("before_step", "after_step"):
+            raise ConfigError(f"--plant {item!r}: when must be before_step or after_step")
+        out.append(Perturbation(iteration=int(parts[0]), tensor=parts[1], when=when))
+    return out
+
+
+def _progress(label: str):
+    def show(it: int, n: int, stats: dict[str, Any]) -> None:
+        print(f"[{label}] iteration {it + 1}/{n}: reward {stats['mean_reward']:.3f} loss {stats['loss']:+.5f} "
+              f"grad-norm {stats['grad_norm']:.4f} len {stats['mean_response_len']:.1f} "
+              f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e} step {stats['step_s']:.2f}s", flush=True)
+    return show
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .loop import prepare, run
+
+    cfg = _load(args)
+    plants = _plants(args.plant)
+    arts = prepare(cfg, args.cache)
+    summary = run(cfg, args.out, arts, perturbations=plants, progress=_progress(Path(args.out).name))
+    print(f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
+          f"{summary.wall_s:.1f}s, final weights {summary.final_weights[:16]})")
+    return EXIT_OK
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .loop import prepare, run
+    from .verify import format_text, verify
+
+    cfg = _load(args)
+    plants = _plants(args.plant)
+    arts = prepare(cfg, args.cache)
+    out = Path(args.out)
+    run(cfg, out / "run_a", arts, progress=_progress("run A"))
+    run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"))
+    verdict = verify(str(out / "run_a"), str(out / "run_b"))
+    print(verdict.to_json() if args.json else format_text(verdict))
+    return verdict.exit_code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_markdown, format_text, verify
+
+    verdict = verify(args.a, args.b)
+    if args.json:
+        print(verdict.to_json())
+    elif args.markdown:
+        print(format_markdown(verdict))
+    else:
+        print(format_text(verdict))
+    return verdict.exit_code
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    for name in PROFILES:
+        cfg = load_config(name)
+        print(f"{name}: model {cfg.model.source}:{cfg.model.name}, data {cfg.data.source}:{cfg.data.name}, "
+              f"{cfg.rollout.prompts_per_step}x{cfg.rollout.samples_per_prompt} samples, "
+              f"{cfg.rollout.max_new_tokens} new tokens, {cfg.train.steps} steps, rollout {cfg.backends.rollout}, "
+              f"{'GPU' if cfg.on_gpu else 'CPU'}")
+    if args.show:
+        print(json.dumps(load_config(args.show).model_dump(mode="json"), indent=1))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="detrl", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the GRPO loop once and write DIR/ledger.jsonl")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="run directory (must not hold a ledger yet)")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("reproduce", help="run the loop twice (OUT/run_a, OUT/run_b) and verify")
+    _config_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_reproduce)
+    p = sub.add_parser("verify", help="compare two run directories: exit 0 identical, 1 diverged, 2 incomplete")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("profiles", help="list the named profiles")
+    p.add_argument("--show", metavar="NAME", help="print one profile's full config")
+    p.set_defaults(fn=cmd_profiles)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"detrl: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - one clear line for known failures, tracebacks otherwise
+        from .data import DataError
+        from .determinism import DeterminismError
+        from .loop import RunError
+        from .models import ModelError
+
+        if isinstance(exc, (DataError, ModelError)):
+            print(f"detrl: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, (DeterminismError, RunError)):
+            print(f"detrl: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""One typed run configuration, named profiles, and `key=value` overrides.
+
+Every field is validated before any expensive work; unknown keys are rejected with the
+key named (and a close match suggested), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Variables every worker must see when determinism is on (slime/Miles recipe), checked by
+# reading them back inside each worker.
+DETERMINISM_ENV: dict[str, str] = {
+    "NCCL_ALGO": "Ring",
+    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and how."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RandomModelSpec(_Strict):
+    """A seeded random Qwen2 model with the real Qwen2 tokenizer: needs no network."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(151936, ge=151665)  # the Qwen2 tokenizer uses ids up to 151664
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = Field(32768, ge=128)
+    rope_theta: float = Field(1_000_000.0, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> RandomModelSpec:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    source: Literal["hub", "local", "random"] = "hub"
+    name: str = Field("Qwen/Qwen2.5-0.5B-Instruct", min_length=1,
+                      description="hub: repo id; local: a directory with config.json + safetensors; random: a label")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit); None = main")
+    random: RandomModelSpec = Field(default_factory=RandomModelSpec)
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if self.source == "hub" and ("/" not in self.name or self.name.startswith(("/", "."))):
+            raise ValueError(f"model.name {self.name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
+                             "for a directory set model.source=local")
+        if self.source != "hub" and self.revision is not None:
+            raise ValueError("model.revision only applies to model.source=hub")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["hub", "local", "builtin"] = "hub"
+    name: str = Field("openai/gsm8k", min_length=1,
+                      description="hub: dataset id; local: a .jsonl/.parquet file; builtin: 'gsm8k-sample'")
+    subset: str | None = "main"
+    split: str = "train"
+    revision: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    instruction: str = 'Let\'s think step by step and output the final answer after "####".'
+    use_chat_template: bool = True
+    max_prompt_tokens: int = Field(1024, ge=8)
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    shuffle: bool = True
+
+
+class SGLangConfig(_Strict):
+    attention_backend: Literal["flashinfer", "triton", "fa3"] = "flashinfer"
+    mem_fraction_static: float = Field(0.4, gt=0.05, lt=0.95)
+    cuda_graph_max_bs: int | None = Field(None, ge=1)
+    disable_cuda_graph: bool = False
+    disable_radix_cache: bool | None = Field(None, description="None: let SGLang decide per backend")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    log_level: str = "warning"
+
+
+class HFEngineConfig(_Strict):
+    # per_sequence: every sequence is computed alone, so nothing else in a request can change
+    # its arithmetic (batch-invariant by construction). padded: one padded batch, as
+    # `generate()` does; faster, but its bits depend on the batch (the self-test shows it).
+    batching: Literal["per_sequence", "padded"] = "per_sequence"
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+
+
+class RolloutConfig(_Strict):
+    prompts_per_step: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(8, ge=2, description="GRPO group size")
+    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, description="base sampling seed; None = the run seed")
+    verify_weights: Literal["all", "sample"] = Field(
+        "all", description="after each sync prove the engine holds the trainer's weights: every tensor, "
+                           "or all at the first sync and a rotating sample after")
+    sglang: SGLangConfig = Field(default_factory=SGLangConfig)
+    hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(3, ge=1, description="GRPO iterations (rollout + one update each)")
+    lr: float = Field(1e-6, gt=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.98, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    eps_clip_low: float = Field(0.2, ge=0, le=1)
+    eps_clip_high: float = Field(0.28, ge=0, le=10)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    micro_batch_size: int = Field(4, ge=1)
+    updates_per_step: int = Field(1, ge=1, description="optimizer steps per rollout batch (mini-batches)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+
+class DeterminismConfig(_Strict):
+    enabled: bool = True
+    env: dict[str, str] = Field(default_factory=lambda: dict(DETERMINISM_ENV))
+
+
+class BackendsConfig(_Strict):
+    rollout: Literal["sglang", "hf"] = "sglang"
+    trainer: Literal["megatron"] = "megatron"
+
+
+class ResourcesConfig(_Strict):
+    ray_address: str | None = Field(None, description="None: start a local Ray; else a cluster address")
+    num_gpus: int = Field(1, ge=0, description="0 runs everything on the CPU")
+    trainer_gpus: int = Field(1, ge=1, description="data-parallel trainer ranks (one GPU each when on GPU)")
+    colocate: bool = True
+    cpu_threads: int = Field(1, ge=1, description="torch threads per worker")
+    worker_env: dict[Literal["trainer", "rollout"], dict[str, str | None]] = Field(
+        default_factory=dict, description="extra env per worker role; a null value leaves a variable out")
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0, description="save a resumable checkpoint every N iterations; 0 = never")
+    keep: int = Field(2, ge=1)
+
+
+class LedgerConfig(_Strict):
+    keep_step_data: bool = Field(True, description="save per-step tensors so verify can show max |diff|")
+
+
+class RunConfig(_Strict):
+    profile: str = "custom"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    determinism: DeterminismConfig = Field(default_factory=DeterminismConfig)
+    backends: BackendsConfig = Field(default_factory=BackendsConfig)
+    reward: Literal["gsm8k", "hash"] = "gsm8k"
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunConfig:
+        if self.backends.rollout == "sglang" and self.resources.num_gpus < 1:
+            raise ValueError("backends.rollout=sglang needs resources.num_gpus >= 1; "
+                             "on a CPU-only machine use backends.rollout=hf (or --profile tiny-cpu)")
+        if self.resources.num_gpus == 0 and self.resources.trainer_gpus != 1:
+            raise ValueError("resources.trainer_gpus > 1 needs GPUs (resources.num_gpus >= trainer_gpus)")
+        if self.resources.num_gpus and self.resources.trainer_gpus > self.resources.num_gpus:
+            raise ValueError("resources.trainer_gpus cannot exceed resources.num_gpus")
+        n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if n % self.train.updates_per_step:
+            raise ValueError(f"train.updates_per_step={self.train.updates_per_step} must divide the "
+                             f"{n} samples of a step (prompts_per_step x samples_per_prompt)")
+        per_update = n // self.train.updates_per_step
+        if per_update % self.resources.trainer_gpus:
+            raise ValueError(f"the {per_update} samples of an update must split evenly over "
+                             f"resources.trainer_gpus={self.resources.trainer_gpus}")
+        if self.determinism.enabled:
+            missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
+            if missing:
+                raise ValueError(f"determinism.env lacks {missing}; determinism needs {DETERMINISM_ENV}")
+        return self
+
+    @property
+    def sampling_seed(self) -> int:
+        return self.seed if self.rollout.seed is None else self.rollout.seed
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.resources.num_gpus > 0
+
+    def train_dtype(self) -> str:
+        if self.train.dtype != "auto":
+            return self.train.dtype
+        return "bfloat16" if self.on_gpu else "float32"
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """What determines the run's results (no addresses or labels)."""
+        d = self.model_dump(mode="json")
+        d.pop("profile")
+        d["resources"].pop("ray_address")
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.semantic_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Profiles are partial dicts over the defaults above.
+PROFILES: dict[str, dict[str, Any]] = {
+    # The reference: Qwen2.5-0.5B-Instruct on GSM8K with the Miles/slime reproducibility recipe
+    # (32 prompts x 8 samples, temperature 1, 1024 new tokens, eps 0.2/0.28, lr 1e-6, wd 0.1,
+    # betas 0.9/0.98, no KL, one update per rollout, per-token loss).
+    "gsm8k-qwen2.5-0.5b": {
+        "model": {"source": "hub", "name": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "data": {"source": "hub", "name": "openai/gsm8k", "subset": "main", "split": "train"},
+        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024},
+        "train": {"steps": 3, "micro_batch_size": 8},
+        "backends": {"rollout": "sglang"},
+        "reward": "gsm8k",
+        "resources": {"num_gpus": 1},
+    },
+    # The reference architecture with random weights (no hub needed) and the hash reward so the
+    # weights really move: the GPU smoke test of the whole stack.
+    "gsm8k-qwen2.5-0.5b-smoke": {
+        "model": {"source": "random", "name": "qwen2.5-0.5b-arch-random", "random": {
+            "hidden_size": 896, "num_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
+            "dtype": "bfloat16"}},
+        "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train"},
+        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
+                    "verify_weights": "sample"},
+        "train": {"steps": 3, "micro_batch_size": 8, "lr": 1e-5},
+        "backends": {"rollout": "sglang"},
+        "reward": "hash",
+        "resources": {"num_gpus": 1},
+    },
+    # Seconds on a laptop CPU: a tiny random Qwen2 with the real tokenizer, the builtin GSM8K rows.
+    "tiny-cpu": {
+        "model": {"source": "random", "name": "tiny-qwen2-random"},
+        "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train", "max_prompt_tokens": 256},
+        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 12},
+        "train": {"steps": 3, "micro_batch_size": 4, "lr": 1e-3, "weight_decay": 0.0},
+        "backends": {"rollout": "hf"},
+        "reward": "hash",
+        "resources": {"num_gpus": 0},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _unknown_key(path: str, key: str, choices: list[str]) -> ConfigError:
+    msg = f"unknown config key {path!r}"
+    hint = difflib.get_close_matches(key, choices, n=1)
+    if hint:
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        msg += f" (did you mean {parent + hint[0]!r}?)"
+    return ConfigError(msg + f"; valid keys there: {', '.join(sorted(choices))}")
+
+
+def _submodel(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    ann = model.model_fields[key].annotation if model is not None else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with their dotted path before pydantic sees them."""
+    fields = model.model_fields
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(path, key, _field_names(model))
+        sub = _submodel(model, key)
+        if isinstance(value, dict) and sub is not None:
+            _check_keys(value, sub, path + ".")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. --set rollout.temperature=0.7)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    pairs = overrides.items() if isinstance(overrides, dict) else (
+        (".".join(parts), value) for parts, value in map(parse_override, overrides))
+    for dotted, value in pairs:
+        parts = dotted.split(".")
+        model: type[BaseModel] | None = RunConfig
+        cur = out
+        for i, part in enumerate(parts):
+            # below a free-form mapping (model None, e.g. determinism.env) any key is allowed
+            if model is not None and part not in model.model_fields:
+                raise _unknown_key(".".join(parts[: i + 1]), part, _field_names(model))
+            if i == len(parts) - 1:
+                # env-like free-form maps hold strings: `X=1` means "1", not the integer 1
+                if model is None and isinstance(value, (int, float, bool)):
+                    value = str(value).lower() if isinstance(value, bool) else str(value)
+                cur[part] = value
+                break
+            model = _submodel(model, part)
+            if not isinstance(cur.get(part), dict):
+                cur[part] = {}
+            cur = cur[part]
+    return out
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    _check_keys(data, RunConfig)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config(profile: str | None = None, *, config_file: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None, seed: int | None = None) -> RunConfig:
+    """Profile (or file) + overrides -> a validated RunConfig. Raises ConfigError."""
+    if profile is not None and profile not in PROFILES:
+        hint = difflib.get_close_matches(profile, list(PROFILES), n=1)
+        raise ConfigError(f"unknown profile {profile!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; profiles: {', '.join(PROFILES)}")
+    data: dict[str, Any] = {}
+    if profile is not None:
+        data = _deep_merge(data, PROFILES[profile])
+        data["profile"] = profile
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of config keys")
+        data = _deep_merge(data, loaded)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    if seed is not None:
+        data["seed"] = seed
+    return build_config(data)
+
+
+def config_from_json(blob: str | dict[str, Any]) -> RunConfig:
+    return build_config(json.loads(blob) if isinstance(blob, str) else blob)

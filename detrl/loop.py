@@ -1,0 +1,235 @@
+"""The deterministic GRPO loop. Per iteration: sync the policy to the engine and prove it holds the
+trainer's weights -> pick prompts -> roll out -> rewards -> advantages -> train step -> record
+every phase's hash in the ledger."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .config import RunConfig
+from .convert import ConvertedArtifact, convert_cached
+from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
+from .determinism import fingerprint
+from .grpo import group_advantages
+from .ledger import (LEDGER_FILE, LEDGER_VERSION, LedgerWriter, array_sha256, combine, ragged,
+                     ragged_sha256, read_ledger, save_step_data)
+from .models import ModelArtifact, fetch_model
+from .rollout import Generation, SamplingParams
+from .trainer import Perturbation, Sample
+from .util import atomic_write_text
+
+
+class RunError(RuntimeError):
+    pass
+
+
+class WeightSyncError(RunError):
+    """The engine does not hold exactly the weights the trainer sent."""
+
+
+@dataclass
+class Artifacts:
+    model: ModelArtifact
+    data: DatasetArtifact
+    megatron: ConvertedArtifact
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    iterations: int
+    wall_s: float
+    final_weights: str
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare(cfg: RunConfig, cache_dir: str | Path) -> Artifacts:
+    """Download (or generate) the model and dataset and convert the model; each step cached."""
+    model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu")
+    data = fetch_dataset(cfg.data, cache_dir)
+    return Artifacts(model, data, convert_cached(model, cache_dir))
+
+
+def _stop_ids(tokenizer: Any, model_dir: str) -> tuple[int, ...]:
+    ids = set()
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _shard(samples: list[Sample], updates: int, ranks: int) -> list[list[Sample]]:
+    """Rank r gets the r-th contiguous slice of every mini-batch."""
+    per_update = len(samples) // updates
+    k = per_update // ranks
+    return [[s for u in range(updates) for s in samples[u * per_update + r * k: u * per_update + (r + 1) * k]]
+            for r in range(ranks)]
+
+
+def _unshard(parts: Sequence[Sequence[Any]], updates: int) -> list[Any]:
+    k = len(parts[0]) // updates
+    return [x for u in range(updates) for part in parts for x in part[u * k:(u + 1) * k]]
+
+
+def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
+        perturbations: Sequence[Perturbation] = (),
+        progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> RunSummary:
+    """Run the loop once into `run_dir` (ledger.jsonl, fingerprint.json, config.json, steps/)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from .workers import Workers
+
+    run_dir = Path(run_dir)
+    if (run_dir / LEDGER_FILE).exists():
+        existing = read_ledger(run_dir)
+        state = "a complete" if existing.complete else "an incomplete"
+        raise RunError(f"{run_dir} already holds {state} ledger; choose a new --out directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(artifacts.model.path)
+    prompts = PromptSet(read_dataset(artifacts.data), tokenizer, cfg.data, cfg.seed)
+    reward = reward_fn(cfg.reward, tokenizer)
+    params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                            _stop_ids(tokenizer, artifacts.model.path))
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
+    updates = cfg.train.updates_per_step
+    plant = {(p.iteration, p.when): p for p in perturbations}
+
+    with Workers(cfg, artifacts.model.path, str(Path(artifacts.megatron.path) / "weights")) as w:
+        trainer0, engine_dtype = w.trainers[0], w.engine_info["dtype"]
+        header = {
+            "kind": "header", "version": LEDGER_VERSION, "run_id": uuid.uuid4().hex, "detrl": __version__,
+            "profile": cfg.profile, "config": cfg.semantic_dict(), "config_hash": cfg.config_hash(),
+            "artifacts": {k: asdict(v) for k, v in asdict_shallow(artifacts).items()},
+            "engine": w.engine_info, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
+            "fingerprints": {"driver": fingerprint("driver"), **w.fingerprints},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1, sort_keys=True))
+        atomic_write_text(run_dir / "fingerprint.json", json.dumps(header["fingerprints"], indent=1, sort_keys=True))
+        summary = RunSummary(str(run_dir), 0, 0.0, "")
+        with LedgerWriter(run_dir / LEDGER_FILE) as ledger:
+            ledger.append(header)
+            for it in range(cfg.train.steps):
+                t0 = time.perf_counter()
+                if (p := plant.get((it, "before_step"))) is not None:
+                    ray.get(trainer0.flip_bit.remote(p.tensor, p.index, p.bit))
+
+                # 1. policy sync: the engine must hold exactly the trainer's weights
+                tensors_ref, sent_ref = trainer0.export_hf.options(num_returns=2).remote(engine_dtype)
+                if it > 0 or (0, "before_step") in plant:  # iteration 0: the engine loaded the same checkpoint
+                    ray.get(w.rollout.update_weights.remote(tensors_ref))
+                sent = ray.get(sent_ref)
+                held = ray.get(w.rollout.weight_hashes.remote(None))
+                bad = sorted(n for n in set(sent) | set(held) if sent.get(n) != held.get(n))
+                if bad:
+                    raise WeightSyncError(f"iteration {it}: the engine's weights differ from the trainer's in "
+                                          f"{len(bad)} tensor(s): {bad[:5]}")
+                del tensors_ref
+                t_sync = time.perf_counter()
+
+                # 2. prompts and rollout
+                batch = prompts.batch(it, P)
+                prompt_ids = [p for p in batch.prompt_ids for _ in range(G)]
+                answers = [a for a in batch.answers for _ in range(G)]
+                seeds = ([sample_seed(cfg.sampling_seed, it, j, P * G) for j in range(P * G)]
+                         if cfg.determinism.enabled else None)
+                gens: list[Generation] = ray.get(w.rollout.generate.remote(prompt_ids, seeds, params))
+                t_roll = time.perf_counter()
+
+                # 3. rewards and group-normalized advantages
+                rewards = np.asarray([reward(g.token_ids, a) for g, a in zip(gens, answers)], dtype=np.float32)
+                adv = group_advantages(rewards.tolist(), G).numpy()
+
+                # 4. train step over the data-parallel ranks
+                samples = [Sample(list(p), g.token_ids, float(a)) for p, g, a in zip(prompt_ids, gens, adv)]
+                per_update = len(samples) // updates
+                global_tokens = [sum(len(s.response_ids) for s in samples[u * per_update:(u + 1) * per_update])
+                                 for u in range(updates)]
+                shards = _shard(samples, updates, len(w.trainers))
+                results = ray.get([t.train_step.remote(s, global_tokens) for t, s in zip(w.trainers, shards)])
+                trainer_lp = _unshard([r.logprobs for r in results], updates)
+                losses, norms = results[0].losses, results[0].grad_norms
+                if (p := plant.get((it, "after_step"))) is not None:
+                    ray.get(trainer0.flip_bit.remote(p.tensor, p.index, p.bit))
+                t_train = time.perf_counter()
+
+                # 5. weights after the step (every rank must hold the same)
+                rank_hashes = ray.get([t.weight_hashes.remote() for t in w.trainers])
+                for r, h in enumerate(rank_hashes[1:], 1):
+                    if h != rank_hashes[0]:
+                        diff = sorted(n for n in h if h[n] != rank_hashes[0].get(n))
+                        raise RunError(f"iteration {it}: trainer rank {r} weights differ from rank 0 in {diff[:5]}")
+                weights = rank_hashes[0]
+                t_hash = time.perf_counter()
+
+                rollout_lp = [np.asarray(g.logprobs, dtype=np.float32) for g in gens]
+                record = {
+                    "kind": "iteration", "iteration": it,
+                    "hashes": {
+                        "policy_weights": combine(sent),
+                        "prompts": ragged_sha256(batch.prompt_ids, np.int64),
+                        "rollout_tokens": ragged_sha256([g.token_ids for g in gens], np.int64),
+                        "rollout_logprobs": ragged_sha256(rollout_lp, np.float32),
+                        "rewards": array_sha256(rewards),
+                        "advantages": array_sha256(adv.astype(np.float32)),
+                        "trainer_logprobs": ragged_sha256(trainer_lp, np.float32),
+                        "loss": array_sha256(np.asarray(losses, dtype=np.float64)),
+                        "grad_norm": array_sha256(np.asarray(norms, dtype=np.float64)),
+                        "weights": combine(weights),
+                    },
+                    "tensors": {"policy_weights": [[n, sent[n]] for n in sent],
+                                "weights": [[n, weights[n]] for n in weights]},
+                    "stats": {
+                        "mean_reward": float(rewards.mean()), "loss": float(np.mean(losses)),
+                        "grad_norm": float(np.mean(norms)),
+                        "mean_response_len": float(np.mean([len(g.token_ids) for g in gens])),
+                        "logprob_max_abs_diff": float(max(
+                            (np.abs(a - b).max() for a, b in zip(rollout_lp, trainer_lp) if len(a)), default=0.0)),
+                        "sync_s": t_sync - t0, "rollout_s": t_roll - t_sync, "train_s": t_train - t_roll,
+                        "hash_s": t_hash - t_train, "step_s": time.perf_counter() - t0,
+                    },
+                }
+                if cfg.ledger.keep_step_data:
+                    save_step_data(run_dir, it, _step_arrays(batch.prompt_ids, gens, rollout_lp, rewards, adv,
+                                                             trainer_lp, losses, norms))
+                ledger.append(record)
+                summary.stats.append(record["stats"])
+                summary.iterations = it + 1
+                if progress is not None:
+                    progress(it, cfg.train.steps, record["stats"])
+            summary.final_weights = record["hashes"]["weights"]
+            summary.wall_s = time.perf_counter() - t_start
+            ledger.append({"kind": "complete", "iterations": cfg.train.steps, "final_weights": summary.final_weights,
+                           "wall_s": summary.wall_s,
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return summary
+
+
+def asdict_shallow(a: Artifacts) -> dict[str, Any]:
+    return {"model": a.model, "data": a.data, "megatron": a.megatron}
+
+
+def _step_arrays(prompt_ids, gens, rollout_lp, rewards, adv, trainer_lp, losses, norms) -> dict[str, np.ndarray]:
+    p_flat, p_len = ragged(prompt_ids, np.int64)
+    t_flat, t_len = ragged([g.token_ids for g in gens], np.int64)
+    return {
+        "prompts": p_flat, "prompts_len": p_len,
+        "rollout_tokens": t_flat, "rollout_tokens_len": t_len,
+        "rollout_logprobs": ragged(rollout_lp, np.float32)[0],
+        "rewards": rewards.astype(np.float32), "advantages": adv.astype(np.float32),
+        "trainer_logprobs": ragged(trainer_lp, np.float32)[0],
+        "loss": np.asarray(losses, dtype=np.float64), "grad_norm": np.asarray(norms, dtype=np.float64),
+    }

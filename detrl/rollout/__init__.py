@@ -1,0 +1,57 @@
+"""Rollout engines. Every engine implements `RolloutEngine`: token ids in, token ids and per-token
+log-probs out, per-sample sampling seeds, weight updates by HF names, and a proof of the weights
+it holds. `make_engine` picks one by `backends.rollout`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    logprobs: list[float]        # log-prob of each sampled token under the temperature-scaled distribution
+    finish_reason: str = "length"  # "stop" | "length"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
+                 params: SamplingParams) -> list[Generation]:
+        """`seeds[i]` fixes sample i's draws: the draw at a position depends only on (seed, position).
+        None: unseeded sampling (production mode, not reproducible)."""
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load HF-named tensors (a full or partial set) into the engine."""
+
+    def weight_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """SHA-256 (ledger.tensor_sha256) of the HF-named tensors the engine holds now."""
+
+    def info(self) -> dict[str, Any]:
+        """Backend, dtype and settings, recorded in the fingerprint."""
+
+    def shutdown(self) -> None: ...
+
+
+def make_engine(cfg: Any, model_dir: str) -> RolloutEngine:
+    if cfg.backends.rollout == "hf":
+        from .hf import HFEngine
+
+        return HFEngine(model_dir, cfg.rollout.hf, deterministic=cfg.determinism.enabled)
+    if cfg.backends.rollout == "sglang":
+        from .sglang import SGLangEngine
+
+        return SGLangEngine(model_dir, cfg.rollout.sglang, deterministic=cfg.determinism.enabled,
+                            seed=cfg.seed)
+    raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

@@ -1,0 +1,226 @@
+"""The GRPO trainer on Megatron-core: a GPTModel built from the HF config and loaded from the
+converted torch_dist checkpoint; PPO-clip on group-normalized advantages, token-level mean, AdamW
+on fp32 master weights, grad clipping; data parallel over torch.distributed when world_size > 1.
+
+One process per rank (a Ray actor, or the caller's process in tests)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .convert import ArchMeta, build_gpt_model, load_dist_checkpoint, megatron_to_hf, model_parallel
+from .grpo import ppo_clip_token_loss
+from .ledger import tensors_sha256
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+
+
+@dataclass
+class StepResult:
+    losses: list[float]          # one per optimizer update of the step
+    grad_norms: list[float]      # before clipping, one per update
+    logprobs: list[np.ndarray]   # trainer log-probs of each sample's response tokens (before the update)
+    tokens: int
+
+
+@dataclass
+class Perturbation:
+    """A planted divergence for tests of the verifier: flip one bit of one weight element."""
+
+    iteration: int
+    tensor: str
+    when: str = "before_step"   # "before_step" (before the iteration's sync) | "after_step"
+    index: int = 0
+    bit: int = 22               # fp32: the top mantissa bit
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Any, hf_dir: str, megatron_ckpt: str, *, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None):
+        self.cfg, self.hf_dir, self.ckpt = cfg, hf_dir, megatron_ckpt
+        self.rank, self.world_size = rank, world_size
+        self.meta = ArchMeta.from_hf_dir(hf_dir)
+        self.dtype = cfg.train_dtype()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(model_parallel(rank, world_size, master_addr=master_addr,
+                                                 master_port=master_port, seed=cfg.seed))
+        self.model = build_gpt_model(self.meta, self.dtype, deterministic=cfg.determinism.enabled)
+        load_dist_checkpoint(self.model, megatron_ckpt)
+        self.params = [p for _, p in self.model.named_parameters()]
+        self.names = [n for n, _ in self.model.named_parameters()]
+        # AdamW runs on fp32 master weights; when the model computes in fp32 they are the params.
+        if self.dtype == "float32":
+            self.master = self.params
+        else:
+            self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.master, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                           eps=t.adam_eps, weight_decay=t.weight_decay,
+                                           foreach=False, fused=False)
+
+    # -- forward
+    def _logprobs(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Log-probs of the response tokens, flat in sample order (sample 0's tokens, then 1's...).
+        Only response positions reach the output layer: a forward pre-hook selects them from the
+        decoder's hidden states, so the vocabulary projection skips the prompt positions."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        seqs = [s.prompt_ids + s.response_ids for s in samples]
+        width = max(len(x) for x in seqs)
+        tokens = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            tokens[r, : len(seq)] = torch.tensor(seq)
+        # position t predicts token t+1: the response tokens are predicted at [p-1, p-1+n)
+        s_idx = torch.cat([torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids))
+                           for s in samples])
+        b_idx = torch.cat([torch.full((len(s.response_ids),), r) for r, s in enumerate(samples)])
+        labels = tokens[b_idx, s_idx + 1].to(self.device)[None]
+        s_idx, b_idx, tokens = s_idx.to(self.device), b_idx.to(self.device), tokens.to(self.device)
+
+        def only_response_positions(module, args, kwargs):
+            hidden = args[0]  # [s, b, h]
+            return (hidden[s_idx, b_idx].unsqueeze(1), *args[1:]), kwargs
+
+        pos = torch.arange(width, device=self.device).unsqueeze(0).expand_as(tokens)
+        causal = torch.triu(torch.ones(width, width, dtype=torch.bool, device=self.device), 1)[None, None]
+        hook = self.model.output_layer.register_forward_pre_hook(only_response_positions, with_kwargs=True)
+        try:
+            logits = self.model(tokens, pos, causal)  # [1, n, vocab]
+        finally:
+            hook.remove()
+        logits = logits.float()
+        temperature = self.cfg.rollout.temperature
+        if temperature != 1.0:
+            logits = logits / temperature
+        return -vocab_parallel_cross_entropy(logits, labels)[0]
+
+    # -- one GRPO update per call (or `updates_per_step` mini-batches)
+    def train_step(self, samples: Sequence[Sample], global_tokens: Sequence[int]) -> StepResult:
+        """`samples`: this rank's shard, mini-batch after mini-batch. `global_tokens[u]`: response
+        tokens of mini-batch u over all ranks, the token-level mean's denominator."""
+        cfg = self.cfg.train
+        per_update = len(samples) // cfg.updates_per_step
+        micro = [(u, samples[u * per_update + i: u * per_update + min(i + cfg.micro_batch_size, per_update)])
+                 for u in range(cfg.updates_per_step) for i in range(0, per_update, cfg.micro_batch_size)]
+        logprobs_out: list[np.ndarray] = []
+        old: list[torch.Tensor] = []
+        if cfg.updates_per_step > 1:  # later mini-batches are off-policy: take all old log-probs first
+            with torch.no_grad():
+                for _, batch in micro:
+                    logp = self._logprobs(batch)
+                    old.append(logp)
+                    logprobs_out.extend(_rows(logp, batch))
+        losses, norms = [], []
+        for u in range(cfg.updates_per_step):
+            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params:
+                p.grad = None
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for k, (uu, batch) in enumerate(micro):
+                if uu != u:
+                    continue
+                logp = self._logprobs(batch)
+                if old:
+                    old_logp = old[k]
+                else:  # one update per rollout: the policy is the rollout's, ratio == 1
+                    old_logp = logp.detach()
+                    logprobs_out.extend(_rows(old_logp, batch))
+                adv = torch.tensor([s.advantage for s in batch for _ in s.response_ids], dtype=torch.float32,
+                                   device=self.device)
+                tok_loss = ppo_clip_token_loss(logp, old_logp, adv, cfg.eps_clip_low, cfg.eps_clip_high)
+                loss = tok_loss.sum() / float(global_tokens[u])
+                loss.backward()
+                loss_sum += loss.detach().double().cpu()
+                if self.master is not self.params:
+                    self._accumulate_master_grads()
+            self._allreduce_grads()
+            norms.append(self._clip())
+            self.optimizer.step()
+            if self.master is not self.params:
+                with torch.no_grad():
+                    for p, m in zip(self.params, self.master):
+                        p.copy_(m.to(p.dtype))
+            losses.append(float(self._allreduce_scalar(loss_sum)))
+        return StepResult(losses=losses, grad_norms=norms, logprobs=logprobs_out,
+                          tokens=int(sum(len(s.response_ids) for s in samples)))
+
+    def _accumulate_master_grads(self) -> None:
+        for p, m in zip(self.params, self.master):
+            if p.grad is None:
+                continue
+            g = p.grad.float()
+            m.grad = g.clone() if m.grad is None else m.grad.add_(g)
+            p.grad = None
+
+    def _allreduce_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        # One flat buffer in a fixed parameter order: with NCCL_ALGO=Ring the sum is reproducible.
+        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for m, g in zip(self.master, grads):
+            m.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def _allreduce_scalar(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        t = x.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm, foreach=False)
+        return float(norm)
+
+    # -- weights
+    def master_state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.master))
+
+    def weight_hashes(self) -> dict[str, str]:
+        return tensors_sha256({n: p.detach() for n, p in zip(self.names, self.master)})
+
+    def export_hf(self, dtype: str) -> dict[str, torch.Tensor]:
+        """The model's current weights under HF names, on the CPU, in the engine's dtype."""
+        target = getattr(torch, dtype)
+        state = {n: p.detach() for n, p in zip(self.names, self.params)}
+        return {k: v.to("cpu", target).contiguous() for k, v in megatron_to_hf(state, self.meta).items()}
+
+    @torch.no_grad()
+    def flip_bit(self, tensor: str, index: int, bit: int) -> None:
+        if tensor not in self.names:
+            raise KeyError(f"no parameter {tensor!r}; parameters: {self.names[:4]}...")
+        m = self.master[self.names.index(tensor)]
+        flat = m.data.view(-1)
+        as_int = flat[index: index + 1].view(torch.int32)
+        as_int ^= (1 << bit)
+        if self.master is not self.params:
+            p = self.params[self.names.index(tensor)]
+            p.copy_(m.to(p.dtype))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _rows(logp: torch.Tensor, samples: Sequence[Sample]) -> list[np.ndarray]:
+    flat = logp.detach().float().cpu().numpy()
+    bounds = np.cumsum([0] + [len(s.response_ids) for s in samples])
+    return [flat[bounds[i]:bounds[i + 1]].copy() for i in range(len(samples))]

@@ -1,0 +1,280 @@
+"""Compare two ledgers and say one verdict: identical (exit 0), diverged (exit 1, with the first
+iteration, phase and tensors or sample/position that differ and the likely cause), or incomplete
+(exit 2: a ledger is missing, torn or unfinished; never reported as a match)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .ledger import PER_TENSOR, PHASES, Ledger, load_step_data, read_ledger
+
+EXIT = {"identical": 0, "diverged": 1, "incomplete": 2}
+# Fingerprint keys that differ between any two processes and say nothing about numerics.
+VOLATILE = {"pid", "role"}
+
+
+@dataclass
+class Divergence:
+    iteration: int
+    phase: str
+    detail: str
+    tensors: list[str] = field(default_factory=list)
+    sample: int | None = None
+    position: int | None = None
+    max_abs_diff: float | None = None
+    other_phases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    status: str
+    a: str
+    b: str
+    iterations: tuple[int, int]
+    first: Divergence | None = None
+    likely_cause: str | None = None
+    config_diff: list[str] = field(default_factory=list)
+    fingerprint_diff: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    table: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT[self.status]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self) | {"exit_code": self.exit_code}, indent=1, default=str)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def dict_diff(a: dict[str, Any], b: dict[str, Any], skip: set[str] = frozenset()) -> list[str]:
+    fa, fb = _flatten(a), _flatten(b)
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        if k.rsplit(".", 1)[-1] in skip:
+            continue
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>"):
+            out.append(f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}")
+    return out
+
+
+def _fingerprint_diff(ha: dict[str, Any], hb: dict[str, Any]) -> list[str]:
+    fa, fb = ha.get("fingerprints", {}), hb.get("fingerprints", {})
+    out = []
+    for role in sorted(set(fa) | set(fb)):
+        out += [f"{role}.{d}" for d in dict_diff(fa.get(role, {}), fb.get(role, {}), VOLATILE)]
+    return out
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    n = min(len(a), len(b))
+    neq = np.nonzero(a[:n] != b[:n])[0] if n else np.zeros(0, dtype=int)
+    if len(neq):
+        return int(neq[0])
+    return n if len(a) != len(b) else None
+
+
+def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
+    """Refine a divergence with the per-step data both runs kept: sample, position, max |diff|."""
+    it = div.iteration
+    if div.phase in PER_TENSOR:
+        ta = dict(map(tuple, la.iterations[it]["tensors"][div.phase]))
+        tb = dict(map(tuple, lb.iterations[it]["tensors"][div.phase]))
+        order = [n for n, _ in la.iterations[it]["tensors"][div.phase]]
+        order += [n for n in tb if n not in ta]
+        div.tensors = [n for n in order if ta.get(n) != tb.get(n)]
+        div.detail = f"{len(div.tensors)} of {len(order)} tensors differ"
+        return
+    da, db = load_step_data(la.run_dir, it), load_step_data(lb.run_dir, it)
+    if da is None or db is None or div.phase not in da or div.phase not in db:
+        div.detail = "hashes differ (per-step data not kept by both runs: no finer location)"
+        return
+    x, y = da[div.phase], db[div.phase]
+    lengths_key = f"{div.phase}_len"
+    if div.phase in ("rollout_tokens", "rollout_logprobs", "trainer_logprobs", "prompts"):
+        key = "prompts_len" if div.phase == "prompts" else "rollout_tokens_len"
+        la_len, lb_len = da[key], db[key]
+        starts_a = np.concatenate([[0], np.cumsum(la_len)])
+        starts_b = np.concatenate([[0], np.cumsum(lb_len)])
+        for s in range(min(len(la_len), len(lb_len))):
+            ra = x[starts_a[s]:starts_a[s + 1]]
+            rb = y[starts_b[s]:starts_b[s + 1]]
+            pos = _first_difference(ra, rb)
+            if pos is not None:
+                div.sample, div.position = s, pos
+                break
+        if lengths_key in da and not np.array_equal(da[lengths_key], db[lengths_key]) and div.sample is None:
+            div.detail = "sample lengths differ"
+    else:
+        pos = _first_difference(x.reshape(-1), y.reshape(-1))
+        div.sample = pos
+    if x.dtype.kind == "f" and x.shape == y.shape:
+        div.max_abs_diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+    where = []
+    if div.sample is not None:
+        where.append(f"{'prompt' if div.phase == 'prompts' else 'sample'} {div.sample}")
+    if div.position is not None:
+        where.append(f"token position {div.position}")
+    if div.max_abs_diff is not None:
+        where.append(f"max |diff| {div.max_abs_diff:.3g}")
+    div.detail = ", ".join(where) or div.detail or "hashes differ"
+
+
+PHASE_CAUSE = {
+    "policy_weights": "the policy entering this iteration differs: the trainer's weights changed between "
+                      "iterations (a bit flip, memory corruption, an out-of-band write) or the weight export "
+                      "is not deterministic",
+    "prompts": "the data order differs: a different seed or dataset content",
+    "rollout_tokens": "the rollout engine is not deterministic for the same weights and prompts: check "
+                      "--enable-deterministic-inference, the attention backend (flashinfer/triton, not fa3), "
+                      "FA3 not installed, and per-sample sampling seeds",
+    "rollout_logprobs": "the engine sampled the same tokens with different log-probs: its kernels are not "
+                        "batch-invariant or the attention backend differs",
+    "rewards": "the reward function gave different rewards for the same tokens (non-deterministic reward)",
+    "advantages": "advantages differ for the same rewards (non-deterministic normalization)",
+    "trainer_logprobs": "the trainer's forward pass is not deterministic: check torch deterministic algorithms, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0, FA3",
+    "loss": "the loss differs for the same log-probs: a non-deterministic reduction",
+    "grad_norm": "the backward pass is not deterministic (atomics in kernels, NCCL algorithm: NCCL_ALGO=Ring)",
+    "weights": "the optimizer update differs for identical gradients, or a weight changed in memory after the step",
+}
+
+
+def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
+                 ha: dict[str, Any], hb: dict[str, Any]) -> str:
+    reasons = []
+    if config_diff:
+        reasons.append("the two runs were configured differently (" + "; ".join(config_diff[:4]) + ")")
+    if not (ha.get("config", {}).get("determinism", {}).get("enabled", True)
+            and hb.get("config", {}).get("determinism", {}).get("enabled", True)):
+        reasons.append("determinism was off (determinism.enabled=false): unseeded sampling and "
+                       "non-deterministic kernels are expected to make runs differ")
+    versions = [d for d in fp_diff if ".versions." in d]
+    if versions:
+        reasons.append("library versions differ between the runs: " + "; ".join(versions[:4]))
+    fa3 = [d for d in fp_diff if d.split(": ")[0].endswith(".fa3")]
+    for h in (ha, hb):
+        for role, fp in h.get("fingerprints", {}).items():
+            if fp.get("fa3") and h.get("config", {}).get("determinism", {}).get("enabled", True):
+                fa3.append(f"{role} can import FA3 ({fp['fa3']})")
+    if fa3:
+        reasons.append("FlashAttention-3 is installed (" + "; ".join(sorted(set(fa3))[:3]) +
+                       "): uninstall it (pip uninstall flash_attn_3) for deterministic runs")
+    env = [d for d in fp_diff if ".env." in d]
+    if env:
+        reasons.append("the determinism env differs between runs: " + "; ".join(env[:4]))
+    hw = [d for d in fp_diff if any(k in d for k in (".gpu.", ".cudnn", ".driver", "cpu_capability", ".host"))]
+    if hw:
+        reasons.append("the runs ran on different hardware or drivers (" + "; ".join(hw[:4]) +
+                       "): bitwise equality is only expected on the same stack")
+    other = [d for d in fp_diff if d not in versions + env + hw and ".fa3" not in d]
+    if other and not reasons:
+        reasons.append("the environments differ: " + "; ".join(other[:4]))
+    phase_hint = PHASE_CAUSE.get(first.phase, "")
+    if first.phase in ("rollout_tokens", "rollout_logprobs") and first.iteration > 0:
+        phase_hint += " (iteration 0 matched: in the seed troubleshooting table, divergence after the first "\
+                      "iteration points to FA3 still installed or the engine not receiving identical weights)"
+    if first.phase in PER_TENSOR and first.tensors:
+        phase_hint += f"; first tensor: {first.tensors[0]}"
+    return "; ".join(reasons + [phase_hint]) if reasons else phase_hint
+
+
+def compare(a: Ledger, b: Ledger) -> Verdict:
+    v = Verdict(status="identical", a=a.path, b=b.path, iterations=(len(a.iterations), len(b.iterations)))
+    v.problems = [*a.problems, *b.problems]
+    if a.header is None or b.header is None:
+        v.status = "incomplete"
+        return v
+    v.config_diff = dict_diff(a.header.get("config", {}), b.header.get("config", {}))
+    v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
+    for i in range(min(len(a.iterations), len(b.iterations))):
+        ha, hb = a.iterations[i]["hashes"], b.iterations[i]["hashes"]
+        row = {"iteration": str(i)}
+        differing = [p for p in PHASES if ha.get(p) != hb.get(p)]
+        for p in PHASES:
+            row[p] = "match" if p not in differing else "DIFF"
+        v.table.append(row)
+        if differing and v.first is None:
+            v.first = Divergence(iteration=i, phase=differing[0], detail="", other_phases=differing[1:])
+    if v.first is None and len(a.iterations) != len(b.iterations) and not v.problems:
+        n = min(len(a.iterations), len(b.iterations))
+        v.first = Divergence(iteration=n, phase="iterations",
+                             detail=f"run A has {len(a.iterations)} iterations, run B {len(b.iterations)}")
+    if v.first is not None and v.first.phase != "iterations":
+        _locate(v.first, a, b)
+    if v.first is not None:
+        v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header)
+    if v.problems:
+        v.status = "incomplete"
+    elif v.first is not None:
+        v.status = "diverged"
+    return v
+
+
+def verify(dir_a: str, dir_b: str) -> Verdict:
+    return compare(read_ledger(dir_a), read_ledger(dir_b))
+
+
+# ---------------------------------------------------------------- presentation
+
+def _divergence_lines(v: Verdict) -> list[str]:
+    d = v.first
+    if d is None:
+        return []
+    lines = [f"first divergence: iteration {d.iteration}, phase {d.phase}: {d.detail}"]
+    if d.tensors:
+        shown = ", ".join(d.tensors[:8]) + (f" (+{len(d.tensors) - 8} more)" if len(d.tensors) > 8 else "")
+        lines.append(f"tensors that differ: {shown}")
+    if d.other_phases:
+        lines.append(f"also differing in that iteration: {', '.join(d.other_phases)}")
+    if v.likely_cause:
+        lines.append(f"likely cause: {v.likely_cause}")
+    return lines
+
+
+def format_text(v: Verdict) -> str:
+    head = {"identical": "IDENTICAL", "diverged": "DIVERGED", "incomplete": "INCOMPLETE"}[v.status]
+    lines = [f"{head}: {v.a} vs {v.b} ({v.iterations[0]} and {v.iterations[1]} iterations)"]
+    if v.status == "identical":
+        lines.append(f"all {v.iterations[0]} iterations match in every phase ({', '.join(PHASES)})")
+    lines += [f"problem: {p}" for p in v.problems]
+    lines += _divergence_lines(v)
+    if v.config_diff:
+        lines.append("config differences: " + "; ".join(v.config_diff[:8]))
+    if v.fingerprint_diff:
+        lines.append("environment differences: " + "; ".join(v.fingerprint_diff[:8]))
+    return "\n".join(lines)
+
+
+def format_markdown(v: Verdict, links: dict[str, str] | None = None) -> str:
+    emoji = {"identical": "✅", "diverged": "❌", "incomplete": "⚠️"}[v.status]
+    out = [f"# {emoji} Reproducibility verdict: **{v.status.upper()}**", ""]
+    out.append(f"- run A: `{v.a}` ({v.iterations[0]} iterations)")
+    out.append(f"- run B: `{v.b}` ({v.iterations[1]} iterations)")
+    for name, url in (links or {}).items():
+        out.append(f"- {name}: {url}")
+    out.append("")
+    if v.status == "identical":
+        out.append(f"Every phase of every iteration matched bit for bit: {', '.join(PHASES)}.")
+    for p in v.problems:
+        out.append(f"- **problem:** {p}")
+    if v.first is not None:
+        out += ["## First divergence", ""]
+        out += [f"- {line}" for line in _divergence_lines(v)]
+    if v.config_diff:
+        out += ["", "## Config differences", ""] + [f"- `{d}`" for d in v.config_diff[:20]]
+    if v.fingerprint_diff:
+        out += ["", "## Environment differences", ""] + [f"- `{d}`" for d in v.fingerprint_diff[:20]]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,253 @@
+"""Ray workers: trainer ranks and the rollout engine as actors. `runtime_env` is the one place
+that decides what every worker process sees; each worker reads its environment back and a worker
+missing a required variable stops the run before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import DETERMINISM_ENV, RunConfig, config_from_json
+from .determinism import DeterminismError, env_problems
+
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+# Inherited from the driver when set: offline switches, caches, and the host's NVLink-multicast
+# guards (they must reach every process that opens NCCL).
+PASSTHROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+                   "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                   "NCCL_DEBUG", "CUDA_DEVICE_MAX_CONNECTIONS", "TRITON_CACHE_DIR")
+
+
+def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
+    env: dict[str, str] = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
+                           "OMP_NUM_THREADS": str(cfg.resources.cpu_threads)}
+    if cfg.determinism.enabled:
+        env.update(cfg.determinism.env)
+    for key in PASSTHROUGH_ENV:
+        if key in os.environ:
+            env[key] = os.environ[key]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
+    for key, value in cfg.resources.worker_env.get(role, {}).items():  # type: ignore[call-overload]
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return {"env_vars": env}
+
+
+def _process_info(role: str) -> dict[str, Any]:
+    from .determinism import read_env
+
+    keys = list(DETERMINISM_ENV)
+    return {"role": role, "pid": os.getpid(), "env": read_env(keys),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+class TrainerWorker:
+    def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int,
+                 master_addr: str, master_port: int):
+        self.args = (cfg_json, hf_dir, ckpt, rank, world_size, master_addr, master_port)
+        self.trainer = None
+
+    def env(self) -> dict[str, Any]:
+        return _process_info(f"trainer{self.args[3]}")
+
+    def setup(self) -> None:
+        from .determinism import apply_process_settings
+        from .trainer import GRPOTrainer
+
+        cfg_json, hf_dir, ckpt, rank, world, addr, port = self.args
+        cfg = config_from_json(cfg_json)
+        apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
+        self.trainer = GRPOTrainer(cfg, hf_dir, ckpt, rank=rank, world_size=world, master_addr=addr,
+                                   master_port=port)
+
+    def fingerprint(self) -> dict[str, Any]:
+        from .determinism import fingerprint
+
+        t = self.trainer
+        return fingerprint(f"trainer{t.rank}", {"layout": {"dp": t.world_size, "tp": 1, "pp": 1},
+                                                 "dtype": t.dtype, "device": str(t.device)})
+
+    def train_step(self, samples, global_tokens):
+        return self.trainer.train_step(samples, global_tokens)
+
+    def export_hf(self, dtype: str):
+        from .ledger import tensors_sha256
+
+        tensors = self.trainer.export_hf(dtype)
+        return tensors, tensors_sha256(tensors)
+
+    def weight_hashes(self) -> dict[str, str]:
+        return self.trainer.weight_hashes()
+
+    def flip_bit(self, tensor: str, index: int, bit: int) -> None:
+        self.trainer.flip_bit(tensor, index, bit)
+
+    def param_names(self) -> list[str]:
+        return list(self.trainer.names)
+
+    def save_checkpoint(self, path: str) -> None:
+        self.trainer.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.trainer.load_checkpoint(path)
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+
+
+class RolloutWorker:
+    def __init__(self, cfg_json: str, model_dir: str):
+        self.args = (cfg_json, model_dir)
+        self.engine = None
+
+    def env(self) -> dict[str, Any]:
+        return _process_info("rollout")
+
+    def setup(self) -> dict[str, Any]:
+        from .determinism import apply_process_settings
+        from .rollout import make_engine
+
+        cfg = config_from_json(self.args[0])
+        apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
+        self.engine = make_engine(cfg, self.args[1])
+        return self.engine.info()
+
+    def fingerprint(self) -> dict[str, Any]:
+        from .determinism import fingerprint
+
+        return fingerprint("rollout", {"engine": self.engine.info()})
+
+    def generate(self, prompts, seeds, params):
+        return self.engine.generate(prompts, seeds, params)
+
+    def update_weights(self, named_tensors) -> None:
+        self.engine.update_weights(named_tensors)
+
+    def weight_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        return self.engine.weight_hashes(names)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def ensure_ray(cfg: RunConfig) -> bool:
+    """Connect to the configured cluster or start a local one. Returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                              "configure_logging": True, "log_to_driver": True}
+    if cfg.resources.ray_address:
+        ray.init(address=cfg.resources.ray_address, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return True
+
+
+class Workers:
+    """The actors of one run: `trainers` (one per data-parallel rank) and `rollout`."""
+
+    def __init__(self, cfg: RunConfig, model_dir: str, ckpt_dir: str):
+        self.cfg, self.model_dir, self.ckpt_dir = cfg, model_dir, ckpt_dir
+        self.trainers: list[Any] = []
+        self.rollout: Any = None
+        self.fingerprints: dict[str, Any] = {}
+        self.engine_info: dict[str, Any] = {}
+        self._started_ray = False
+        self._pg = None
+
+    def __enter__(self) -> Workers:
+        import ray
+
+        self._started_ray = ensure_ray(self.cfg)
+        try:
+            self._create()
+            self._check_env()
+            setups = [t.setup.remote() for t in self.trainers] + [self.rollout.setup.remote()]
+            self.engine_info = ray.get(setups)[-1]
+            fps = ray.get([t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()])
+            self.fingerprints = {fp["role"]: fp for fp in fps}
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _create(self) -> None:
+        import ray
+
+        from .util import free_port
+
+        cfg, res = self.cfg, self.cfg.resources
+        cfg_json = json.dumps(cfg.model_dump(mode="json"))
+        world = res.trainer_gpus if cfg.on_gpu else 1
+        port = free_port()
+        trainer_cls = ray.remote(TrainerWorker)
+        rollout_cls = ray.remote(RolloutWorker)
+        t_env, r_env = runtime_env(cfg, "trainer"), runtime_env(cfg, "rollout")
+        if not cfg.on_gpu:
+            # num_cpus=0: long-lived actors that size their own threads; a 1-core host still fits both
+            self.trainers = [trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(
+                cfg_json, self.model_dir, self.ckpt_dir, 0, 1, "127.0.0.1", port)]
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
+            return
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        n_bundles = world if res.colocate else world + 1
+        if res.num_gpus < n_bundles:
+            raise ValueError(f"resources.num_gpus={res.num_gpus} < {n_bundles} GPUs needed "
+                             f"({world} trainer ranks{'' if res.colocate else ' + 1 rollout engine'})")
+        self._pg = placement_group([{"GPU": 1, "CPU": 1}] * n_bundles, strategy="PACK")
+        ray.get(self._pg.ready(), timeout=600)
+        share = 0.5 if res.colocate else 1.0
+        addr = ray.util.get_node_ip_address()
+
+        def on(bundle: int) -> Any:
+            return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
+
+        self.trainers = [trainer_cls.options(num_cpus=0, num_gpus=share if (res.colocate and r == 0) else 1.0,
+                                             runtime_env=t_env, scheduling_strategy=on(r)).remote(
+            cfg_json, self.model_dir, self.ckpt_dir, r, world, addr, port) for r in range(world)]
+        self.rollout = rollout_cls.options(num_cpus=0, num_gpus=share, runtime_env=r_env,
+                                           scheduling_strategy=on(0 if res.colocate else world)).remote(
+            cfg_json, self.model_dir)
+
+    def _check_env(self) -> None:
+        import ray
+
+        infos = ray.get([a.env.remote() for a in [*self.trainers, self.rollout]])
+        self.env_readback = {i["role"]: i["env"] for i in infos}
+        if not self.cfg.determinism.enabled:
+            return
+        problems = [p for i in infos for p in env_problems(i["env"], self.cfg.determinism.env, i["role"])]
+        if problems:
+            raise DeterminismError("determinism is on but workers lack required settings:\n  "
+                                   + "\n  ".join(problems))
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        actors = [*self.trainers, self.rollout]
+        closes = [a.close.remote() for a in actors if a is not None]
+        try:
+            ray.get(closes, timeout=120)
+        except Exception:
+            pass
+        for a in actors:
+            if a is not None:
+                ray.kill(a)
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+        self.trainers, self.rollout = [], None
+        if self._started_ray:
+            ray.shutdown()
