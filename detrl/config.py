@@ -165,6 +165,8 @@ class CheckpointConfig(_Strict):
 
 class LedgerConfig(_Strict):
     keep_step_data: bool = Field(True, description="save per-step tensors so verify can show max |diff|")
+    tensor_hash: Literal["xxh3_128", "sha256"] = Field(
+        "xxh3_128", description="hash of each weight tensor (other fields always use SHA-256)")
 
 
 class RunConfig(_Strict):
@@ -340,9 +342,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
                     value = str(value).lower() if isinstance(value, bool) else str(value)
                 cur[part] = value
                 break
-            model = _submodel(model, part)
             if not isinstance(cur.get(part), dict):
-                cur[part] = {}
+                # a free-form map (determinism.env) starts from its default, not from empty
+                default = model.model_fields[part].get_default(call_default_factory=True) if model else None
+                cur[part] = dict(default) if isinstance(default, dict) else {}
+            model = _submodel(model, part)
             cur = cur[part]
     return out
 

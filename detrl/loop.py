@@ -132,7 +132,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
                 if it > 0 or (0, "before_step") in plant:  # iteration 0: the engine loaded the same checkpoint
                     ray.get(w.rollout.update_weights.remote(tensors_ref))
                 sent = ray.get(sent_ref)
-                held = ray.get(w.rollout.weight_hashes.remote(None))
+                held = ray.get(w.rollout.weight_hashes.remote(None, cfg.ledger.tensor_hash))
                 bad = sorted(n for n in set(sent) | set(held) if sent.get(n) != held.get(n))
                 if bad:
                     raise WeightSyncError(f"iteration {it}: the engine's weights differ from the trainer's in "

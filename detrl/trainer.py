@@ -15,7 +15,7 @@ import torch
 
 from .convert import ArchMeta, build_gpt_model, load_dist_checkpoint, megatron_to_hf, model_parallel
 from .grpo import ppo_clip_token_loss
-from .ledger import tensors_sha256
+from .ledger import tensor_digests
 
 
 @dataclass
@@ -196,7 +196,7 @@ class GRPOTrainer:
         return dict(zip(self.names, self.master))
 
     def weight_hashes(self) -> dict[str, str]:
-        return tensors_sha256({n: p.detach() for n, p in zip(self.names, self.master)})
+        return tensor_digests({n: p.detach() for n, p in zip(self.names, self.master)}, self.cfg.ledger.tensor_hash)
 
     def export_hf(self, dtype: str) -> dict[str, torch.Tensor]:
         """The model's current weights under HF names, on the CPU, in the engine's dtype."""

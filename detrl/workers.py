@@ -75,10 +75,10 @@ class TrainerWorker:
         return self.trainer.train_step(samples, global_tokens)
 
     def export_hf(self, dtype: str):
-        from .ledger import tensors_sha256
+        from .ledger import tensor_digests
 
         tensors = self.trainer.export_hf(dtype)
-        return tensors, tensors_sha256(tensors)
+        return tensors, tensor_digests(tensors, self.trainer.cfg.ledger.tensor_hash)
 
     def weight_hashes(self) -> dict[str, str]:
         return self.trainer.weight_hashes()
@@ -128,8 +128,8 @@ class RolloutWorker:
     def update_weights(self, named_tensors) -> None:
         self.engine.update_weights(named_tensors)
 
-    def weight_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
-        return self.engine.weight_hashes(names)
+    def weight_hashes(self, names: Sequence[str] | None = None, algo: str = "xxh3_128") -> dict[str, str]:
+        return self.engine.weight_hashes(names, algo)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..ledger import tensors_sha256
+from ..ledger import tensor_digests
 from . import Generation, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -137,9 +137,9 @@ class HFEngine:
                 raise ValueError(f"{name}: update shape {tuple(t.shape)} != engine {tuple(params[name].shape)}")
             params[name].copy_(t)
 
-    def weight_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
+    def weight_hashes(self, names: Sequence[str] | None = None, algo: str = "xxh3_128") -> dict[str, str]:
         params = self._params()
-        return tensors_sha256({n: params[n] for n in (names if names is not None else params)})
+        return tensor_digests({n: params[n] for n in (names if names is not None else params)}, algo)
 
     def weight_names(self) -> list[str]:
         return list(self._params())

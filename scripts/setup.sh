@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) .venv with det-rl and what its tests need. Idempotent; called by the
+# quickstart and test scripts. Env: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0:
+# on the CI image that is a CPU build on local disk; GPU images bring their own torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "det-rl needs Python >= 3.11")'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+V=.venv/bin/python
+stamp=".venv/.detrl-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  $V -m pip install -q --upgrade pip
+  $V -c 'import torch' 2>/dev/null || $V -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  $V -m pip install -q -e '.[test]'
+  rm -f .venv/.detrl-installed-*; touch "$stamp"
+fi

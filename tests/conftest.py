@@ -1,0 +1,64 @@
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach the network: the hub clients fail fast instead of trying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+for key in ("NCCL_ALGO", "NVTE_ALLOW_NONDETERMINISTIC_ALGO", "CUBLAS_WORKSPACE_CONFIG"):
+    os.environ.pop(key, None)  # workers must get them from det-rl's runtime_env, not from the shell
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run these on the GPU host: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("detrl-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from detrl.config import load_config
+
+    return load_config("tiny-cpu")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_cfg, cache_dir):
+    from detrl.loop import prepare
+
+    return prepare(tiny_cfg, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,58 @@
+"""The command line as users call it: exit codes 0 identical / 1 diverged / 2 incomplete or bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def detrl(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "detrl", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--profile", "tiny-cpu", "--out", "x", "--set", "rollout.temprature=1"], "did you mean 'rollout.temperature'"),
+    (["run", "--profile", "nope", "--out", "x"], "unknown profile 'nope'"),
+    (["run", "--profile", "gsm8k-qwen2.5-0.5b", "--out", "x", "--set", "resources.num_gpus=0"], "backends.rollout=hf"),
+    (["run", "--out", "x"], "give --profile NAME or --config FILE"),
+    (["run", "--profile", "tiny-cpu", "--out", "x", "--plant", "one:two"], "ITER:TENSOR"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
+    r = detrl(*args, "--cache", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (ROOT / "x").exists()
+
+
+def test_unreachable_model_fails_before_any_work(tmp_path):
+    r = detrl("run", "--profile", "tiny-cpu", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c"),
+              "--set", "model.source=hub", "--set", "model.name=nobody/nothing")
+    assert r.returncode == 2 and "could not download model 'nobody/nothing'" in r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c" / "megatron").exists()
+
+
+@pytest.mark.slow
+def test_reproduce_with_a_planted_flip_exits_1_and_names_it(tmp_path):
+    out = tmp_path / "rep"
+    r = detrl("reproduce", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(tmp_path / "c"),
+              "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--json")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    verdict = json.loads(r.stdout[r.stdout.index("{"):])
+    assert verdict["status"] == "diverged"
+    assert verdict["first"]["iteration"] == 2 and verdict["first"]["phase"] == "policy_weights"
+    # element 0 of Megatron's fused fc1 lies in its gate half
+    assert verdict["first"]["tensors"] == ["model.layers.0.mlp.gate_proj.weight"]
+    # the same two ledgers through `verify`: text and markdown views, same exit code
+    r2 = detrl("verify", str(out / "run_a"), str(out / "run_b"))
+    assert r2.returncode == 1 and "first divergence: iteration 2, phase policy_weights" in r2.stdout
+    r3 = detrl("verify", str(out / "run_a"), str(out / "run_a"), "--markdown")
+    assert r3.returncode == 0 and "IDENTICAL" in r3.stdout
+    (out / "run_b" / "ledger.jsonl").write_text("")
+    assert detrl("verify", str(out / "run_a"), str(out / "run_b")).returncode == 2

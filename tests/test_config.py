@@ -1,0 +1,72 @@
+import pytest
+
+from detrl.config import PROFILES, ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_every_profile_validates(name):
+    cfg = load_config(name)
+    assert cfg.profile == name
+    assert cfg.rollout.samples_per_prompt >= 2
+
+
+def test_reference_profile_mirrors_the_miles_recipe():
+    cfg = load_config("gsm8k-qwen2.5-0.5b")
+    assert cfg.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.data.name == "openai/gsm8k"
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt) == (32, 8)
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.max_new_tokens == 1024
+    assert (cfg.train.eps_clip_low, cfg.train.eps_clip_high, cfg.train.lr) == (0.2, 0.28, 1e-6)
+    assert cfg.backends.rollout == "sglang" and cfg.determinism.enabled
+    assert cfg.determinism.env == {"NCCL_ALGO": "Ring", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+                                   "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout.temprature'.*'rollout.temperature'"):
+        load_config("tiny-cpu", overrides=["rollout.temprature=0.5"])
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config("tiny-cpu", config_file=f)
+
+
+@pytest.mark.parametrize("override,where", [
+    ("rollout.temperature=-1", "rollout.temperature"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+    ("train.steps=0", "train.steps"),
+    ("train.lr=abc", "train.lr"),
+    ("backends.rollout=vllm", "backends.rollout"),
+])
+def test_out_of_range_values_are_rejected_with_the_key(override, where):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-cpu", overrides=[override])
+    assert where in str(err.value)
+
+
+def test_gpu_backend_without_gpus_is_rejected_with_the_fix():
+    with pytest.raises(ConfigError, match="backends.rollout=hf"):
+        load_config("gsm8k-qwen2.5-0.5b", overrides=["resources.num_gpus=0"])
+
+
+def test_overrides_apply_typed_values_and_seed():
+    cfg = load_config("tiny-cpu", overrides=["train.lr=1e-5", "rollout.max_new_tokens=7",
+                                             "determinism.env.NCCL_DEBUG=1"], seed=9)
+    assert cfg.train.lr == 1e-5 and cfg.rollout.max_new_tokens == 7 and cfg.seed == 9
+    assert cfg.determinism.env["NCCL_DEBUG"] == "1"
+
+
+def test_config_hash_tracks_semantics_not_labels():
+    a = load_config("tiny-cpu")
+    assert a.config_hash() == load_config("tiny-cpu", overrides=["resources.ray_address=auto"]).config_hash()
+    assert a.config_hash() != load_config("tiny-cpu", seed=1).config_hash()
+
+
+def test_bad_override_syntax_and_unknown_profile():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny-cpu", overrides=["rollout.temperature"])
+    with pytest.raises(ConfigError, match="did you mean 'tiny-cpu'"):
+        load_config("tiny-cpuu")

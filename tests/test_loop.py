@@ -1,0 +1,119 @@
+"""The tiny-cpu loop through Ray, run twice and verified; then planted divergences, each of which
+the verifier must catch at the right iteration, phase and tensor."""
+
+import shutil
+
+import pytest
+
+from detrl.config import load_config
+from detrl.determinism import DeterminismError
+from detrl.ledger import read_ledger
+from detrl.loop import RunError, run
+from detrl.trainer import Perturbation
+from detrl.verify import verify
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
+    d = tmp_path_factory.mktemp("runs")
+    run(tiny_cfg, d / "a", artifacts)
+    run(tiny_cfg, d / "b", artifacts)
+    return d
+
+
+def test_two_runs_are_identical(runs):
+    v = verify(str(runs / "a"), str(runs / "b"))
+    assert v.status == "identical" and v.exit_code == 0, v
+    assert v.iterations == (3, 3) and v.first is None
+
+
+def test_weights_change_at_every_step(runs):
+    led = read_ledger(runs / "a")
+    assert led.complete
+    policies = [it["hashes"]["policy_weights"] for it in led.iterations]
+    after = [it["hashes"]["weights"] for it in led.iterations]
+    assert len(set(policies)) == len(policies) and len(set(after)) == len(after)
+    for field in ("policy_weights", "weights"):  # every tensor moved in every step
+        per_step = [dict(map(tuple, it["tensors"][field])) for it in led.iterations]
+        for prev, cur in zip(per_step, per_step[1:]):
+            assert set(prev) == set(cur)
+            unchanged = [n for n in cur if cur[n] == prev[n]]
+            assert unchanged == [], (field, unchanged)
+    assert all(it["stats"]["mean_response_len"] > 0 for it in led.iterations)
+
+
+def test_ledger_records_every_phase_and_the_environment(runs):
+    led = read_ledger(runs / "a")
+    assert set(led.iterations[0]["hashes"]) == {"policy_weights", "prompts", "rollout_tokens", "rollout_logprobs",
+                                                "rewards", "advantages", "trainer_logprobs", "loss", "grad_norm",
+                                                "weights"}
+    fps = led.header["fingerprints"]
+    assert {"driver", "trainer0", "rollout"} <= set(fps)
+    assert fps["rollout"]["env"] == {"NCCL_ALGO": "Ring", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+                                     "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert fps["trainer0"]["deterministic_algorithms"] is True
+    assert (runs / "a" / "fingerprint.json").exists() and (runs / "a" / "steps" / "iter_00002.safetensors").exists()
+
+
+def test_a_different_seed_is_caught_at_the_prompts(runs, artifacts):
+    run(load_config("tiny-cpu", seed=1), runs / "seed1", artifacts)
+    v = verify(str(runs / "a"), str(runs / "seed1"))
+    assert v.status == "diverged" and v.exit_code == 1
+    assert (v.first.iteration, v.first.phase) == (0, "prompts")
+    assert any(d.startswith("seed: 0 -> 1") for d in v.config_diff)
+    assert "configured differently" in v.likely_cause
+
+
+def test_a_different_sampling_seed_is_caught_at_the_rollout(runs, artifacts):
+    run(load_config("tiny-cpu", overrides=["rollout.seed=123"]), runs / "rseed", artifacts)
+    v = verify(str(runs / "a"), str(runs / "rseed"))
+    assert (v.first.iteration, v.first.phase) == (0, "rollout_tokens")
+    assert (v.first.sample, v.first.position) == (0, 0)
+
+
+def test_one_flipped_bit_before_iteration_k_is_caught_at_k_with_its_tensor(runs, tiny_cfg, artifacts):
+    run(tiny_cfg, runs / "flip", artifacts,
+        perturbations=[Perturbation(iteration=1, tensor="decoder.layers.1.mlp.linear_fc2.weight")])
+    v = verify(str(runs / "a"), str(runs / "flip"))
+    assert v.status == "diverged"
+    assert (v.first.iteration, v.first.phase) == (1, "policy_weights")
+    assert v.first.tensors == ["model.layers.1.mlp.down_proj.weight"]
+    assert "model.layers.1.mlp.down_proj.weight" in v.likely_cause
+
+
+def test_a_flip_after_the_optimizer_step_is_caught_in_the_weights(runs, tiny_cfg, artifacts):
+    run(tiny_cfg, runs / "flip_after", artifacts,
+        perturbations=[Perturbation(iteration=2, tensor="decoder.layers.0.self_attention.linear_qkv.bias",
+                                    when="after_step")])
+    v = verify(str(runs / "a"), str(runs / "flip_after"))
+    assert (v.first.iteration, v.first.phase) == (2, "weights")
+    assert v.first.tensors == ["decoder.layers.0.self_attention.linear_qkv.bias"]
+
+
+def test_a_truncated_or_unfinished_ledger_is_never_a_match(runs):
+    torn = runs / "torn"
+    shutil.copytree(runs / "b", torn)
+    data = (torn / "ledger.jsonl").read_bytes()
+    (torn / "ledger.jsonl").write_bytes(data[: len(data) - 40])  # cut inside the completion record
+    v = verify(str(runs / "a"), str(torn))
+    assert v.status == "incomplete" and v.exit_code == 2
+    assert any("torn" in p for p in v.problems)
+    lines = data.splitlines(keepends=True)
+    (torn / "ledger.jsonl").write_bytes(b"".join(lines[:-1]))  # whole records, no completion
+    v = verify(str(torn), str(runs / "a"))
+    assert v.exit_code == 2 and any("no completion record" in p for p in v.problems)
+    assert verify(str(runs / "a"), str(runs / "missing")).exit_code == 2
+
+
+def test_a_worker_missing_a_required_variable_stops_the_run(runs, artifacts):
+    cfg = load_config("tiny-cpu", overrides=["resources.worker_env.rollout.NCCL_ALGO=null"])
+    with pytest.raises(DeterminismError, match="rollout: NCCL_ALGO is not set"):
+        run(cfg, runs / "noenv", artifacts)
+    assert not (runs / "noenv" / "ledger.jsonl").exists()
+
+
+def test_a_run_directory_is_never_overwritten(runs, tiny_cfg, artifacts):
+    with pytest.raises(RunError, match="already holds a complete ledger"):
+        run(tiny_cfg, runs / "a", artifacts)
