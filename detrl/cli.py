@@ -30,24 +30,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from .config import resolve_profile
+    from .workers import check_resources
+
     if args.profile is None and args.config is None:
-        raise ConfigError("give --profile NAME or --config FILE (profiles: " + ", ".join(PROFILES) + ")")
-    return load_config(args.profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+        raise ConfigError("give --profile NAME or --config FILE (profiles: auto, " + ", ".join(PROFILES) + ")")
+    profile = args.profile
+    if profile == "auto":
+        profile, why = resolve_profile("auto")
+        print(f"profile auto -> {profile} ({why})", flush=True)
+    cfg = load_config(profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+    check_resources(cfg)
+    return cfg
 
 
 def _plants(items: Sequence[str]):
     from .trainer import Perturbation
 
-    out = []
-    for item in items:
-        parts = item.split(":")
-        if len(parts) not in (2, 3) or not parts[0].isdigit():
-            raise ConfigError(f"--plant {item!r}: expected ITER:TENSOR[:before_step|after_step]")
-        when = parts[2] if len(parts) == 3 else "before_step"
-        if when not in ("before_step", "after_step"):
-            raise ConfigError(f"--plant {item!r}: when must be before_step or after_step")
-        out.append(Perturbation(iteration=int(parts[0]), tensor=parts[1], when=when))
-    return out
+    return [Perturbation.parse(item) for item in items]
 
 
 def _progress(label: str):

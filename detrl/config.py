@@ -370,6 +370,21 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_validation(err)) from None
 
 
+def resolve_profile(name: str) -> tuple[str, str]:
+    """'auto' -> the reference profile on a machine with a GPU and SGLang, else tiny-cpu.
+    Returns (profile, why)."""
+    if name != "auto":
+        return name, "as requested"
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None:
+        return "gsm8k-qwen2.5-0.5b", f"{torch.cuda.device_count()} GPU(s) and SGLang found"
+    why = "no GPU found" if not torch.cuda.is_available() else "SGLang is not installed"
+    return "tiny-cpu", f"{why}: running the tiny CPU profile (a random tiny Qwen2, builtin GSM8K rows)"
+
+
 def load_config(profile: str | None = None, *, config_file: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None, seed: int | None = None) -> RunConfig:
     """Profile (or file) + overrides -> a validated RunConfig. Raises ConfigError."""

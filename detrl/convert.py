@@ -268,10 +268,14 @@ def checkpoint_complete(ckpt_dir: str | Path) -> bool:
     return (d / ".metadata").is_file() and (d / "metadata.json").is_file() and any(d.glob("*.distcp"))
 
 
+def converted_dir(model: Any, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "megatron" / f"{model.sha256[:24]}-v{CONVERTER_VERSION}"
+
+
 def convert_cached(model: Any, cache_dir: str | Path) -> ConvertedArtifact:
     """Convert once per (checkpoint content, converter version); a cache entry whose files are gone
     or incomplete is converted again, never returned stale."""
-    out = Path(cache_dir) / "megatron" / f"{model.sha256[:24]}-v{CONVERTER_VERSION}"
+    out = converted_dir(model, cache_dir)
     existing = read_conversion(out)
     if (existing is not None and existing.hf_sha256 == model.sha256
             and existing.converter_version == CONVERTER_VERSION and checkpoint_complete(out / "weights")):

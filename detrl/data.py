@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -93,6 +93,28 @@ def _canonical_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
     return out
 
 
+def _spec_key(cfg: DataConfig) -> str:
+    spec = cfg.model_dump(mode="json")
+    if cfg.source == "local":  # a local file is identified by its content, not only its name
+        p = Path(cfg.name).expanduser()
+        spec["content"] = file_sha256(p) if p.is_file() else None
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _index_path(cfg: DataConfig, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "datasets" / f"index-{slug(cfg.name)[-40:]}-{_spec_key(cfg)}.json"
+
+
+def cached_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact | None:
+    """The artifact of an earlier fetch of this exact spec, if its file is still there, unchanged."""
+    idx = _index_path(cfg, cache_dir)
+    if not idx.exists():
+        return None
+    art = DatasetArtifact(**json.loads(idx.read_text()))
+    path = Path(art.path)
+    return art if path.exists() and file_sha256(path) == art.sha256 else None
+
+
 def fetch_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact:
     """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic)."""
     if cfg.source == "builtin":
@@ -109,7 +131,9 @@ def fetch_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact:
     out = Path(cache_dir) / "datasets" / f"{slug(cfg.name)}-{cfg.split}-{digest[:16]}.jsonl"
     if not (out.exists() and file_sha256(out) == digest):
         atomic_write_text(out, text)
-    return DatasetArtifact(path=str(out), sha256=digest, rows=len(canon), source=cfg.source, name=cfg.name)
+    art = DatasetArtifact(path=str(out), sha256=digest, rows=len(canon), source=cfg.source, name=cfg.name)
+    atomic_write_text(_index_path(cfg, cache_dir), json.dumps(asdict(art), sort_keys=True))
+    return art
 
 
 def read_dataset(artifact: DatasetArtifact) -> list[dict[str, str]]:

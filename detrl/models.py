@@ -95,6 +95,12 @@ def validate_checkpoint(path: Path, where: str) -> None:
                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
     if not list(path.glob("*.safetensors")):
         raise ModelError(f"{where}: no *.safetensors weights in {path}")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (path / s).exists())
+        if missing:
+            raise ModelError(f"{where}: shards listed in {index.name} are missing: {missing[:3]}")
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise ModelError(f"{where}: no tokenizer files in {path}")
 
@@ -118,6 +124,26 @@ def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") ->
     validate_checkpoint(path, where)
     return ModelArtifact(path=str(path), sha256=tree_sha256(path, HF_PATTERNS), source=cfg.source,
                          name=cfg.name, revision=cfg.revision)
+
+
+def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -> Path | None:
+    """The directory an earlier fetch produced (or the hub cache holds), if present and valid."""
+    if cfg.source == "random":
+        path = Path(cache_dir) / "models" / (slug(cfg.name) + "-" + _spec_key(cfg.random, device))
+    elif cfg.source == "local":
+        path = Path(cfg.name).expanduser().resolve()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+        if not isinstance(found, str):
+            return None
+        path = Path(found).parent
+    try:
+        validate_checkpoint(path, str(path))
+    except ModelError:
+        return None
+    return path
 
 
 def _spec_key(spec: RandomModelSpec, device: str) -> str:

@@ -43,6 +43,19 @@ class Perturbation:
     index: int = 0
     bit: int = 22               # fp32: the top mantissa bit
 
+    @classmethod
+    def parse(cls, text: str) -> Perturbation:
+        """'ITER:TENSOR[:before_step|after_step]', e.g. '1:decoder.layers.0.mlp.linear_fc2.weight'."""
+        from .config import ConfigError
+
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1]:
+            raise ConfigError(f"planted perturbation {text!r}: expected ITER:TENSOR[:before_step|after_step]")
+        when = parts[2] if len(parts) == 3 else "before_step"
+        if when not in ("before_step", "after_step"):
+            raise ConfigError(f"planted perturbation {text!r}: when must be before_step or after_step")
+        return cls(iteration=int(parts[0]), tensor=parts[1], when=when)
+
 
 class GRPOTrainer:
     def __init__(self, cfg: Any, hf_dir: str, megatron_ckpt: str, *, rank: int = 0, world_size: int = 1,

@@ -137,6 +137,28 @@ class RolloutWorker:
             self.engine = None
 
 
+def check_resources(cfg: RunConfig) -> None:
+    """Fail early, before any download or conversion, when a local run cannot get its GPUs."""
+    from .config import ConfigError
+
+    if not cfg.on_gpu or cfg.resources.ray_address:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < cfg.resources.num_gpus:
+        raise ConfigError(
+            f"profile {cfg.profile!r} needs {cfg.resources.num_gpus} GPU(s) but this machine has {have}. "
+            "Use --profile tiny-cpu (or the flow's profile=auto), or set resources.ray_address to a Ray "
+            "cluster with GPUs")
+    if cfg.backends.rollout == "sglang":
+        import importlib.util
+
+        if importlib.util.find_spec("sglang") is None:
+            raise ConfigError("backends.rollout=sglang but SGLang is not installed here "
+                              "(pip install 'det-rl[gpu]', or use the docker/ image)")
+
+
 def ensure_ray(cfg: RunConfig) -> bool:
     """Connect to the configured cluster or start a local one. Returns whether we started it."""
     import ray

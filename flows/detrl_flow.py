@@ -1,0 +1,65 @@
+"""The det-rl flow: download model -> download dataset -> convert HF -> Megatron -> run loop A ->
+run loop B -> verify. Ends Failed when the two runs differ, so a nightly schedule alerts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from detrl.config import PROFILES
+from tasks.loop import run_loop
+from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
+from tasks.verify import verify_runs
+
+Profile = Literal[("auto", *PROFILES)]  # type: ignore[valid-type]
+
+
+def _default(env: str, *parts: str) -> str:
+    return os.environ.get(env) or str(Path.home().joinpath(*parts))
+
+
+@flow(name="det-rl", log_prints=True)
+def detrl_flow(
+    profile: Profile = "auto",
+    seed: int | None = None,
+    steps: int | None = None,
+    prompts_per_step: int | None = None,
+    samples_per_prompt: int | None = None,
+    max_new_tokens: int | None = None,
+    determinism: bool = True,
+    overrides: list[str] = [],  # noqa: B006 - Prefect shows parameters, never mutates them
+    plant: list[str] = [],  # noqa: B006 - ITER:TENSOR bit flips in run B, to prove the check catches them
+    cache_dir: str | None = None,
+    runs_dir: str | None = None,
+) -> dict[str, Any]:
+    typed = {"train.steps": steps, "rollout.prompts_per_step": prompts_per_step,
+             "rollout.samples_per_prompt": samples_per_prompt, "rollout.max_new_tokens": max_new_tokens,
+             "determinism.enabled": determinism}
+    cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
+    cache = cache_dir or _default("DETRL_CACHE", ".cache", "detrl")
+    out = Path(runs_dir or _default("DETRL_RUNS", ".detrl", "runs"))
+    out = out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
+
+    model = download_model(cfg, cache)
+    data = download_dataset(cfg, cache)
+    megatron = convert_checkpoint(model, cache)
+    run_a = run_loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
+    run_b = run_loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
+    verdict = verify_runs(run_a, run_b)
+
+    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile}
+    if verdict.status != "identical":
+        where = f" at iteration {verdict.first.iteration}, {verdict.first.phase}" if verdict.first else ""
+        return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",
+                      data=result)
+    return result
+
+
+if __name__ == "__main__":
+    detrl_flow()

@@ -1,0 +1,36 @@
+"""One run of the GRPO loop. Never cached: both runs of a verification must really run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from detrl.config import RunConfig
+from detrl.convert import ConvertedArtifact
+from detrl.data import DatasetArtifact
+from detrl.loop import Artifacts, run
+from detrl.models import ModelArtifact
+from detrl.trainer import Perturbation
+
+
+@task(name="run-loop", cache_policy=NO_CACHE, task_run_name="run-loop-{label}")
+def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetArtifact,
+             megatron: ConvertedArtifact, label: str, plant: list[str]) -> str:
+    log = get_run_logger()
+    steps = cfg.train.steps
+    progress = create_progress_artifact(progress=0.0, key=f"detrl-progress-{label.lower()}",
+                                        description=f"run {label}: iterations done, of {steps}")
+
+    def report(it: int, n: int, stats: dict[str, Any]) -> None:
+        log.info(f"run {label}: iteration {it + 1}/{n}: reward {stats['mean_reward']:.3f} "
+                 f"loss {stats['loss']:+.6f} grad-norm {stats['grad_norm']:.4f} "
+                 f"response len {stats['mean_response_len']:.1f} step {stats['step_s']:.2f}s")
+        update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
+
+    summary = run(cfg, run_dir, Artifacts(model, data, megatron),
+                  perturbations=[Perturbation.parse(p) for p in plant], progress=report)
+    log.info(f"run {label}: {summary.iterations} iterations in {summary.wall_s:.1f}s -> {run_dir}/ledger.jsonl")
+    return run_dir

@@ -1,0 +1,157 @@
+"""End to end as users run it: a real `prefect server start` on 127.0.0.1 with a temporary
+PREFECT_HOME, the process work pool, `prefect deploy` from deployments/prefect.yaml, a worker, and
+`prefect deployment run det-rl/gsm8k`; state and artifacts are read back through the Prefect API.
+Only the processes this module starts are stopped."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from detrl.util import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+pytestmark = pytest.mark.slow
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+           "DETRL_CACHE": str(tmp / "cache"), "DETRL_RUNS": str(tmp / "runs"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = []
+    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(server)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "prefect server did not come up in 180 s"
+            time.sleep(1)
+        run = lambda *a: subprocess.run([*PREFECT, *a], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = run("work-pool", "create", "detrl-process", "--type", "process")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = run("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "gsm8k")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "detrl-process"], env=env, cwd=ROOT,
+                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        procs.append(worker)
+        yield {"env": env, "api": api, "run": run, "tmp": tmp}
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+def _deployment_run(ctx, *params: str) -> str:
+    args = ["deployment", "run", "det-rl/gsm8k"]
+    for p in params:
+        args += ["--param", p]
+    r = ctx["run"](*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
+
+
+def _wait(ctx, run_id: str, timeout: float = 900) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fr = httpx.get(f"{ctx['api']}/flow_runs/{run_id}", timeout=10).json()
+        if fr["state"]["type"] in TERMINAL:
+            return fr
+        time.sleep(3)
+    log = (ctx["tmp"] / "worker.log").read_text()[-4000:]
+    raise AssertionError(f"flow run {run_id} not finished in {timeout} s; worker log:\n{log}")
+
+
+def _artifacts(ctx, run_id: str) -> dict:
+    res = httpx.post(f"{ctx['api']}/artifacts/filter",
+                     json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 100}, timeout=10)
+    res.raise_for_status()
+    return {a["key"]: a for a in res.json() if a.get("key")}
+
+
+def test_deployment_is_registered_with_its_nightly_schedule(prefect_env):
+    dep = httpx.get(f"{prefect_env['api']}/deployments/name/det-rl/gsm8k", timeout=10).json()
+    assert dep["work_pool_name"] == "detrl-process"
+    assert dep["parameters"]["profile"] == "gsm8k-qwen2.5-0.5b"
+    crons = [s["schedule"]["cron"] for s in dep["schedules"]]
+    assert crons == ["0 3 * * *"] and dep["schedules"][0]["schedule"]["timezone"] == "UTC"
+    assert dep["global_concurrency_limit"]["limit"] == 1  # `concurrency_limit` is the deprecated, always-None field
+    assert "profile" in dep["parameter_openapi_schema"]["properties"]  # the UI form
+
+
+def test_deployment_run_completes_with_its_verdict(prefect_env):
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2")
+    fr = _wait(prefect_env, run_id)
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    arts = _artifacts(prefect_env, run_id)
+    assert {"detrl-verdict", "detrl-phases", "detrl-curves", "detrl-ledger-a", "detrl-ledger-b",
+            "detrl-progress-a", "detrl-progress-b"} <= set(arts)
+    assert "IDENTICAL" in arts["detrl-verdict"]["data"]
+    phases = json.loads(arts["detrl-phases"]["data"]) if isinstance(arts["detrl-phases"]["data"], str) \
+        else arts["detrl-phases"]["data"]
+    assert len(phases) == 2 and all(v == "match" for row in phases for k, v in row.items() if k != "iteration")
+    assert arts["detrl-ledger-a"]["data"].startswith("[ledger A](file://")
+    ledger = Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")"))
+    assert ledger.exists()
+    assert float(arts["detrl-progress-b"]["data"]) == 100.0
+
+
+def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
+    tensor = "decoder.layers.1.mlp.linear_fc2.weight"
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]')
+    fr = _wait(prefect_env, run_id)
+    assert fr["state"]["type"] == "FAILED", fr["state"]
+    assert "diverged at iteration 1, policy_weights" in fr["state"]["message"]
+    verdict = _artifacts(prefect_env, run_id)["detrl-verdict"]["data"]
+    assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict
+
+
+def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect_env):
+    if _has_gpu():
+        pytest.skip("this machine has a GPU: the reference profile is valid here")
+    run_id = _deployment_run(prefect_env)  # the deployment's own parameters: the GPU reference run
+    fr = _wait(prefect_env, run_id, timeout=300)
+    assert fr["state"]["type"] == "FAILED"
+    runs = httpx.post(f"{prefect_env['api']}/task_runs/filter",
+                      json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    assert [t["name"].rsplit("-", 1)[0] for t in runs] == ["resolve-config"]  # nothing ran after it
+    assert "needs 1 GPU(s)" in fr["state"]["message"] or "needs 1 GPU(s)" in json.dumps(runs)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
