@@ -200,6 +200,10 @@ class RunConfig(_Strict):
         if per_update % self.resources.trainer_gpus:
             raise ValueError(f"the {per_update} samples of an update must split evenly over "
                              f"resources.trainer_gpus={self.resources.trainer_gpus}")
+        if self.determinism.enabled and self.backends.rollout == "sglang" \
+                and self.rollout.sglang.attention_backend == "fa3":
+            raise ValueError("rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
+                             "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false")
         if self.determinism.enabled:
             missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
             if missing:

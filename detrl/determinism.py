@@ -22,9 +22,9 @@ from .config import DETERMINISM_ENV
 TRACKED_PACKAGES = ("torch", "sglang", "sglang-kernel", "flashinfer-python", "megatron-core", "transformers",
                     "tokenizers", "ray", "numpy", "triton", "transformer-engine", "flash-attn",
                     "flash_attn_3", "safetensors", "det-rl")
-# Module names under which FlashAttention-3 can be imported (its kernels are not deterministic in
-# every version; slime/Miles ask to uninstall it).
-FA3_MODULES = ("flash_attn_interface", "flash_attn_3", "flash_attn_3_cuda", "fa3")
+# Module names of the standalone FlashAttention-3 package, which Megatron/Transformer Engine pick up
+# when present; its backward is not deterministic in every version (slime/Miles: uninstall it).
+FA3_MODULES = ("flash_attn_interface", "flash_attn_3", "flash_attn_3_cuda")
 
 
 class DeterminismError(RuntimeError):
@@ -74,6 +74,19 @@ def fa3_importable() -> str | None:
         except (ImportError, ValueError):
             continue
     return None
+
+
+def sgl_kernel_fa3() -> bool:
+    """Whether sgl-kernel carries its FA3 kernels (used by SGLang only with attention_backend=fa3)."""
+    try:
+        spec = importlib.util.find_spec("sgl_kernel")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    from pathlib import Path
+
+    return any(Path(d).glob("flash_ops*.so") for d in spec.submodule_search_locations)
 
 
 def te_importable() -> bool:
@@ -132,6 +145,7 @@ def fingerprint(role: str = "driver", extra: Mapping[str, Any] | None = None) ->
         "versions": _versions(),
         "gpu": _gpu(),
         "fa3": fa3_importable(),
+        "sgl_kernel_fa3": sgl_kernel_fa3(),
         "transformer_engine": te_importable(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "env": read_env(),

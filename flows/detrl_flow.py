@@ -61,5 +61,25 @@ def detrl_flow(
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the det-rl flow once (ephemeral Prefect unless PREFECT_API_URL is set)")
+    ap.add_argument("--profile", default="auto", choices=["auto", *PROFILES])
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR")
+    a = ap.parse_args(argv)
+    state = detrl_flow(profile=a.profile, seed=a.seed, steps=a.steps, overrides=a.overrides, plant=a.plant,
+                       return_state=True)
+    result = state.result(raise_on_failure=False)
+    data = result if isinstance(result, dict) else (state.data if isinstance(state.data, dict) else {})
+    print(f"\ndet-rl: {state.name}: {state.message or data.get('status', '')}")
+    if data.get("runs"):
+        print(f"det-rl: ledgers in {data['runs']}; compare again with: detrl verify {data['runs']}/run_a {data['runs']}/run_b")
+    return 0 if state.is_completed() else 1
+
+
 if __name__ == "__main__":
-    detrl_flow()
+    raise SystemExit(main())
