@@ -97,7 +97,7 @@ class SGLangConfig(_Strict):
     cuda_graph_max_bs: int | None = Field(None, ge=1)
     disable_cuda_graph: bool = False
     disable_radix_cache: bool | None = Field(None, description="None: let SGLang decide per backend")
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     log_level: str = "warning"
 
 
@@ -116,9 +116,6 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, gt=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, description="base sampling seed; None = the run seed")
-    verify_weights: Literal["all", "sample"] = Field(
-        "all", description="after each sync prove the engine holds the trainer's weights: every tensor, "
-                           "or all at the first sync and a rotating sample after")
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
 
@@ -140,6 +137,7 @@ class TrainConfig(_Strict):
 
 class DeterminismConfig(_Strict):
     enabled: bool = True
+    selftest: bool = Field(True, description="batch-invariance self-test of the live engine before iteration 0")
     env: dict[str, str] = Field(default_factory=lambda: dict(DETERMINISM_ENV))
 
 
@@ -257,8 +255,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
             "dtype": "bfloat16"}},
         "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train"},
-        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
-                    "verify_weights": "sample"},
+        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024},
         "train": {"steps": 3, "micro_batch_size": 8, "lr": 1e-5},
         "backends": {"rollout": "sglang"},
         "reward": "hash",

@@ -17,7 +17,7 @@ from . import __version__
 from .config import RunConfig
 from .convert import ConvertedArtifact, convert_cached
 from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
-from .determinism import fingerprint
+from .determinism import DeterminismError, fingerprint
 from .grpo import group_advantages
 from .ledger import (LEDGER_FILE, LEDGER_VERSION, LedgerWriter, array_sha256, combine, ragged,
                      ragged_sha256, read_ledger, save_step_data)
@@ -109,11 +109,19 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
 
     with Workers(cfg, artifacts.model.path, str(Path(artifacts.megatron.path) / "weights")) as w:
         trainer0, engine_dtype = w.trainers[0], w.engine_info["dtype"]
+        selftest = None
+        if cfg.determinism.enabled and cfg.determinism.selftest:
+            selftest = ray.get(w.rollout.selftest.remote(True))
+            if not selftest["passed"]:
+                raise DeterminismError(
+                    f"the rollout engine is not batch-invariant ({selftest['unique']}: more than one unique "
+                    f"sample per mode): {w.engine_info}. Use a deterministic setting (sglang: "
+                    f"enable_deterministic_inference with flashinfer or triton; hf: batching=per_sequence)")
         header = {
             "kind": "header", "version": LEDGER_VERSION, "run_id": uuid.uuid4().hex, "detrl": __version__,
             "profile": cfg.profile, "config": cfg.semantic_dict(), "config_hash": cfg.config_hash(),
             "artifacts": {k: asdict(v) for k, v in asdict_shallow(artifacts).items()},
-            "engine": w.engine_info, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
+            "engine": w.engine_info, "selftest": selftest, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
             "fingerprints": {"driver": fingerprint("driver"), **w.fingerprints},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -129,11 +137,10 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
 
                 # 1. policy sync: the engine must hold exactly the trainer's weights
                 tensors_ref, sent_ref = trainer0.export_hf.options(num_returns=2).remote(engine_dtype)
-                if it > 0 or (0, "before_step") in plant:  # iteration 0: the engine loaded the same checkpoint
-                    ray.get(w.rollout.update_weights.remote(tensors_ref))
+                # iteration 0: the engine loaded the same checkpoint from disk; proving it checks the conversion
+                update = it > 0 or (0, "before_step") in plant
+                bad = ray.get(w.rollout.sync.remote(tensors_ref, update))
                 sent = ray.get(sent_ref)
-                held = ray.get(w.rollout.weight_hashes.remote(None, cfg.ledger.tensor_hash))
-                bad = sorted(n for n in set(sent) | set(held) if sent.get(n) != held.get(n))
                 if bad:
                     raise WeightSyncError(f"iteration {it}: the engine's weights differ from the trainer's in "
                                           f"{len(bad)} tensor(s): {bad[:5]}")

@@ -68,15 +68,25 @@ class GRPOTrainer:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(model_parallel(rank, world_size, master_addr=master_addr,
                                                  master_port=master_port, seed=cfg.seed))
-        self.model = build_gpt_model(self.meta, self.dtype, deterministic=cfg.determinism.enabled)
-        load_dist_checkpoint(self.model, megatron_ckpt)
+        # AdamW runs on fp32 master weights (the checkpoint is fp32); when the model computes in
+        # fp32 they are the params, otherwise a bf16 model is fed from them after every update.
+        master_model = build_gpt_model(self.meta, "float32", deterministic=cfg.determinism.enabled)
+        load_dist_checkpoint(master_model, megatron_ckpt)
+        if self.dtype == "float32":
+            self.model = master_model
+        else:
+            self.model = build_gpt_model(self.meta, self.dtype, deterministic=cfg.determinism.enabled)
         self.params = [p for _, p in self.model.named_parameters()]
         self.names = [n for n, _ in self.model.named_parameters()]
-        # AdamW runs on fp32 master weights; when the model computes in fp32 they are the params.
-        if self.dtype == "float32":
+        if self.model is master_model:
             self.master = self.params
         else:
-            self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+            loaded = dict(master_model.named_parameters())
+            self.master = [torch.nn.Parameter(loaded[n].detach().clone()) for n in self.names]
+            del master_model, loaded
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m.to(p.dtype))
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.master, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                            eps=t.adam_eps, weight_decay=t.weight_decay,

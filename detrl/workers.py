@@ -125,11 +125,17 @@ class RolloutWorker:
     def generate(self, prompts, seeds, params):
         return self.engine.generate(prompts, seeds, params)
 
-    def update_weights(self, named_tensors) -> None:
-        self.engine.update_weights(named_tensors)
+    def selftest(self, quick: bool = True) -> dict[str, Any]:
+        from .selftest import batch_invariance
 
-    def weight_hashes(self, names: Sequence[str] | None = None, algo: str = "xxh3_128") -> dict[str, str]:
-        return self.engine.weight_hashes(names, algo)
+        res = batch_invariance(self.engine, quick=quick)
+        return {"passed": res.passed, "unique": res.unique, "settings": res.settings}
+
+    def sync(self, named_tensors, update: bool) -> list[str]:
+        """Load the trainer's tensors (when `update`) and prove the engine holds exactly them."""
+        if update:
+            self.engine.update_weights(named_tensors)
+        return self.engine.verify_weights(named_tensors)
 
     def close(self) -> None:
         if self.engine is not None:

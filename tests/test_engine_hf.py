@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from detrl.config import HFEngineConfig
-from detrl.ledger import tensor_digest
 from detrl.rollout import SamplingParams
 from detrl.rollout.hf import HFEngine, noise_seed, sample_token
 
@@ -85,14 +84,20 @@ def test_logprobs_are_those_of_the_sampled_tokens(engine):
 
 
 def test_update_weights_and_proof(artifacts):
+    from detrl.convert import load_hf_state
+
     eng = HFEngine(artifacts.model.path, HFEngineConfig())
-    before = eng.weight_hashes()
+    state = load_hf_state(artifacts.model.path)
+    assert eng.verify_weights(state) == []  # holds exactly the checkpoint
     name = "model.layers.0.mlp.down_proj.weight"
-    new = torch.full_like(dict(eng.model.named_parameters())[name], 0.5)
+    new = torch.full_like(state[name], 0.5)
     eng.update_weights({name: new})
-    after = eng.weight_hashes()
-    assert after[name] == tensor_digest(new) != before[name]
-    assert {n for n in after if after[n] != before[n]} == {name}
+    assert eng.verify_weights(state) == [name]  # the proof names what changed
+    assert eng.verify_weights({**state, name: new}) == []
+    flipped = new.clone()
+    flipped.view(-1)[7:8].view(torch.int32).__ixor__(1)  # one bit in the lowest mantissa place
+    assert eng.verify_weights({**state, name: flipped}) == [name]
+    assert eng.verify_weights({**state, "extra.weight": new})[-1] == "extra.weight (unknown to the engine)"
     with pytest.raises(KeyError, match="no parameters named"):
         eng.update_weights({"model.nope.weight": new})
     with pytest.raises(ValueError, match="shape"):

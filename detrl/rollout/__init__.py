@@ -35,8 +35,9 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """Load HF-named tensors (a full or partial set) into the engine."""
 
-    def weight_hashes(self, names: Sequence[str] | None = None, algo: str = "xxh3_128") -> dict[str, str]:
-        """Digests (ledger.tensor_digest) of the HF-named tensors the engine holds now."""
+    def verify_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """Prove the engine holds exactly these HF-named tensors, bit for bit, and nothing else
+        unaccounted for. Returns what differs (empty list: proven)."""
 
     def info(self) -> dict[str, Any]:
         """Backend, dtype and settings, recorded in the fingerprint."""

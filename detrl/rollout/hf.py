@@ -15,7 +15,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..ledger import tensor_digests
 from . import Generation, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -137,12 +136,11 @@ class HFEngine:
                 raise ValueError(f"{name}: update shape {tuple(t.shape)} != engine {tuple(params[name].shape)}")
             params[name].copy_(t)
 
-    def weight_hashes(self, names: Sequence[str] | None = None, algo: str = "xxh3_128") -> dict[str, str]:
+    @torch.no_grad()
+    def verify_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> list[str]:
         params = self._params()
-        return tensor_digests({n: params[n] for n in (names if names is not None else params)}, algo)
-
-    def weight_names(self) -> list[str]:
-        return list(self._params())
+        bad = [n for n in params if n not in named_tensors or not torch.equal(params[n], named_tensors[n])]
+        return bad + [f"{n} (unknown to the engine)" for n in named_tensors if n not in params]
 
     def info(self) -> dict[str, Any]:
         return {"backend": "hf", "dtype": "float32", "batching": self.cfg.batching,

@@ -1,0 +1,120 @@
+"""The SGLang rollout engine: `sglang.Engine` (offline API) with token ids in and out, deterministic
+inference when determinism is on, per-sample `sampling_seed`, weight sync through
+`update_weights_from_tensor`, and a proof of the weights it holds through its own weight checker.
+
+The proof: SGLang fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`. The engine's
+`check_weights(action="checksum")` hashes every parameter it holds on the GPU; we fuse the trainer's
+tensors the same way, hash them with the same function, and compare parameter by parameter. Any
+parameter the trainer's tensors do not cover also counts as a mismatch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import Generation, SamplingParams
+
+_FUSED = (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+          ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+
+
+def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named Qwen2/Llama tensors -> the parameter names and fused layout SGLang holds (TP=1)."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name in named:
+        m = re.match(r"(model\.layers\.\d+\.)(.+)\.(weight|bias)$", name)
+        if not m:
+            continue
+        prefix, mid, kind = m.groups()
+        for fused, parts in _FUSED:
+            if mid == parts[0]:
+                keys = [f"{prefix}{p}.{kind}" for p in parts]
+                if all(k in named for k in keys):
+                    out[f"{prefix}{fused}.{kind}"] = torch.cat([named[k] for k in keys], 0)
+                    used.update(keys)
+    for name, t in named.items():
+        if name not in used:
+            out[name] = t
+    return out
+
+
+class SGLangEngine:
+    def __init__(self, model_dir: str, cfg: Any, *, deterministic: bool = True, seed: int = 0):
+        import sglang as sgl
+
+        self.cfg, self.deterministic = cfg, deterministic
+        kwargs: dict[str, Any] = dict(
+            model_path=model_dir, attention_backend=cfg.attention_backend, dtype=cfg.dtype,
+            enable_deterministic_inference=deterministic, mem_fraction_static=cfg.mem_fraction_static,
+            random_seed=seed, skip_tokenizer_init=True, log_level=cfg.log_level,
+            # prefill CUDA graphs were not part of the verified setup; decode graphs are
+            disable_prefill_cuda_graph=True,
+        )
+        if cfg.cuda_graph_max_bs:
+            kwargs["cuda_graph_max_bs_decode"] = cfg.cuda_graph_max_bs
+        if cfg.disable_cuda_graph:
+            kwargs["disable_cuda_graph"] = True
+        if cfg.disable_radix_cache is not None:
+            kwargs["disable_radix_cache"] = cfg.disable_radix_cache
+        self.engine = sgl.Engine(**kwargs)
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
+                 params: SamplingParams) -> list[Generation]:
+        base = {"temperature": params.temperature, "top_p": params.top_p,
+                "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids)}
+        sp = [dict(base, sampling_seed=int(s)) for s in seeds] if seeds is not None else [dict(base) for _ in prompts]
+        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sp, return_logprob=True)
+        gens = []
+        for o in outs:
+            meta = o["meta_info"]
+            reason = (meta.get("finish_reason") or {}).get("type", "length")
+            gens.append(Generation(token_ids=list(o["output_ids"]),
+                                   logprobs=[float(x[0]) for x in meta["output_token_logprobs"]],
+                                   finish_reason="stop" if reason in ("stop", "matched") else "length"))
+        return gens
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        # On the GPU first: SGLang hands CUDA tensors to its scheduler by IPC handle, not by copy.
+        tensors = [(n, t.to("cuda", non_blocking=True)) for n, t in named_tensors.items()]
+        torch.cuda.synchronize()
+        ok, message = self.engine.update_weights_from_tensor(named_tensors=tensors, flush_cache=True)[:2]
+        if not ok:
+            raise RuntimeError(f"SGLang rejected the weight update: {message}")
+
+    def checksums(self) -> dict[str, str]:
+        from sglang.srt.managers.io_struct import CheckWeightsReqInput
+
+        tm = self.engine.tokenizer_manager
+        ok, message, ranks, _ = self.engine.loop.run_until_complete(
+            tm.check_weights(CheckWeightsReqInput(action="checksum"), None))
+        if not ok or not ranks:
+            raise RuntimeError(f"SGLang weight checksum failed: {message}")
+        return dict(ranks[0]["checksums"])
+
+    @torch.no_grad()
+    def verify_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        from sglang.srt.managers.mm_utils import tensor_hash
+
+        held = self.checksums()
+        expected = {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}"
+                    for n, t in sglang_layout(named_tensors).items()}
+        bad = [n for n in expected if held.get(n) != expected[n]]
+        return bad + [f"{n} (held by the engine, not covered by the trainer's tensors)" for n in held
+                      if n not in expected]
+
+    def info(self) -> dict[str, Any]:
+        import importlib.metadata
+
+        return {"backend": "sglang", "sglang": importlib.metadata.version("sglang"), "dtype": self.cfg.dtype,
+                "attention_backend": self.cfg.attention_backend, "deterministic": self.deterministic,
+                "mem_fraction_static": self.cfg.mem_fraction_static,
+                "disable_radix_cache": self.cfg.disable_radix_cache}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
