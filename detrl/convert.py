@@ -250,6 +250,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, hf_sha256: st
                                     converter_version=CONVERTER_VERSION, dtype=dtype)
             (tmp / "detrl_conversion.json").write_text(json.dumps(
                 {**asdict(art), "arch": asdict(meta), "hf_dir": str(hf_dir)}, indent=1, sort_keys=True))
+        del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the driver keeps its CUDA context; the GPU memory goes to the workers
     return art
 
 

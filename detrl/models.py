@@ -76,8 +76,11 @@ def write_random_qwen2(spec: RandomModelSpec, out: str | Path, device: str = "cp
             else:
                 p.normal_(0.0, spec.init_std, generator=gen)
     out = Path(out)
+    model = model.to("cpu")
+    if device != "cpu":
+        torch.cuda.empty_cache()
     with atomic_dir(out) as tmp:
-        model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         for f in qwen_tokenizer_dir().iterdir():
             if f.is_file():
                 shutil.copy(f, tmp / f.name)

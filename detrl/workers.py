@@ -25,6 +25,8 @@ def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
                            "OMP_NUM_THREADS": str(cfg.resources.cpu_threads)}
     if cfg.determinism.enabled:
         env.update(cfg.determinism.env)
+    if cfg.on_gpu and role == "trainer":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # fewer fragments beside SGLang
     for key in PASSTHROUGH_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
@@ -199,8 +201,13 @@ class Workers:
         try:
             self._create()
             self._check_env()
-            setups = [t.setup.remote() for t in self.trainers] + [self.rollout.setup.remote()]
-            self.engine_info = ray.get(setups)[-1]
+            if self.cfg.on_gpu and self.cfg.resources.colocate:
+                # SGLang sizes its memory pool from what is free when it starts: start it first
+                self.engine_info = ray.get(self.rollout.setup.remote())
+                ray.get([t.setup.remote() for t in self.trainers])
+            else:
+                setups = [t.setup.remote() for t in self.trainers] + [self.rollout.setup.remote()]
+                self.engine_info = ray.get(setups)[-1]
             fps = ray.get([t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()])
             self.fingerprints = {fp["role"]: fp for fp in fps}
         except BaseException:
