@@ -32,9 +32,12 @@ class DeterminismError(RuntimeError):
 
 
 def apply_process_settings(enabled: bool, seed: int, threads: int | None = None) -> None:
-    """Seed every RNG and switch PyTorch's deterministic mode on or off for this process."""
+    """Seed every RNG and switch PyTorch's deterministic mode on or off for this process. Off is
+    production mode: the RNGs are seeded from OS entropy, as nothing pins them in production."""
     if threads:
         torch.set_num_threads(threads)
+    if not enabled:
+        seed = int.from_bytes(os.urandom(4), "little")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
