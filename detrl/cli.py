@@ -29,7 +29,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, check: bool = True):
     from .config import resolve_profile
     from .workers import check_resources
 
@@ -40,7 +40,8 @@ def _load(args: argparse.Namespace):
         profile, why = resolve_profile("auto")
         print(f"profile auto -> {profile} ({why})", flush=True)
     cfg = load_config(profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
-    check_resources(cfg)
+    if check:
+        check_resources(cfg)
     return cfg
 
 
@@ -98,6 +99,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    report = doctor.run(_load(args, check=False))
+    print(report.table())
+    bad = report.failures()
+    print(f"\n{len(report.checks) - len(bad)} passed, {len(bad)} failed")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from .models import fetch_model
+    from .rollout import make_engine
+    from .selftest import batch_invariance
+
+    cfg = _load(args)
+    model = fetch_model(cfg.model, args.cache, device="cuda" if cfg.on_gpu else "cpu")
+    engine = make_engine(cfg, model.path)
+    try:
+        res = batch_invariance(engine, quick=not args.full)
+    finally:
+        engine.shutdown()
+    print(f"engine: {engine.info() if hasattr(engine, 'info') else cfg.backends.rollout}")
+    print("\n".join(res.lines()))
+    return EXIT_OK if res.passed else EXIT_FAILED
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    from . import golden
+
+    res = golden.check(args.run, args.store, update=args.update)
+    print(res.text())
+    return EXIT_OK if res.ok else EXIT_FAILED
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     for name in PROFILES:
         cfg = load_config(name)
@@ -128,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("doctor", help="preflight: can this config run deterministically here? exit 0 all pass")
+    _config_args(p)
+    p.set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("selftest", help="batch-invariance self-test of the configured engine (Unique samples: N)")
+    _config_args(p)
+    p.add_argument("--full", action="store_true", help="batches up to 16 and longer generations")
+    p.set_defaults(fn=cmd_selftest)
+    from .golden import DEFAULT_STORE
+
+    p = sub.add_parser("golden", help="compare a run with the known-good ledger of its config (record it if none)")
+    p.add_argument("run")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--update", action="store_true", help="make this run the known-good ledger")
+    p.set_defaults(fn=cmd_golden)
     p = sub.add_parser("profiles", help="list the named profiles")
     p.add_argument("--show", metavar="NAME", help="print one profile's full config")
     p.set_defaults(fn=cmd_profiles)

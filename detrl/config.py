@@ -149,7 +149,8 @@ class BackendsConfig(_Strict):
 class ResourcesConfig(_Strict):
     ray_address: str | None = Field(None, description="None: start a local Ray; else a cluster address")
     num_gpus: int = Field(1, ge=0, description="0 runs everything on the CPU")
-    trainer_gpus: int = Field(1, ge=1, description="data-parallel trainer ranks (one GPU each when on GPU)")
+    trainer_ranks: int = Field(1, ge=1, description="data-parallel trainer ranks: one GPU each on GPU, "
+                                                    "gloo processes on the CPU")
     colocate: bool = True
     cpu_threads: int = Field(1, ge=1, description="torch threads per worker")
     worker_env: dict[Literal["trainer", "rollout"], dict[str, str | None]] = Field(
@@ -186,18 +187,19 @@ class RunConfig(_Strict):
         if self.backends.rollout == "sglang" and self.resources.num_gpus < 1:
             raise ValueError("backends.rollout=sglang needs resources.num_gpus >= 1; "
                              "on a CPU-only machine use backends.rollout=hf (or --profile tiny-cpu)")
-        if self.resources.num_gpus == 0 and self.resources.trainer_gpus != 1:
-            raise ValueError("resources.trainer_gpus > 1 needs GPUs (resources.num_gpus >= trainer_gpus)")
-        if self.resources.num_gpus and self.resources.trainer_gpus > self.resources.num_gpus:
-            raise ValueError("resources.trainer_gpus cannot exceed resources.num_gpus")
+        res = self.resources
+        if res.num_gpus and res.trainer_ranks + (0 if res.colocate else 1) > res.num_gpus:
+            raise ValueError(f"resources.trainer_ranks={res.trainer_ranks} needs that many GPUs"
+                             f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
+                             f"resources.num_gpus={res.num_gpus}")
         n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if n % self.train.updates_per_step:
             raise ValueError(f"train.updates_per_step={self.train.updates_per_step} must divide the "
                              f"{n} samples of a step (prompts_per_step x samples_per_prompt)")
         per_update = n // self.train.updates_per_step
-        if per_update % self.resources.trainer_gpus:
+        if per_update % self.resources.trainer_ranks:
             raise ValueError(f"the {per_update} samples of an update must split evenly over "
-                             f"resources.trainer_gpus={self.resources.trainer_gpus}")
+                             f"resources.trainer_ranks={self.resources.trainer_ranks}")
         if self.determinism.enabled and self.backends.rollout == "sglang" \
                 and self.rollout.sglang.attention_backend == "fa3":
             raise ValueError("rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "

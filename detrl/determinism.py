@@ -62,8 +62,7 @@ def env_problems(seen: Mapping[str, str | None], required: Mapping[str, str], wh
     for k, want in required.items():
         got = seen.get(k)
         if got is None:
-            out.append(f"{where}: {k} is not set (needs {k}={want}); pass it through the Ray runtime_env "
-                       f"(det-rl does this unless resources.worker_env removes it) or export it on every node")
+            out.append(f"{where}: {k} is not set (needs {k}={want})")
         elif got != want:
             out.append(f"{where}: {k}={got} (needs {k}={want})")
     return out

@@ -40,10 +40,10 @@ def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
 
 
 def _process_info(role: str) -> dict[str, Any]:
-    from .determinism import read_env
+    from .determinism import fa3_importable, read_env
 
     keys = list(DETERMINISM_ENV)
-    return {"role": role, "pid": os.getpid(), "env": read_env(keys),
+    return {"role": role, "pid": os.getpid(), "env": read_env(keys), "fa3": fa3_importable(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
@@ -84,6 +84,13 @@ class TrainerWorker:
 
     def weight_hashes(self) -> dict[str, str]:
         return self.trainer.weight_hashes()
+
+    def doctor(self) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
+        from .doctor import worker_checks
+
+        return [asdict(c) for c in worker_checks(f"trainer{self.args[3]}", config_from_json(self.args[0]))]
 
     def flip_bit(self, tensor: str, index: int, bit: int) -> None:
         self.trainer.flip_bit(tensor, index, bit)
@@ -126,6 +133,13 @@ class RolloutWorker:
 
     def generate(self, prompts, seeds, params):
         return self.engine.generate(prompts, seeds, params)
+
+    def doctor(self) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
+        from .doctor import worker_checks
+
+        return [asdict(c) for c in worker_checks("rollout", config_from_json(self.args[0]))]
 
     def selftest(self, quick: bool = True) -> dict[str, Any]:
         from .selftest import batch_invariance
@@ -185,8 +199,9 @@ def ensure_ray(cfg: RunConfig) -> bool:
 class Workers:
     """The actors of one run: `trainers` (one per data-parallel rank) and `rollout`."""
 
-    def __init__(self, cfg: RunConfig, model_dir: str, ckpt_dir: str):
-        self.cfg, self.model_dir, self.ckpt_dir = cfg, model_dir, ckpt_dir
+    def __init__(self, cfg: RunConfig, model_dir: str, ckpt_dir: str, *, setup: bool = True):
+        """`setup=False`: start the actors with their env and resources but load nothing (preflight)."""
+        self.cfg, self.model_dir, self.ckpt_dir, self.setup = cfg, model_dir, ckpt_dir, setup
         self.trainers: list[Any] = []
         self.rollout: Any = None
         self.fingerprints: dict[str, Any] = {}
@@ -200,6 +215,8 @@ class Workers:
         self._started_ray = ensure_ray(self.cfg)
         try:
             self._create()
+            if not self.setup:
+                return self
             self._check_env()
             if self.cfg.on_gpu and self.cfg.resources.colocate:
                 # SGLang sizes its memory pool from what is free when it starts: start it first
@@ -222,7 +239,7 @@ class Workers:
 
         cfg, res = self.cfg, self.cfg.resources
         cfg_json = json.dumps(cfg.model_dump(mode="json"))
-        world = res.trainer_gpus if cfg.on_gpu else 1
+        world = res.trainer_ranks
         port = free_port()
         trainer_cls = ray.remote(TrainerWorker)
         rollout_cls = ray.remote(RolloutWorker)
@@ -230,16 +247,13 @@ class Workers:
         if not cfg.on_gpu:
             # num_cpus=0: long-lived actors that size their own threads; a 1-core host still fits both
             self.trainers = [trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(
-                cfg_json, self.model_dir, self.ckpt_dir, 0, 1, "127.0.0.1", port)]
+                cfg_json, self.model_dir, self.ckpt_dir, r, world, "127.0.0.1", port) for r in range(world)]
             self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
             return
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n_bundles = world if res.colocate else world + 1
-        if res.num_gpus < n_bundles:
-            raise ValueError(f"resources.num_gpus={res.num_gpus} < {n_bundles} GPUs needed "
-                             f"({world} trainer ranks{'' if res.colocate else ' + 1 rollout engine'})")
         self._pg = placement_group([{"GPU": 1, "CPU": 1}] * n_bundles, strategy="PACK")
         ray.get(self._pg.ready(), timeout=600)
         share = 0.5 if res.colocate else 1.0
@@ -263,9 +277,15 @@ class Workers:
         if not self.cfg.determinism.enabled:
             return
         problems = [p for i in infos for p in env_problems(i["env"], self.cfg.determinism.env, i["role"])]
+        fa3 = [f"{i['role']}: FlashAttention-3 is importable ({i['fa3']}); remove it: pip uninstall -y flash_attn_3"
+               for i in infos if i["fa3"]]
+        if fa3:
+            raise DeterminismError("determinism is on but FA3 is installed where the run would use it:\n  "
+                                   + "\n  ".join(fa3))
         if problems:
             raise DeterminismError("determinism is on but workers lack required settings:\n  "
-                                   + "\n  ".join(problems))
+                                   + "\n  ".join(problems) + "\ndet-rl passes them through the Ray runtime_env "
+                                   "unless resources.worker_env removes one; on a cluster, export them on every node")
 
     def __exit__(self, *exc: Any) -> None:
         import ray

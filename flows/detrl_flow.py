@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from detrl.config import PROFILES
+from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
 from tasks.verify import verify_runs
@@ -37,11 +38,14 @@ def detrl_flow(
     plant: list[str] = [],  # noqa: B006 - ITER:TENSOR bit flips in run B, to prove the check catches them
     cache_dir: str | None = None,
     runs_dir: str | None = None,
+    golden_store: str | None = None,
+    update_golden: bool = False,
 ) -> dict[str, Any]:
     typed = {"train.steps": steps, "rollout.prompts_per_step": prompts_per_step,
              "rollout.samples_per_prompt": samples_per_prompt, "rollout.max_new_tokens": max_new_tokens,
              "determinism.enabled": determinism}
     cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
+    preflight(cfg)
     cache = cache_dir or _default("DETRL_CACHE", ".cache", "detrl")
     out = Path(runs_dir or _default("DETRL_RUNS", ".detrl", "runs"))
     out = out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
@@ -58,6 +62,10 @@ def detrl_flow(
         where = f" at iteration {verdict.first.iteration}, {verdict.first.phase}" if verdict.first else ""
         return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",
                       data=result)
+    gold = golden_check(run_a, golden_store or _default("DETRL_GOLDEN", ".detrl", "golden"), update_golden)
+    result["golden"] = gold.status
+    if not gold.ok:
+        return Failed(message=gold.text(), data=result)
     return result
 
 

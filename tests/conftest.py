@@ -62,3 +62,14 @@ def ray_session():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
+    """Two tiny-cpu runs of the same config (a, b) in one directory; tests add their own beside them."""
+    from detrl.loop import run
+
+    d = tmp_path_factory.mktemp("runs")
+    run(tiny_cfg, d / "a", artifacts)
+    run(tiny_cfg, d / "b", artifacts)
+    return d

@@ -43,7 +43,7 @@ def prefect_env(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage"),
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-           "DETRL_CACHE": str(tmp / "cache"), "DETRL_RUNS": str(tmp / "runs"),
+           "DETRL_CACHE": str(tmp / "cache"), "DETRL_RUNS": str(tmp / "runs"), "DETRL_GOLDEN": str(tmp / "golden"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     procs = []
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -127,6 +127,8 @@ def test_deployment_run_completes_with_its_verdict(prefect_env):
     ledger = Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")"))
     assert ledger.exists()
     assert float(arts["detrl-progress-b"]["data"]) == 100.0
+    assert "detrl-preflight" in arts
+    assert fr["state"]["type"] == "COMPLETED" and (prefect_env["tmp"] / "golden").is_dir()  # first run recorded
 
 
 def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):

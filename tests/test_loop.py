@@ -15,14 +15,6 @@ from detrl.verify import verify
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
-    d = tmp_path_factory.mktemp("runs")
-    run(tiny_cfg, d / "a", artifacts)
-    run(tiny_cfg, d / "b", artifacts)
-    return d
-
-
 def test_two_runs_are_identical(runs):
     v = verify(str(runs / "a"), str(runs / "b"))
     assert v.status == "identical" and v.exit_code == 0, v

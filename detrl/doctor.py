@@ -1,0 +1,128 @@
+"""Preflight: can this configuration run deterministically here? Checks on the driver and inside every
+worker (same Ray runtime env and resources as the real run, no model loaded), each with its fix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import RunConfig
+
+
+@dataclass
+class Check:
+    where: str
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def table(self) -> str:
+        rows = [("where", "check", "result", "detail / fix")]
+        for c in self.checks:
+            rows.append((c.where, c.name, "pass" if c.ok else "FAIL", c.detail + (f" -> {c.fix}" if c.fix and not c.ok else "")))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self.checks]
+
+
+def driver_checks(cfg: RunConfig) -> list[Check]:
+    from .config import ConfigError
+    from .workers import check_resources
+
+    out = []
+    try:
+        check_resources(cfg)
+        out.append(Check("driver", "resources", True, f"{cfg.resources.num_gpus} GPU(s) requested"))
+    except ConfigError as exc:
+        out.append(Check("driver", "resources", False, str(exc), "use a CPU profile or a machine/cluster with GPUs"))
+    out.append(Check("driver", "determinism", cfg.determinism.enabled,
+                     "on" if cfg.determinism.enabled else "off (production mode: runs are expected to differ)",
+                     "set determinism.enabled=true"))
+    return out
+
+
+def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
+    """Run inside a worker process."""
+    import torch
+
+    from .determinism import env_problems, fa3_importable, read_env
+
+    out = []
+    if cfg.determinism.enabled:
+        problems = env_problems(read_env(cfg.determinism.env), cfg.determinism.env, role)
+        out.append(Check(role, "determinism env", not problems,
+                         "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
+                         "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
+                         "that drops it, or export it on every node of the cluster"))
+        fa3 = fa3_importable()
+        out.append(Check(role, "FlashAttention-3 absent", fa3 is None,
+                         f"importable as {fa3!r}" if fa3 else "not importable",
+                         "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)"))
+        try:
+            dev = "cuda" if cfg.on_gpu and torch.cuda.is_available() else "cpu"
+            torch.use_deterministic_algorithms(True)
+            x = torch.randn(64, 64, device=dev, requires_grad=True)
+            idx = torch.arange(32, device=dev) % 7
+            (x @ x)[idx].sum().backward()  # matmul (cuBLAS workspace) and indexing backward
+            out.append(Check(role, "deterministic algorithms", True, f"enabled and exercised on {dev}"))
+        except Exception as exc:  # noqa: BLE001 - the error text is the diagnosis
+            out.append(Check(role, "deterministic algorithms", False, f"{type(exc).__name__}: {str(exc)[:200]}",
+                             "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the worker env"))
+        if role == "rollout":
+            out.append(_engine_check(cfg))
+    if cfg.on_gpu:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        out.append(Check(role, "GPU visible", n > 0, f"{n} visible (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')})", "check the Ray GPU resources of the node"))
+    if role.startswith("trainer") and cfg.resources.trainer_ranks > 1 and cfg.determinism.enabled:
+        algo = os.environ.get("NCCL_ALGO")
+        out.append(Check(role, "NCCL ring all-reduce", algo == "Ring", f"NCCL_ALGO={algo}",
+                         "NCCL_ALGO=Ring on every rank: other algorithms sum in a topology-dependent order"))
+    return out
+
+
+def _engine_check(cfg: RunConfig) -> Check:
+    import importlib.util
+
+    if cfg.backends.rollout == "hf":
+        ok = cfg.rollout.hf.batching == "per_sequence"
+        return Check("rollout", "engine can be batch-invariant", ok, f"hf engine, batching={cfg.rollout.hf.batching}",
+                     "set rollout.hf.batching=per_sequence")
+    backend = cfg.rollout.sglang.attention_backend
+    if importlib.util.find_spec("sglang") is None:
+        return Check("rollout", "engine can be batch-invariant", False, "SGLang is not installed in this worker",
+                     "pip install 'det-rl[gpu]' or use the docker/ image")
+    return Check("rollout", "engine can be batch-invariant", backend in ("flashinfer", "triton"),
+                 f"sglang, attention_backend={backend}, enable_deterministic_inference",
+                 "use rollout.sglang.attention_backend=flashinfer (or triton)")
+
+
+def run(cfg: RunConfig) -> Report:
+    """Driver checks, then the same checks inside each worker the run would start."""
+    import ray
+
+    from .workers import Workers
+
+    checks = driver_checks(cfg)
+    if not checks[0].ok:
+        return Report(checks)
+    with Workers(cfg, model_dir="", ckpt_dir="", setup=False) as w:
+        for part in ray.get([a.doctor.remote() for a in [*w.trainers, w.rollout]]):
+            checks += [Check(**c) for c in part]
+    return Report(checks)
