@@ -65,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plants = _plants(args.plant)
     arts = prepare(cfg, args.cache)
-    summary = run(cfg, args.out, arts, perturbations=plants, progress=_progress(Path(args.out).name))
+    summary = run(cfg, args.out, arts, resume=args.resume, perturbations=plants,
+                  progress=_progress(Path(args.out).name))
     print(f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
           f"{summary.wall_s:.1f}s, final weights {summary.final_weights[:16]})")
     return EXIT_OK
@@ -151,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the GRPO loop once and write DIR/ledger.jsonl")
     _config_args(p)
-    p.add_argument("--out", required=True, help="run directory (must not hold a ledger yet)")
+    p.add_argument("--out", required=True, help="run directory (must not hold a ledger yet, unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its last checkpoint (checkpoint.every)")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("reproduce", help="run the loop twice (OUT/run_a, OUT/run_b) and verify")
     _config_args(p)

@@ -5,6 +5,7 @@ every phase's hash in the ledger."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -82,20 +83,80 @@ def _unshard(parts: Sequence[Sequence[Any]], updates: int) -> list[Any]:
     return [x for u in range(updates) for part in parts for x in part[u * k:(u + 1) * k]]
 
 
-def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class Checkpoint:
+    iteration: int          # the last iteration whose record precedes the checkpoint
+    path: Path
+    ledger_bytes: int       # the ledger's size right after that record
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    from .convert import checkpoint_complete
+
+    for d in sorted((run_dir / CKPT_DIR).glob("iter_*"), reverse=True):
+        meta = d / "meta.json"
+        if meta.exists() and (d / "optimizer.pt").exists() and checkpoint_complete(d / "weights"):
+            m = json.loads(meta.read_text())
+            return Checkpoint(m["iteration"], d, m["ledger_bytes"])
+    return None
+
+
+def _save_checkpoint(w: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
+    """All trainer ranks write into a temp directory that is renamed into place when complete."""
+    import ray
+
+    from .util import atomic_dir
+
+    final = run_dir / CKPT_DIR / f"iter_{it:05d}"
+    with atomic_dir(final) as tmp:
+        ray.get([t.save_checkpoint.remote(str(tmp)) for t in w.trainers])
+        (tmp / "meta.json").write_text(json.dumps({
+            "iteration": it, "ledger_bytes": (run_dir / LEDGER_FILE).stat().st_size,
+            "config_hash": cfg.config_hash(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    for old in sorted((run_dir / CKPT_DIR).glob("iter_*"))[:-cfg.checkpoint.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[int, Checkpoint | None, Any]:
+    """(first iteration to run, checkpoint to load, the existing ledger when complete)."""
+    if not (run_dir / LEDGER_FILE).exists():
+        return 0, None, None
+    existing = read_ledger(run_dir)
+    if not resume:
+        state = "a complete" if existing.complete else "an incomplete"
+        raise RunError(f"{run_dir} already holds {state} ledger; choose a new --out directory "
+                       "(or --resume to continue an interrupted run from its last checkpoint)")
+    if existing.header is not None and existing.header.get("config_hash") != cfg.config_hash():
+        raise RunError(f"{run_dir} was started with a different config (hash {existing.header.get('config_hash')}"
+                       f" != {cfg.config_hash()}); resume it with the same profile and overrides")
+    if existing.complete:
+        return cfg.train.steps, None, existing
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:  # nothing to continue from: start over in place
+        (run_dir / LEDGER_FILE).unlink()
+        shutil.rmtree(run_dir / "steps", ignore_errors=True)
+        return 0, None, None
+    return ckpt.iteration + 1, ckpt, None
+
+
+def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bool = False,
         perturbations: Sequence[Perturbation] = (),
         progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> RunSummary:
-    """Run the loop once into `run_dir` (ledger.jsonl, fingerprint.json, config.json, steps/)."""
+    """Run the loop once into `run_dir` (ledger.jsonl, fingerprint.json, config.json, steps/,
+    checkpoints/). `resume`: continue an interrupted run from its last checkpoint; the ledger it
+    writes is identical, record for record, to one of a run that never stopped."""
     import ray
     from transformers import AutoTokenizer
 
     from .workers import Workers
 
     run_dir = Path(run_dir)
-    if (run_dir / LEDGER_FILE).exists():
-        existing = read_ledger(run_dir)
-        state = "a complete" if existing.complete else "an incomplete"
-        raise RunError(f"{run_dir} already holds {state} ledger; choose a new --out directory")
+    start, ckpt, done = _resume_point(cfg, run_dir, resume)
+    if done is not None:
+        return RunSummary(str(run_dir), len(done.iterations), 0.0, done.completion.get("final_weights", ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(artifacts.model.path)
@@ -125,12 +186,23 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
             "fingerprints": {"driver": fingerprint("driver"), **w.fingerprints},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1, sort_keys=True))
-        atomic_write_text(run_dir / "fingerprint.json", json.dumps(header["fingerprints"], indent=1, sort_keys=True))
-        summary = RunSummary(str(run_dir), 0, 0.0, "")
-        with LedgerWriter(run_dir / LEDGER_FILE) as ledger:
-            ledger.append(header)
-            for it in range(cfg.train.steps):
+        if ckpt is None:
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1, sort_keys=True))
+            atomic_write_text(run_dir / "fingerprint.json", json.dumps(header["fingerprints"], indent=1, sort_keys=True))
+        summary = RunSummary(str(run_dir), start, 0.0, "")
+        if ckpt is not None:
+            ray.get([t.load_checkpoint.remote(str(ckpt.path)) for t in w.trainers])
+            for f in (run_dir / "steps").glob("iter_*.safetensors"):
+                if int(f.stem.split("_")[1]) > ckpt.iteration:
+                    f.unlink()
+            with open(run_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"resumed_at": header["started_at"], "from_checkpoint": ckpt.iteration,
+                                    "fingerprints": header["fingerprints"]}) + "\n")
+        with LedgerWriter(run_dir / LEDGER_FILE, truncate_to=ckpt.ledger_bytes if ckpt else None) as ledger:
+            if ckpt is None:
+                ledger.append(header)
+            record: dict[str, Any] = {}
+            for it in range(start, cfg.train.steps):
                 t0 = time.perf_counter()
                 if (p := plant.get((it, "before_step"))) is not None:
                     ray.get(trainer0.flip_bit.remote(p.tensor, p.index, p.bit))
@@ -213,11 +285,14 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *,
                     save_step_data(run_dir, it, _step_arrays(batch.prompt_ids, gens, rollout_lp, rewards, adv,
                                                              trainer_lp, losses, norms))
                 ledger.append(record)
+                every = cfg.checkpoint.every
+                if every and (it + 1) % every == 0 and it + 1 < cfg.train.steps:
+                    _save_checkpoint(w, run_dir, it, cfg)
                 summary.stats.append(record["stats"])
                 summary.iterations = it + 1
                 if progress is not None:
                     progress(it, cfg.train.steps, record["stats"])
-            summary.final_weights = record["hashes"]["weights"]
+            summary.final_weights = record["hashes"]["weights"] if record else ""
             summary.wall_s = time.perf_counter() - t_start
             ledger.append({"kind": "complete", "iterations": cfg.train.steps, "final_weights": summary.final_weights,
                            "wall_s": summary.wall_s,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -70,23 +71,17 @@ class GRPOTrainer:
                                                  master_port=master_port, seed=cfg.seed))
         # AdamW runs on fp32 master weights (the checkpoint is fp32); when the model computes in
         # fp32 they are the params, otherwise a bf16 model is fed from them after every update.
-        master_model = build_gpt_model(self.meta, "float32", deterministic=cfg.determinism.enabled)
-        load_dist_checkpoint(master_model, megatron_ckpt)
+        self.master_model = build_gpt_model(self.meta, "float32", deterministic=cfg.determinism.enabled)
+        load_dist_checkpoint(self.master_model, megatron_ckpt)
         if self.dtype == "float32":
-            self.model = master_model
+            self.model = self.master_model
         else:
             self.model = build_gpt_model(self.meta, self.dtype, deterministic=cfg.determinism.enabled)
         self.params = [p for _, p in self.model.named_parameters()]
         self.names = [n for n, _ in self.model.named_parameters()]
-        if self.model is master_model:
-            self.master = self.params
-        else:
-            loaded = dict(master_model.named_parameters())
-            self.master = [torch.nn.Parameter(loaded[n].detach().clone()) for n in self.names]
-            del master_model, loaded
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m.to(p.dtype))
+        master = dict(self.master_model.named_parameters())
+        self.master = [master[n] for n in self.names]
+        self._copy_master_to_model()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.master, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                            eps=t.adam_eps, weight_decay=t.weight_decay,
@@ -165,18 +160,48 @@ class GRPOTrainer:
                 loss = tok_loss.sum() / float(global_tokens[u])
                 loss.backward()
                 loss_sum += loss.detach().double().cpu()
-                if self.master is not self.params:
+                if self.model is not self.master_model:
                     self._accumulate_master_grads()
             self._allreduce_grads()
             norms.append(self._clip())
             self.optimizer.step()
-            if self.master is not self.params:
-                with torch.no_grad():
-                    for p, m in zip(self.params, self.master):
-                        p.copy_(m.to(p.dtype))
+            self._copy_master_to_model()
             losses.append(float(self._allreduce_scalar(loss_sum)))
         return StepResult(losses=losses, grad_norms=norms, logprobs=logprobs_out,
                           tokens=int(sum(len(s.response_ids) for s in samples)))
+
+    @torch.no_grad()
+    def _copy_master_to_model(self) -> None:
+        if self.model is not self.master_model:
+            for p, m in zip(self.params, self.master):
+                p.copy_(m.to(p.dtype))
+
+    # -- resumable checkpoints: fp32 master weights (torch_dist), optimizer state, RNG states
+    def save_checkpoint(self, path: str) -> None:
+        import random
+
+        from .convert import save_dist_checkpoint
+
+        save_dist_checkpoint(self.master_model, Path(path) / "weights")  # collective over the ranks
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:  # the optimizer is replicated over the data-parallel ranks
+            torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
+
+    def load_checkpoint(self, path: str) -> None:
+        import random
+
+        load_dist_checkpoint(self.master_model, Path(path) / "weights")
+        self._copy_master_to_model()
+        self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=self.device,
+                                                  weights_only=False))
+        rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _accumulate_master_grads(self) -> None:
         for p, m in zip(self.params, self.master):
@@ -235,9 +260,7 @@ class GRPOTrainer:
         flat = m.data.view(-1)
         as_int = flat[index: index + 1].view(torch.int32)
         as_int ^= (1 << bit)
-        if self.master is not self.params:
-            p = self.params[self.names.index(tensor)]
-            p.copy_(m.to(p.dtype))
+        self._copy_master_to_model()
 
     def close(self) -> None:
         self._stack.close()

@@ -16,7 +16,23 @@ from detrl.models import ModelArtifact
 from detrl.trainer import Perturbation
 
 
-@task(name="run-loop", cache_policy=NO_CACHE, task_run_name="run-loop-{label}")
+def _worker_crash(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry (and so resume from the last checkpoint) when a worker died, not on bad input."""
+    from detrl.config import ConfigError
+    from detrl.determinism import DeterminismError
+    from detrl.loop import RunError
+
+    try:
+        state.result()
+    except (ConfigError, DeterminismError, RunError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="run-loop", cache_policy=NO_CACHE, task_run_name="run-loop-{label}", retries=1,
+      retry_delay_seconds=5, retry_condition_fn=_worker_crash)
 def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetArtifact,
              megatron: ConvertedArtifact, label: str, plant: list[str]) -> str:
     log = get_run_logger()
@@ -30,7 +46,8 @@ def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetAr
                  f"response len {stats['mean_response_len']:.1f} step {stats['step_s']:.2f}s")
         update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
 
-    summary = run(cfg, run_dir, Artifacts(model, data, megatron),
+    # resume=True: a retry after a worker crash continues from the run's last checkpoint
+    summary = run(cfg, run_dir, Artifacts(model, data, megatron), resume=True,
                   perturbations=[Perturbation.parse(p) for p in plant], progress=report)
     log.info(f"run {label}: {summary.iterations} iterations in {summary.wall_s:.1f}s -> {run_dir}/ledger.jsonl")
     return run_dir
