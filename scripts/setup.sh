@@ -10,8 +10,10 @@ PY="${PYTHON:-python3}"
 V=.venv/bin/python
 stamp=".venv/.detrl-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  $V -m pip install -q --upgrade pip
-  $V -c 'import torch' 2>/dev/null || $V -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-  $V -m pip install -q -e '.[test]'
+  log=.venv/install.log
+  echo "setting up .venv (log: $log)"
+  { $V -m pip install --upgrade pip
+    $V -c 'import torch' 2>/dev/null || $V -m pip install "${TORCH_SPEC:-torch==2.13.0}"
+    $V -m pip install -e '.[test]'; } > "$log" 2>&1 || { tail -40 "$log"; exit 1; }
   rm -f .venv/.detrl-installed-*; touch "$stamp"
 fi
