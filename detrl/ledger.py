@@ -95,10 +95,6 @@ def ragged_sha256(rows: Sequence[Sequence[Any]], dtype: Any) -> str:
     return hashlib.sha256((array_sha256(lengths) + array_sha256(flat)).encode()).hexdigest()
 
 
-def float64_sha256(x: float) -> str:
-    return array_sha256(np.asarray([x], dtype=np.float64))
-
-
 # ---------------------------------------------------------------- writing
 
 class LedgerWriter:
@@ -150,10 +146,6 @@ class Ledger:
     @property
     def run_dir(self) -> Path:
         return Path(self.path).parent
-
-
-class LedgerError(RuntimeError):
-    pass
 
 
 def read_ledger(path_or_dir: str | Path) -> Ledger:

@@ -181,7 +181,8 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
         header = {
             "kind": "header", "version": LEDGER_VERSION, "run_id": uuid.uuid4().hex, "detrl": __version__,
             "profile": cfg.profile, "config": cfg.semantic_dict(), "config_hash": cfg.config_hash(),
-            "artifacts": {k: asdict(v) for k, v in asdict_shallow(artifacts).items()},
+            "artifacts": {"model": asdict(artifacts.model), "data": asdict(artifacts.data),
+                          "megatron": asdict(artifacts.megatron)},
             "engine": w.engine_info, "selftest": selftest, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
             "fingerprints": {"driver": fingerprint("driver"), **w.fingerprints},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -298,10 +299,6 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                            "wall_s": summary.wall_s,
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return summary
-
-
-def asdict_shallow(a: Artifacts) -> dict[str, Any]:
-    return {"model": a.model, "data": a.data, "megatron": a.megatron}
 
 
 def _step_arrays(prompt_ids, gens, rollout_lp, rewards, adv, trainer_lp, losses, norms) -> dict[str, np.ndarray]:

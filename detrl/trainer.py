@@ -240,9 +240,6 @@ class GRPOTrainer:
         return float(norm)
 
     # -- weights
-    def master_state(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.master))
-
     def weight_hashes(self) -> dict[str, str]:
         return tensor_digests({n: p.detach() for n, p in zip(self.names, self.master)}, self.cfg.ledger.tensor_hash)
 

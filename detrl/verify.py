@@ -102,7 +102,6 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
         div.detail = "hashes differ (per-step data not kept by both runs: no finer location)"
         return
     x, y = da[div.phase], db[div.phase]
-    lengths_key = f"{div.phase}_len"
     if div.phase in ("rollout_tokens", "rollout_logprobs", "trainer_logprobs", "prompts"):
         key = "prompts_len" if div.phase == "prompts" else "rollout_tokens_len"
         la_len, lb_len = da[key], db[key]
@@ -115,8 +114,8 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
             if pos is not None:
                 div.sample, div.position = s, pos
                 break
-        if lengths_key in da and not np.array_equal(da[lengths_key], db[lengths_key]) and div.sample is None:
-            div.detail = "sample lengths differ"
+        if div.sample is None and len(la_len) != len(lb_len):  # one run has more samples
+            div.sample = min(len(la_len), len(lb_len))
     else:
         pos = _first_difference(x.reshape(-1), y.reshape(-1))
         div.sample = pos

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import DETERMINISM_ENV, RunConfig, config_from_json
 from .determinism import DeterminismError, env_problems
@@ -94,9 +94,6 @@ class TrainerWorker:
 
     def flip_bit(self, tensor: str, index: int, bit: int) -> None:
         self.trainer.flip_bit(tensor, index, bit)
-
-    def param_names(self) -> list[str]:
-        return list(self.trainer.names)
 
     def save_checkpoint(self, path: str) -> None:
         self.trainer.save_checkpoint(path)

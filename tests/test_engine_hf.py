@@ -72,7 +72,6 @@ def test_top_p_restricts_the_support():
 
 
 def test_logprobs_are_those_of_the_sampled_tokens(engine):
-    from transformers import AutoModelForCausalLM
 
     g = engine.generate([TARGET], [3], SamplingParams(max_new_tokens=4))[0]
     seq = torch.tensor([TARGET + g.token_ids])
