@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import PROFILES, ConfigError, load_config
+from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def default_cache() -> str:
-    return os.environ.get("DETRL_CACHE", str(Path.home() / ".cache" / "detrl"))
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +20,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="the run seed (data order, sampling, init)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set rollout.temperature=0.7 (repeatable)")
-    p.add_argument("--cache", default=default_cache(), help="where downloads and conversions are cached")
+    p.add_argument("--cache", default=default_dir("cache"), help="where downloads and conversions are cached")
     p.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR[:before_step|after_step]",
                    help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it")
 
@@ -174,11 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--full", action="store_true", help="batches up to 16 and longer generations")
     p.set_defaults(fn=cmd_selftest)
-    from .golden import DEFAULT_STORE
 
     p = sub.add_parser("golden", help="compare a run with the known-good ledger of its config (record it if none)")
     p.add_argument("run")
-    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--store", default=default_dir("golden"))
     p.add_argument("--update", action="store_true", help="make this run the known-good ledger")
     p.set_defaults(fn=cmd_golden)
     p = sub.add_parser("profiles", help="list the named profiles")

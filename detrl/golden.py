@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .ledger import LEDGER_FILE, STEP_DIR, read_ledger
-from .util import atomic_dir
+from .util import atomic_dir, default_dir
 from .verify import Verdict, compare, dict_diff
-
-DEFAULT_STORE = os.environ.get("DETRL_GOLDEN") or str(Path.home() / ".detrl" / "golden")
 
 
 def hardware_class(header: dict[str, Any]) -> dict[str, Any]:
@@ -62,14 +59,14 @@ class GoldenResult:
                 f"Changed since then: {changed}")
 
 
-def check(run_dir: str | Path, store: str | Path = DEFAULT_STORE, *, update: bool = False) -> GoldenResult:
+def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool = False) -> GoldenResult:
     """Compare a complete run with the golden ledger of its config and hardware; record it as the
     golden when there is none (or when `update`)."""
     run = read_ledger(run_dir)
     if not run.complete:
         raise ValueError(f"{run_dir}: only a complete ledger can be compared with or become a golden: {run.problems}")
     key = golden_key(run.header)
-    gdir = Path(store) / key
+    gdir = Path(store or default_dir("golden")) / key
     meta_file = gdir / "golden.json"
     if update or not meta_file.exists():
         existed = meta_file.exists()

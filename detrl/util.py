@@ -82,6 +82,17 @@ def tree_sha256(root: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return h.hexdigest()
 
 
+_DEFAULT_DIRS = {"cache": ("DETRL_CACHE", (".cache", "detrl")),
+                 "runs": ("DETRL_RUNS", (".detrl", "runs")),
+                 "golden": ("DETRL_GOLDEN", (".detrl", "golden"))}
+
+
+def default_dir(kind: str) -> str:
+    """Where det-rl keeps `kind` (cache, runs, golden): $DETRL_<KIND> or a folder under home, read at call time."""
+    env, parts = _DEFAULT_DIRS[kind]
+    return os.environ.get(env) or str(Path.home().joinpath(*parts))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 

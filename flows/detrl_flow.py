@@ -3,7 +3,6 @@ run loop B -> verify. Ends Failed when the two runs differ, so a nightly schedul
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -13,16 +12,13 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from detrl.config import PROFILES
+from detrl.util import default_dir
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
 from tasks.verify import verify_runs
 
 Profile = Literal[("auto", *PROFILES)]  # type: ignore[valid-type]
-
-
-def _default(env: str, *parts: str) -> str:
-    return os.environ.get(env) or str(Path.home().joinpath(*parts))
 
 
 @flow(name="det-rl", log_prints=True)
@@ -46,8 +42,8 @@ def detrl_flow(
              "determinism.enabled": determinism}
     cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
     preflight(cfg)
-    cache = cache_dir or _default("DETRL_CACHE", ".cache", "detrl")
-    out = Path(runs_dir or _default("DETRL_RUNS", ".detrl", "runs"))
+    cache = cache_dir or default_dir("cache")
+    out = Path(runs_dir or default_dir("runs"))
     out = out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
 
     model = download_model(cfg, cache)
@@ -62,7 +58,7 @@ def detrl_flow(
         where = f" at iteration {verdict.first.iteration}, {verdict.first.phase}" if verdict.first else ""
         return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",
                       data=result)
-    gold = golden_check(run_a, golden_store or _default("DETRL_GOLDEN", ".detrl", "golden"), update_golden)
+    gold = golden_check(run_a, golden_store or default_dir("golden"), update_golden)
     result["golden"] = gold.status
     if not gold.ok:
         return Failed(message=gold.text(), data=result)

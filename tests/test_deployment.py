@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from detrl.util import free_port
 
@@ -141,9 +142,8 @@ def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
     assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the reference profile is valid here")
 def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect_env):
-    if _has_gpu():
-        pytest.skip("this machine has a GPU: the reference profile is valid here")
     run_id = _deployment_run(prefect_env)  # the deployment's own parameters: the GPU reference run
     fr = _wait(prefect_env, run_id, timeout=300)
     assert fr["state"]["type"] == "FAILED"
@@ -151,9 +151,3 @@ def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect
                       json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
     assert [t["name"].rsplit("-", 1)[0] for t in runs] == ["resolve-config"]  # nothing ran after it
     assert "needs 1 GPU(s)" in fr["state"]["message"] or "needs 1 GPU(s)" in json.dumps(runs)
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
