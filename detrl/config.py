@@ -149,8 +149,10 @@ class BackendsConfig(_Strict):
 class ResourcesConfig(_Strict):
     ray_address: str | None = Field(None, description="None: start a local Ray; else a cluster address")
     num_gpus: int = Field(1, ge=0, description="0 runs everything on the CPU")
-    trainer_ranks: int = Field(1, ge=1, description="data-parallel trainer ranks: one GPU each on GPU, "
-                                                    "gloo processes on the CPU")
+    trainer_ranks: int = Field(1, ge=1, description="trainer ranks (data x tensor parallel): one GPU each "
+                                                    "on GPU, gloo processes on the CPU")
+    tensor_parallel: int = Field(1, ge=1, description="Megatron tensor-parallel size; it must divide "
+                                                      "trainer_ranks, the rest is data parallel")
     colocate: bool = True
     cpu_threads: int = Field(1, ge=1, description="torch threads per worker")
     worker_env: dict[Literal["trainer", "rollout"], dict[str, str | None]] = Field(
@@ -192,14 +194,17 @@ class RunConfig(_Strict):
             raise ValueError(f"resources.trainer_ranks={res.trainer_ranks} needs that many GPUs"
                              f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
                              f"resources.num_gpus={res.num_gpus}")
+        if res.trainer_ranks % res.tensor_parallel:
+            raise ValueError(f"resources.tensor_parallel={res.tensor_parallel} must divide "
+                             f"resources.trainer_ranks={res.trainer_ranks} (ranks = data x tensor parallel)")
         n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if n % self.train.updates_per_step:
             raise ValueError(f"train.updates_per_step={self.train.updates_per_step} must divide the "
                              f"{n} samples of a step (prompts_per_step x samples_per_prompt)")
         per_update = n // self.train.updates_per_step
-        if per_update % self.resources.trainer_ranks:
-            raise ValueError(f"the {per_update} samples of an update must split evenly over "
-                             f"resources.trainer_ranks={self.resources.trainer_ranks}")
+        if per_update % self.data_parallel:
+            raise ValueError(f"the {per_update} samples of an update must split evenly over the "
+                             f"{self.data_parallel} data-parallel ranks (resources.trainer_ranks / tensor_parallel)")
         if self.determinism.enabled and self.backends.rollout == "sglang" \
                 and self.rollout.sglang.attention_backend == "fa3":
             raise ValueError("rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
@@ -213,6 +218,10 @@ class RunConfig(_Strict):
     @property
     def sampling_seed(self) -> int:
         return self.seed if self.rollout.seed is None else self.rollout.seed
+
+    @property
+    def data_parallel(self) -> int:
+        return self.resources.trainer_ranks // self.resources.tensor_parallel
 
     @property
     def on_gpu(self) -> bool:

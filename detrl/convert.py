@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,7 +127,7 @@ def load_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- Megatron model
 
-def transformer_config(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True):
+def transformer_config(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -142,11 +143,38 @@ def transformer_config(m: ArchMeta, dtype: str = "float32", *, deterministic: bo
         # fused kernels come from CUDA extensions (absent on CPU, and a source of variance on GPU)
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        deterministic_mode=deterministic,
+        deterministic_mode=deterministic, tensor_model_parallel_size=tp,
     )
 
 
-def build_gpt_model(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True):
+_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "word_embeddings.weight",
+                    "output_layer.weight")
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def tp_partition_dim(name: str) -> int | None:
+    """The dim along which Megatron's GPT layers split a parameter over the TP ranks (None:
+    replicated). By name, because Megatron marks its parameters only when it initializes them."""
+    if name.endswith(_COLUMN_PARALLEL):
+        return 0
+    if name.endswith(_ROW_PARALLEL):
+        return 1
+    return None
+
+
+def check_tensor_parallel(m: ArchMeta, tp: int) -> None:
+    """Megatron splits heads, query groups, the MLP and the vocabulary evenly over the TP ranks."""
+    sizes = {"attention heads": m.num_heads, "key/value heads": m.num_kv_heads,
+             "intermediate size": m.ffn_hidden_size, "vocabulary": m.vocab_size}
+    bad = [f"{k} {v}" for k, v in sizes.items() if v % tp]
+    if bad:
+        from .config import ConfigError
+
+        raise ConfigError(f"resources.tensor_parallel={tp} must divide the model's {', '.join(bad)}; "
+                         f"choose a tensor_parallel that divides {math.gcd(*sizes.values())}")
+
+
+def build_gpt_model(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -154,7 +182,7 @@ def build_gpt_model(m: ArchMeta, dtype: str = "float32", *, deterministic: bool 
 
     megatron_cpu.install()
     model = GPTModel(
-        config=transformer_config(m, dtype, deterministic=deterministic),
+        config=transformer_config(m, dtype, deterministic=deterministic, tp=tp),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings,
         position_embedding_type="rope", rotary_base=int(m.rope_theta),

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .config import RunConfig
-from .convert import ConvertedArtifact, convert_cached
+from .convert import ArchMeta, ConvertedArtifact, check_tensor_parallel, convert_cached
 from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
 from .determinism import DeterminismError, fingerprint
 from .grpo import group_advantages
@@ -98,7 +98,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
     for d in sorted((run_dir / CKPT_DIR).glob("iter_*"), reverse=True):
         meta = d / "meta.json"
-        if meta.exists() and (d / "optimizer.pt").exists() and checkpoint_complete(d / "weights"):
+        if meta.exists() and (d / "optimizer_tp0.pt").exists() and checkpoint_complete(d / "weights"):
             m = json.loads(meta.read_text())
             return Checkpoint(m["iteration"], d, m["ledger_bytes"])
     return None
@@ -153,6 +153,8 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
 
     from .workers import Workers
 
+    tp = cfg.resources.tensor_parallel
+    check_tensor_parallel(ArchMeta.from_hf_dir(artifacts.model.path), tp)
     run_dir = Path(run_dir)
     start, ckpt, done = _resume_point(cfg, run_dir, resume)
     if done is not None:
@@ -169,7 +171,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
     plant = {(p.iteration, p.when): p for p in perturbations}
 
     with Workers(cfg, artifacts.model.path, str(Path(artifacts.megatron.path) / "weights")) as w:
-        trainer0, engine_dtype = w.trainers[0], w.engine_info["dtype"]
+        engine_dtype = w.engine_info["dtype"]
         selftest = None
         if cfg.determinism.enabled and cfg.determinism.selftest:
             selftest = ray.get(w.rollout.selftest.remote(True))
@@ -185,6 +187,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                           "megatron": asdict(artifacts.megatron)},
             "engine": w.engine_info, "selftest": selftest, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
             "fingerprints": {"driver": fingerprint("driver"), **w.fingerprints},
+            "placement": w.placement,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if ckpt is None:
@@ -206,14 +209,16 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
             for it in range(start, cfg.train.steps):
                 t0 = time.perf_counter()
                 if (p := plant.get((it, "before_step"))) is not None:
-                    ray.get(trainer0.flip_bit.remote(p.tensor, p.index, p.bit))
+                    ray.get([t.flip_bit.remote(p.tensor, p.index, p.bit) for t in w.trainers])
 
                 # 1. policy sync: the engine must hold exactly the trainer's weights
-                tensors_ref, sent_ref = trainer0.export_hf.options(num_returns=2).remote(engine_dtype)
+                exports = [t.export_hf.options(num_returns=2).remote(engine_dtype) for t in w.trainers[:tp]]
+                tensors_ref, sent_ref = exports[0]
                 # iteration 0: the engine loaded the same checkpoint from disk; proving it checks the conversion
                 update = it > 0 or (0, "before_step") in plant
                 bad = ray.get(w.rollout.sync.remote(tensors_ref, update))
                 sent = ray.get(sent_ref)
+                ray.get([ref for pair in exports[1:] for ref in pair])
                 if bad:
                     raise WeightSyncError(f"iteration {it}: the engine's weights differ from the trainer's in "
                                           f"{len(bad)} tensor(s): {bad[:5]}")
@@ -233,25 +238,28 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 rewards = np.asarray([reward(g.token_ids, a) for g, a in zip(gens, answers)], dtype=np.float32)
                 adv = group_advantages(rewards.tolist(), G).numpy()
 
-                # 4. train step over the data-parallel ranks
+                # 4. train step. Rank = dp_rank * tp + tp_rank: every TP rank of a data-parallel
+                # replica gets its shard, and the first one reports for the replica.
                 samples = [Sample(list(p), g.token_ids, float(a)) for p, g, a in zip(prompt_ids, gens, adv)]
                 per_update = len(samples) // updates
                 global_tokens = [sum(len(s.response_ids) for s in samples[u * per_update:(u + 1) * per_update])
                                  for u in range(updates)]
-                shards = _shard(samples, updates, len(w.trainers))
-                results = ray.get([t.train_step.remote(s, global_tokens) for t, s in zip(w.trainers, shards)])
+                shards = _shard(samples, updates, cfg.data_parallel)
+                results = ray.get([t.train_step.remote(shards[r // tp], global_tokens)
+                                   for r, t in enumerate(w.trainers)])[::tp]
                 trainer_lp = _unshard([r.logprobs for r in results], updates)
                 losses, norms = results[0].losses, results[0].grad_norms
                 if (p := plant.get((it, "after_step"))) is not None:
-                    ray.get(trainer0.flip_bit.remote(p.tensor, p.index, p.bit))
+                    ray.get([t.flip_bit.remote(p.tensor, p.index, p.bit) for t in w.trainers])
                 t_train = time.perf_counter()
 
-                # 5. weights after the step (every rank must hold the same)
-                rank_hashes = ray.get([t.weight_hashes.remote() for t in w.trainers])
-                for r, h in enumerate(rank_hashes[1:], 1):
+                # 5. weights after the step (every data-parallel replica must hold the same)
+                rank_hashes = ray.get([t.weight_hashes.remote() for t in w.trainers])[::tp]
+                for d, h in enumerate(rank_hashes[1:], 1):
                     if h != rank_hashes[0]:
                         diff = sorted(n for n in h if h[n] != rank_hashes[0].get(n))
-                        raise RunError(f"iteration {it}: trainer rank {r} weights differ from rank 0 in {diff[:5]}")
+                        raise RunError(f"iteration {it}: data-parallel replica {d} (trainer rank {d * tp}) "
+                                       f"weights differ from replica 0 in {diff[:5]}")
                 weights = rank_hashes[0]
                 t_hash = time.perf_counter()
 

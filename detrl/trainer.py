@@ -1,6 +1,7 @@
 """The GRPO trainer on Megatron-core: a GPTModel built from the HF config and loaded from the
 converted torch_dist checkpoint; PPO-clip on group-normalized advantages, token-level mean, AdamW
-on fp32 master weights, grad clipping; data parallel over torch.distributed when world_size > 1.
+on fp32 master weights, grad clipping; data and tensor parallel over torch.distributed (rank =
+dp_rank * tp + tp_rank, Megatron's default order).
 
 One process per rank (a Ray actor, or the caller's process in tests)."""
 
@@ -14,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .convert import ArchMeta, build_gpt_model, load_dist_checkpoint, megatron_to_hf, model_parallel
+from .convert import (ArchMeta, build_gpt_model, check_tensor_parallel, load_dist_checkpoint, megatron_to_hf,
+                      model_parallel, tp_partition_dim)
 from .grpo import ppo_clip_token_loss
 from .ledger import tensor_digests
 
@@ -63,22 +65,31 @@ class GRPOTrainer:
                  master_addr: str = "127.0.0.1", master_port: int | None = None):
         self.cfg, self.hf_dir, self.ckpt = cfg, hf_dir, megatron_ckpt
         self.rank, self.world_size = rank, world_size
+        self.tp = cfg.resources.tensor_parallel
+        self.dp, self.dp_rank, self.tp_rank = world_size // self.tp, rank // self.tp, rank % self.tp
         self.meta = ArchMeta.from_hf_dir(hf_dir)
+        check_tensor_parallel(self.meta, self.tp)
         self.dtype = cfg.train_dtype()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(model_parallel(rank, world_size, master_addr=master_addr,
-                                                 master_port=master_port, seed=cfg.seed))
+                                                 master_port=master_port, tp=self.tp, seed=cfg.seed))
+        from megatron.core import parallel_state as ps
+
+        assert (ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()) == (self.dp_rank, self.tp_rank)
+        self._dp_group, self._tp_group = ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()
         # AdamW runs on fp32 master weights (the checkpoint is fp32); when the model computes in
         # fp32 they are the params, otherwise a bf16 model is fed from them after every update.
-        self.master_model = build_gpt_model(self.meta, "float32", deterministic=cfg.determinism.enabled)
+        det = cfg.determinism.enabled
+        self.master_model = build_gpt_model(self.meta, "float32", deterministic=det, tp=self.tp)
         load_dist_checkpoint(self.master_model, megatron_ckpt)
         if self.dtype == "float32":
             self.model = self.master_model
         else:
-            self.model = build_gpt_model(self.meta, self.dtype, deterministic=cfg.determinism.enabled)
+            self.model = build_gpt_model(self.meta, self.dtype, deterministic=det, tp=self.tp)
         self.params = [p for _, p in self.model.named_parameters()]
         self.names = [n for n, _ in self.model.named_parameters()]
+        self.split_dims = [tp_partition_dim(n) if self.tp > 1 else None for n in self.names]
         master = dict(self.master_model.named_parameters())
         self.master = [master[n] for n in self.names]
         self._copy_master_to_model()
@@ -125,7 +136,7 @@ class GRPOTrainer:
 
     # -- one GRPO update per call (or `updates_per_step` mini-batches)
     def train_step(self, samples: Sequence[Sample], global_tokens: Sequence[int]) -> StepResult:
-        """`samples`: this rank's shard, mini-batch after mini-batch. `global_tokens[u]`: response
+        """`samples`: this data-parallel rank's shard (the same on every TP rank of it), mini-batch after mini-batch. `global_tokens[u]`: response
         tokens of mini-batch u over all ranks, the token-level mean's denominator."""
         cfg = self.cfg.train
         per_update = len(samples) // cfg.updates_per_step
@@ -186,15 +197,15 @@ class GRPOTrainer:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:  # the optimizer is replicated over the data-parallel ranks
-            torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
+        if self.dp_rank == 0:  # the optimizer is replicated over the data-parallel ranks
+            torch.save(self.optimizer.state_dict(), Path(path) / f"optimizer_tp{self.tp_rank}.pt")
 
     def load_checkpoint(self, path: str) -> None:
         import random
 
         load_dist_checkpoint(self.master_model, Path(path) / "weights")
         self._copy_master_to_model()
-        self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=self.device,
+        self.optimizer.load_state_dict(torch.load(Path(path) / f"optimizer_tp{self.tp_rank}.pt", map_location=self.device,
                                                   weights_only=False))
         rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -212,47 +223,97 @@ class GRPOTrainer:
             p.grad = None
 
     def _allreduce_grads(self) -> None:
-        if self.world_size == 1:
+        if self.dp == 1:
             return
         import torch.distributed as dist
 
         # One flat buffer in a fixed parameter order: with NCCL_ALGO=Ring the sum is reproducible.
         grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self._dp_group)
         offset = 0
         for m, g in zip(self.master, grads):
             m.grad = flat[offset: offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
     def _allreduce_scalar(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
+        if self.dp == 1:
             return x
         import torch.distributed as dist
 
         t = x.to(self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self._dp_group)
         return t.cpu()
 
     def _clip(self) -> float:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm, foreach=False)
-        return float(norm)
+        if self.tp == 1:
+            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm, foreach=False))
+        import torch.distributed as dist
+
+        # The global norm: squares of the TP-sharded grads summed over the TP group, the
+        # replicated ones (norms) counted once.
+        sharded = torch.zeros((), dtype=torch.float32, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float32, device=self.device)
+        for m, dim in zip(self.master, self.split_dims):
+            if m.grad is None:
+                continue
+            sq = torch.linalg.vector_norm(m.grad, dtype=torch.float32) ** 2
+            if dim is not None:
+                sharded += sq
+            else:
+                replicated += sq
+        dist.all_reduce(sharded, group=self._tp_group)
+        total = torch.sqrt(sharded + replicated)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for m in self.master:
+            if m.grad is not None:
+                m.grad.mul_(coef)
+        return float(total)
+
+    @torch.no_grad()
+    def _full(self, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Whole tensors under Megatron names, gathered over the TP group (a collective: every TP
+        rank calls it); None on TP ranks other than 0."""
+        if self.tp == 1:
+            return {n: p.detach() for n, p in zip(self.names, params)}
+        import torch.distributed as dist
+
+        out = {}
+        for n, p, dim in zip(self.names, params, self.split_dims):
+            t = p.detach()
+            if dim is not None:
+                parts = [torch.empty_like(t) for _ in range(self.tp)]
+                dist.all_gather(parts, t.contiguous(), group=self._tp_group)
+                if n.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+                    halves = [x.chunk(2, dim=0) for x in parts]
+                    t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+                else:
+                    t = torch.cat(parts, dim=dim)
+            out[n] = t
+        return out if self.tp_rank == 0 else None
 
     # -- weights
-    def weight_hashes(self) -> dict[str, str]:
-        return tensor_digests({n: p.detach() for n, p in zip(self.names, self.master)}, self.cfg.ledger.tensor_hash)
+    def weight_hashes(self) -> dict[str, str] | None:
+        full = self._full(self.master)
+        return None if full is None else tensor_digests(full, self.cfg.ledger.tensor_hash)
 
-    def export_hf(self, dtype: str) -> dict[str, torch.Tensor]:
-        """The model's current weights under HF names, on the CPU, in the engine's dtype."""
+    def export_hf(self, dtype: str) -> dict[str, torch.Tensor] | None:
+        """The model's current weights under HF names, on the CPU, in the engine's dtype (None on
+        TP ranks other than 0)."""
         target = getattr(torch, dtype)
-        state = {n: p.detach() for n, p in zip(self.names, self.params)}
+        state = self._full(self.params)
+        if state is None:
+            return None
         return {k: v.to("cpu", target).contiguous() for k, v in megatron_to_hf(state, self.meta).items()}
 
     @torch.no_grad()
     def flip_bit(self, tensor: str, index: int, bit: int) -> None:
+        """Flip one bit of element `index` of the tensor's first TP shard, on every data-parallel replica."""
         if tensor not in self.names:
             raise KeyError(f"no parameter {tensor!r}; parameters: {self.names[:4]}...")
+        if self.tp_rank != 0:
+            return
         m = self.master[self.names.index(tensor)]
         flat = m.data.view(-1)
         as_int = flat[index: index + 1].view(torch.int32)

@@ -27,6 +27,8 @@ def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
         env.update(cfg.determinism.env)
     if cfg.on_gpu and role == "trainer":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # fewer fragments beside SGLang
+    if cfg.on_gpu and role == "trainer" and cfg.resources.tensor_parallel > 1:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron: TP's async all-reduce is queued before the wgrad GEMM
     for key in PASSTHROUGH_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
@@ -40,27 +42,49 @@ def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
 
 
 def _process_info(role: str) -> dict[str, Any]:
+    import ray
+
     from .determinism import fa3_importable, read_env
 
     keys = list(DETERMINISM_ENV)
     return {"role": role, "pid": os.getpid(), "env": read_env(keys), "fa3": fa3_importable(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def _need_paths(*paths: str) -> None:
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        import socket
+
+        raise FileNotFoundError(f"{missing} not found on node {socket.gethostname()}: on a Ray cluster the "
+                                "cache (--cache, DETRL_CACHE) must be on a filesystem every node mounts")
 
 
 class TrainerWorker:
-    def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int,
-                 master_addr: str, master_port: int):
-        self.args = (cfg_json, hf_dir, ckpt, rank, world_size, master_addr, master_port)
+    def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int):
+        self.args = (cfg_json, hf_dir, ckpt, rank, world_size)
         self.trainer = None
 
     def env(self) -> dict[str, Any]:
         return _process_info(f"trainer{self.args[3]}")
 
-    def setup(self) -> None:
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address and a port free on its node: torch.distributed's meeting point, which
+        need not be the driver's node."""
+        import ray
+
+        from .util import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
         from .determinism import apply_process_settings
         from .trainer import GRPOTrainer
 
-        cfg_json, hf_dir, ckpt, rank, world, addr, port = self.args
+        cfg_json, hf_dir, ckpt, rank, world = self.args
+        _need_paths(hf_dir, ckpt)
+        addr, port = master_addr, master_port
         cfg = config_from_json(cfg_json)
         apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
         self.trainer = GRPOTrainer(cfg, hf_dir, ckpt, rank=rank, world_size=world, master_addr=addr,
@@ -70,7 +94,7 @@ class TrainerWorker:
         from .determinism import fingerprint
 
         t = self.trainer
-        return fingerprint(f"trainer{t.rank}", {"layout": {"dp": t.world_size, "tp": 1, "pp": 1},
+        return fingerprint(f"trainer{t.rank}", {"layout": {"dp": t.dp, "tp": t.tp, "pp": 1},
                                                  "dtype": t.dtype, "device": str(t.device)})
 
     def train_step(self, samples, global_tokens):
@@ -80,9 +104,11 @@ class TrainerWorker:
         from .ledger import tensor_digests
 
         tensors = self.trainer.export_hf(dtype)
+        if tensors is None:  # a TP rank other than 0: it took part in the gather
+            return None, None
         return tensors, tensor_digests(tensors, self.trainer.cfg.ledger.tensor_hash)
 
-    def weight_hashes(self) -> dict[str, str]:
+    def weight_hashes(self) -> dict[str, str] | None:
         return self.trainer.weight_hashes()
 
     def doctor(self) -> list[dict[str, Any]]:
@@ -118,6 +144,7 @@ class RolloutWorker:
         from .determinism import apply_process_settings
         from .rollout import make_engine
 
+        _need_paths(self.args[1])
         cfg = config_from_json(self.args[0])
         apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
         self.engine = make_engine(cfg, self.args[1])
@@ -203,6 +230,7 @@ class Workers:
         self.rollout: Any = None
         self.fingerprints: dict[str, Any] = {}
         self.engine_info: dict[str, Any] = {}
+        self.placement: dict[str, Any] = {}
         self._started_ray = False
         self._pg = None
 
@@ -215,12 +243,13 @@ class Workers:
             if not self.setup:
                 return self
             self._check_env()
+            addr, port = ray.get(self.trainers[0].rendezvous.remote())
             if self.cfg.on_gpu and self.cfg.resources.colocate:
                 # SGLang sizes its memory pool from what is free when it starts: start it first
                 self.engine_info = ray.get(self.rollout.setup.remote())
-                ray.get([t.setup.remote() for t in self.trainers])
+                ray.get([t.setup.remote(addr, port) for t in self.trainers])
             else:
-                setups = [t.setup.remote() for t in self.trainers] + [self.rollout.setup.remote()]
+                setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
                 self.engine_info = ray.get(setups)[-1]
             fps = ray.get([t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()])
             self.fingerprints = {fp["role"]: fp for fp in fps}
@@ -230,38 +259,43 @@ class Workers:
         return self
 
     def _create(self) -> None:
+        """One actor per trainer rank and one rollout actor. On GPUs, and on any cluster, the
+        trainers take placement-group bundles (PACK: one node while it fits, then the next)."""
         import ray
-
-        from .util import free_port
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg, res = self.cfg, self.cfg.resources
         cfg_json = json.dumps(cfg.model_dump(mode="json"))
         world = res.trainer_ranks
-        port = free_port()
-        trainer_cls = ray.remote(TrainerWorker)
-        rollout_cls = ray.remote(RolloutWorker)
+        trainer_cls, rollout_cls = ray.remote(TrainerWorker), ray.remote(RolloutWorker)
         t_env, r_env = runtime_env(cfg, "trainer"), runtime_env(cfg, "rollout")
-        if not cfg.on_gpu:
+        args = (cfg_json, self.model_dir, self.ckpt_dir)
+        if not cfg.on_gpu and not res.ray_address:
             # num_cpus=0: long-lived actors that size their own threads; a 1-core host still fits both
-            self.trainers = [trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(
-                cfg_json, self.model_dir, self.ckpt_dir, r, world, "127.0.0.1", port) for r in range(world)]
+            self.trainers = [trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(*args, r, world)
+                             for r in range(world)]
             self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
             return
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        n_bundles = world if res.colocate else world + 1
-        self._pg = placement_group([{"GPU": 1, "CPU": 1}] * n_bundles, strategy="PACK")
+        if cfg.on_gpu:
+            bundles = [{"GPU": 1, "CPU": 1}] * (world if res.colocate else world + 1)
+        else:
+            bundles = [{"CPU": 1}] * world
+        self._pg = placement_group(bundles, strategy="PACK")
         ray.get(self._pg.ready(), timeout=600)
-        share = 0.5 if res.colocate else 1.0
-        addr = ray.util.get_node_ip_address()
 
         def on(bundle: int) -> Any:
             return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
 
+        if not cfg.on_gpu:
+            self.trainers = [trainer_cls.options(num_cpus=1, runtime_env=t_env, scheduling_strategy=on(r)).remote(
+                *args, r, world) for r in range(world)]
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
+            return
+        share = 0.5 if res.colocate else 1.0
         self.trainers = [trainer_cls.options(num_cpus=0, num_gpus=share if (res.colocate and r == 0) else 1.0,
-                                             runtime_env=t_env, scheduling_strategy=on(r)).remote(
-            cfg_json, self.model_dir, self.ckpt_dir, r, world, addr, port) for r in range(world)]
+                                             runtime_env=t_env, scheduling_strategy=on(r)).remote(*args, r, world)
+                         for r in range(world)]
         self.rollout = rollout_cls.options(num_cpus=0, num_gpus=share, runtime_env=r_env,
                                            scheduling_strategy=on(0 if res.colocate else world)).remote(
             cfg_json, self.model_dir)
@@ -271,6 +305,7 @@ class Workers:
 
         infos = ray.get([a.env.remote() for a in [*self.trainers, self.rollout]])
         self.env_readback = {i["role"]: i["env"] for i in infos}
+        self.placement = {i["role"]: {k: i[k] for k in ("node_ip", "node_id", "cuda_visible_devices")} for i in infos}
         if not self.cfg.determinism.enabled:
             return
         problems = [p for i in infos for p in env_problems(i["env"], self.cfg.determinism.env, i["role"])]

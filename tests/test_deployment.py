@@ -142,6 +142,39 @@ def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
     assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict
 
 
+def test_a_worker_crash_is_retried_by_prefect_and_resumes_identically(prefect_env):
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]')
+    name = httpx.get(f"{prefect_env['api']}/flow_runs/{run_id}", timeout=10).json()["name"]
+    killed = _kill_trainer_once(prefect_env["tmp"] / "runs", f"*-{name}/run_a/ledger.jsonl", iterations=2)
+    fr = _wait(prefect_env, run_id)
+    assert killed, "the trainer was never killed"
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    assert "IDENTICAL" in _artifacts(prefect_env, run_id)["detrl-verdict"]["data"]
+    runs = httpx.post(f"{prefect_env['api']}/task_runs/filter",
+                      json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    attempts = {t["name"]: t["run_count"] for t in runs}
+    assert attempts["run-loop-A"] == 2 and attempts["run-loop-B"] == 1, attempts
+    run_a = next((prefect_env["tmp"] / "runs").glob(f"*-{name}/run_a"))
+    resumed = json.loads((run_a / "resumes.jsonl").read_text().splitlines()[0])
+    assert resumed["from_checkpoint"] >= 0
+
+
+def _kill_trainer_once(root: Path, pattern: str, iterations: int, timeout: float = 600) -> bool:
+    """SIGKILL one trainer actor once the matching ledger holds `iterations` iteration records."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for ledger in root.glob(pattern):
+            if ledger.read_text().count('"kind":"iteration"') >= iterations:
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("TrainerWorker" in part for part in (p.info["cmdline"] or [])):
+                        os.kill(p.pid, signal.SIGKILL)
+                        return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the reference profile is valid here")
 def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect_env):
     run_id = _deployment_run(prefect_env)  # the deployment's own parameters: the GPU reference run

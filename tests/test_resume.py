@@ -30,9 +30,9 @@ def _kill_trainer_when(ledger, iterations, done):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, artifacts, ray_session, ranks):
-    cfg = load_config("tiny-cpu", overrides=[*CKPT, f"resources.trainer_ranks={ranks}"])
+@pytest.mark.parametrize("ranks,tp", [(1, 1), (4, 2)], ids=["one-rank", "dp2xtp2"])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, artifacts, ray_session, ranks, tp):
+    cfg = load_config("tiny-cpu", overrides=[*CKPT, f"resources.trainer_ranks={ranks}", f"resources.tensor_parallel={tp}"])
     run(cfg, tmp_path / "straight", artifacts)
     crashed = tmp_path / "crashed"
     done = threading.Event()
