@@ -96,3 +96,51 @@ def test_loop_twice_on_gpu_identical_and_nondeterministic_mode_diverges(tmp_path
         run(off, tmp_path / name, arts)
     v_off = verify(str(tmp_path / "off_a"), str(tmp_path / "off_b"))
     assert v_off.status == "diverged" and "determinism was off" in v_off.likely_cause
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")
+# The trainer layout is under test here, so the engine skips CUDA-graph capture (40 s a start).
+LAYOUT = [*SMALL, "rollout.sglang.disable_cuda_graph=true", "resources.num_gpus=2"]
+
+
+@pytest.fixture(scope="module")
+def gpu_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@two_gpus
+def test_tensor_parallel_2_on_two_gpus_twice_identical(tmp_path, gpu_cache):
+    from detrl.ledger import read_ledger
+    from detrl.loop import prepare, run
+    from detrl.verify import verify
+
+    cfg = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*LAYOUT, "resources.trainer_ranks=2",
+                                                             "resources.tensor_parallel=2"])
+    arts = prepare(cfg, gpu_cache)
+    for name in ("a", "b"):
+        run(cfg, tmp_path / name, arts)
+    v = verify(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert v.status == "identical", v.first
+    header = read_ledger(tmp_path / "a").header
+    assert header["fingerprints"]["trainer1"]["layout"] == {"dp": 1, "tp": 2, "pp": 1}
+    assert header["fingerprints"]["trainer1"]["env"]["NCCL_ALGO"] == "Ring"
+    assert header["placement"]["trainer0"]["cuda_visible_devices"] != header["placement"]["trainer1"]["cuda_visible_devices"]
+
+
+@two_gpus
+def test_engine_on_its_own_gpu_equals_colocated(tmp_path, gpu_cache):
+    """Where the engine runs is not part of the arithmetic: SGLang on GPU 1 and the trainer on GPU 0
+    give the same ledger as both sharing GPU 0."""
+    from detrl.ledger import read_ledger
+    from detrl.loop import prepare, run
+    from detrl.verify import verify
+
+    shared = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*LAYOUT, "resources.num_gpus=1"])
+    own = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*LAYOUT, "resources.colocate=false"])
+    arts = prepare(shared, gpu_cache)
+    run(shared, tmp_path / "shared", arts)
+    run(own, tmp_path / "own", arts)
+    place = read_ledger(tmp_path / "own").header["placement"]
+    assert place["rollout"]["cuda_visible_devices"] != place["trainer0"]["cuda_visible_devices"]
+    v = verify(str(tmp_path / "shared"), str(tmp_path / "own"))
+    assert v.status == "identical", v.first
