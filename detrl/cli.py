@@ -12,6 +12,8 @@ from .config import PROFILES, ConfigError, load_config
 from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# not 1: a CI reading 1 as "nondeterminism found" must never get it from a crash
+EXIT_RUN_FAILED = 3
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -200,8 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if isinstance(exc, (DeterminismError, RunError)):
             print(f"detrl: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
+            return EXIT_RUN_FAILED
+        import traceback
+
+        traceback.print_exc()
+        print(f"detrl: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":

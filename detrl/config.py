@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,7 +148,8 @@ class BackendsConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    ray_address: str | None = Field(None, description="None: start a local Ray; else a cluster address")
+    ray_address: str | None = Field(default_factory=lambda: os.environ.get("RAY_ADDRESS") or None,
+                                    description="a cluster to join (default: $RAY_ADDRESS); unset: a fresh local Ray")
     num_gpus: int = Field(1, ge=0, description="0 runs everything on the CPU")
     trainer_ranks: int = Field(1, ge=1, description="trainer ranks (data x tensor parallel): one GPU each "
                                                     "on GPU, gloo processes on the CPU")

@@ -213,10 +213,8 @@ def ensure_ray(cfg: RunConfig) -> bool:
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                               "configure_logging": True, "log_to_driver": True}
-    if cfg.resources.ray_address:
-        ray.init(address=cfg.resources.ray_address, **kwargs)
-    else:
-        ray.init(**kwargs)
+    # "local": a fresh instance even when `ray start` left a cluster behind; joining one is explicit
+    ray.init(address=cfg.resources.ray_address or "local", **kwargs)
     return True
 
 
@@ -305,7 +303,7 @@ class Workers:
 
         infos = ray.get([a.env.remote() for a in [*self.trainers, self.rollout]])
         self.env_readback = {i["role"]: i["env"] for i in infos}
-        self.placement = {i["role"]: {k: i[k] for k in ("node_ip", "node_id", "cuda_visible_devices")} for i in infos}
+        self.placement = {i["role"]: {k: i[k] for k in ("node_ip", "node_id", "pid", "cuda_visible_devices")} for i in infos}
         if not self.cfg.determinism.enabled:
             return
         problems = [p for i in infos for p in env_problems(i["env"], self.cfg.determinism.env, i["role"])]

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,14 @@ for key in ("NCCL_ALGO", "NVTE_ALLOW_NONDETERMINISTIC_ALGO", "CUBLAS_WORKSPACE_C
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def detrl(*args, timeout=600) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "detrl", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def _cuda() -> bool:

@@ -1,20 +1,9 @@
 """The command line as users call it: exit codes 0 identical / 1 diverged / 2 incomplete or bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def detrl(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "detrl", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+from conftest import ROOT, detrl
 
 
 @pytest.mark.parametrize("args,message", [
@@ -43,7 +32,7 @@ def test_reproduce_with_a_planted_flip_exits_1_and_names_it(tmp_path):
     out = tmp_path / "rep"
     r = detrl("reproduce", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(tmp_path / "c"),
               "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--json")
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 1 and "{" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     verdict = json.loads(r.stdout[r.stdout.index("{"):])
     assert verdict["status"] == "diverged"
     assert verdict["first"]["iteration"] == 2 and verdict["first"]["phase"] == "policy_weights"

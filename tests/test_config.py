@@ -65,6 +65,14 @@ def test_config_hash_tracks_semantics_not_labels():
     assert a.config_hash() != load_config("tiny-cpu", seed=1).config_hash()
 
 
+def test_ray_address_comes_from_the_config_else_ray_address_env_else_a_fresh_local_ray(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_config("tiny-cpu").resources.ray_address is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert load_config("tiny-cpu").resources.ray_address == "10.0.0.1:6379"
+    assert load_config("tiny-cpu", overrides=["resources.ray_address=10.0.0.2:6379"]).resources.ray_address == "10.0.0.2:6379"
+
+
 def test_bad_override_syntax_and_unknown_profile():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("tiny-cpu", overrides=["rollout.temperature"])

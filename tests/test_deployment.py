@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from crash import kill_trainer_when
 
 from detrl.util import free_port
 
@@ -113,23 +114,33 @@ def test_deployment_is_registered_with_its_nightly_schedule(prefect_env):
     assert "profile" in dep["parameter_openapi_schema"]["properties"]  # the UI form
 
 
-def test_deployment_run_completes_with_its_verdict(prefect_env):
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2")
+def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(prefect_env):
+    """The nightly path end to end: a trainer is SIGKILLed mid run A, Prefect retries the task, the run
+    resumes from its checkpoint, and the verdict is still IDENTICAL with every artifact in place."""
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]')
+    name = httpx.get(f"{prefect_env['api']}/flow_runs/{run_id}", timeout=10).json()["name"]
+    killed = kill_trainer_when(prefect_env["tmp"] / "runs", f"*-{name}/run_a/ledger.jsonl", iterations=2)
     fr = _wait(prefect_env, run_id)
+    assert killed, "the trainer was never killed"
     assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    tasks = httpx.post(f"{prefect_env['api']}/task_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    attempts = {t["name"]: t["run_count"] for t in tasks}
+    assert attempts["run-loop-A"] == 2 and attempts["run-loop-B"] == 1, attempts
+    run_a = next((prefect_env["tmp"] / "runs").glob(f"*-{name}/run_a"))
+    assert json.loads((run_a / "resumes.jsonl").read_text().splitlines()[0])["from_checkpoint"] >= 0
+
     arts = _artifacts(prefect_env, run_id)
     assert {"detrl-verdict", "detrl-phases", "detrl-curves", "detrl-ledger-a", "detrl-ledger-b",
-            "detrl-progress-a", "detrl-progress-b"} <= set(arts)
+            "detrl-progress-a", "detrl-progress-b", "detrl-preflight"} <= set(arts)
     assert "IDENTICAL" in arts["detrl-verdict"]["data"]
     phases = json.loads(arts["detrl-phases"]["data"]) if isinstance(arts["detrl-phases"]["data"], str) \
         else arts["detrl-phases"]["data"]
-    assert len(phases) == 2 and all(v == "match" for row in phases for k, v in row.items() if k != "iteration")
+    assert len(phases) == 3 and all(v == "match" for row in phases for k, v in row.items() if k != "iteration")
     assert arts["detrl-ledger-a"]["data"].startswith("[ledger A](file://")
-    ledger = Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")"))
-    assert ledger.exists()
+    assert Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")")) == (run_a / "ledger.jsonl").resolve()
     assert float(arts["detrl-progress-b"]["data"]) == 100.0
-    assert "detrl-preflight" in arts
-    assert fr["state"]["type"] == "COMPLETED" and (prefect_env["tmp"] / "golden").is_dir()  # first run recorded
+    assert (prefect_env["tmp"] / "golden").is_dir()  # the first completed run is recorded as known-good
 
 
 def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
@@ -140,39 +151,6 @@ def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
     assert "diverged at iteration 1, policy_weights" in fr["state"]["message"]
     verdict = _artifacts(prefect_env, run_id)["detrl-verdict"]["data"]
     assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict
-
-
-def test_a_worker_crash_is_retried_by_prefect_and_resumes_identically(prefect_env):
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]')
-    name = httpx.get(f"{prefect_env['api']}/flow_runs/{run_id}", timeout=10).json()["name"]
-    killed = _kill_trainer_once(prefect_env["tmp"] / "runs", f"*-{name}/run_a/ledger.jsonl", iterations=2)
-    fr = _wait(prefect_env, run_id)
-    assert killed, "the trainer was never killed"
-    assert fr["state"]["type"] == "COMPLETED", fr["state"]
-    assert "IDENTICAL" in _artifacts(prefect_env, run_id)["detrl-verdict"]["data"]
-    runs = httpx.post(f"{prefect_env['api']}/task_runs/filter",
-                      json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
-    attempts = {t["name"]: t["run_count"] for t in runs}
-    assert attempts["run-loop-A"] == 2 and attempts["run-loop-B"] == 1, attempts
-    run_a = next((prefect_env["tmp"] / "runs").glob(f"*-{name}/run_a"))
-    resumed = json.loads((run_a / "resumes.jsonl").read_text().splitlines()[0])
-    assert resumed["from_checkpoint"] >= 0
-
-
-def _kill_trainer_once(root: Path, pattern: str, iterations: int, timeout: float = 600) -> bool:
-    """SIGKILL one trainer actor once the matching ledger holds `iterations` iteration records."""
-    import psutil
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for ledger in root.glob(pattern):
-            if ledger.read_text().count('"kind":"iteration"') >= iterations:
-                for p in psutil.process_iter(["cmdline"]):
-                    if any("TrainerWorker" in part for part in (p.info["cmdline"] or [])):
-                        os.kill(p.pid, signal.SIGKILL)
-                        return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the reference profile is valid here")

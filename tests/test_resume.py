@@ -1,14 +1,17 @@
-"""Resume: a run whose trainer worker is killed mid-run, resumed from its last checkpoint, writes a
-ledger identical record for record to one that never stopped."""
+"""Resume: a run whose trainer is SIGKILLed mid-run and resumed from its last checkpoint with
+`detrl run --resume` writes a ledger identical record for record to one that never stopped.
+
+The layout is the hardest one the CPU can run: 2 data-parallel replicas of 2 tensor-parallel ranks, so
+the checkpoint carries per-TP-rank optimizer state and per-replica data shards. The single-rank case
+is resumed by a Prefect task retry in test_deployment."""
 
 import json
-import os
-import signal
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
+from conftest import detrl
+from crash import kill_trainer_when
 
 from detrl.config import load_config
 from detrl.ledger import read_ledger
@@ -16,50 +19,49 @@ from detrl.loop import RunError, latest_checkpoint, run
 from detrl.verify import verify
 
 pytestmark = pytest.mark.slow
-CKPT = ["checkpoint.every=1", "train.steps=4"]
+SETS = ["checkpoint.every=1", "train.steps=4", "resources.trainer_ranks=4", "resources.tensor_parallel=2"]
 
 
-def _kill_trainer_when(ledger, iterations, done):
-    """SIGKILL the trainer actor's process once the ledger holds `iterations` iteration records."""
-    while not done.is_set():
-        if ledger.exists() and ledger.read_text().count('"kind":"iteration"') >= iterations:
-            for p in psutil.process_iter(["cmdline"]):
-                if any("TrainerWorker" in part for part in (p.info["cmdline"] or [])):
-                    os.kill(p.pid, signal.SIGKILL)
-                    return
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize("ranks,tp", [(1, 1), (4, 2)], ids=["one-rank", "dp2xtp2"])
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, artifacts, ray_session, ranks, tp):
-    cfg = load_config("tiny-cpu", overrides=[*CKPT, f"resources.trainer_ranks={ranks}", f"resources.tensor_parallel={tp}"])
-    run(cfg, tmp_path / "straight", artifacts)
-    crashed = tmp_path / "crashed"
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
+    d = tmp_path_factory.mktemp("resume")
+    cfg = load_config("tiny-cpu", overrides=SETS)
+    run(cfg, d / "straight", artifacts)
+    crashed = d / "crashed"
     done = threading.Event()
-    killer = threading.Thread(target=_kill_trainer_when, args=(crashed / "ledger.jsonl", 2, done), daemon=True)
-    killer.start()
-    with pytest.raises(Exception):
-        run(cfg, crashed, artifacts)
-    done.set()
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_trainer_when, crashed, "ledger.jsonl", 2, done)
+        with pytest.raises(Exception):
+            run(cfg, crashed, artifacts)
+        done.set()
+        assert killed.result(), "the trainer was never killed"
     part = read_ledger(crashed)
     assert not part.complete and 2 <= len(part.iterations) < 4
     ckpt = latest_checkpoint(crashed)
     assert ckpt is not None and ckpt.iteration >= 0
-    with pytest.raises(RunError, match="--resume"):
-        run(cfg, crashed, artifacts)  # never overwritten without asking
-    run(cfg, crashed, artifacts, resume=True)
-    v = verify(str(tmp_path / "straight"), str(crashed))
+    args = ["run", "--profile", "tiny-cpu", *(a for kv in SETS for a in ("--set", kv)), "--out", str(crashed),
+            "--cache", str(cache_dir)]
+    refused = detrl(*args)  # never overwritten without asking; exit 3 (the run failed), not 1 (diverged)
+    assert refused.returncode == 3 and "--resume" in refused.stderr, refused.stderr[-3000:]
+    cli = detrl(*args, "--resume")
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    return {"cfg": cfg, "straight": d / "straight", "crashed": crashed, "checkpoint": ckpt.iteration}
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(resumed):
+    crashed = resumed["crashed"]
+    v = verify(str(resumed["straight"]), str(crashed))
     assert v.status == "identical", (v.first, v.problems)
     lines = [json.loads(x) for x in (crashed / "ledger.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in lines] == ["header", "iteration", "iteration", "iteration", "iteration", "complete"]
-    assert json.loads((crashed / "resumes.jsonl").read_text().splitlines()[0])["from_checkpoint"] == ckpt.iteration
+    resumes = [json.loads(x) for x in (crashed / "resumes.jsonl").read_text().splitlines()]
+    assert [r["from_checkpoint"] for r in resumes] == [resumed["checkpoint"]]
     assert len(list((crashed / "checkpoints").glob("iter_*"))) <= 2  # checkpoint.keep
 
 
-def test_resume_refuses_another_config(tmp_path, artifacts, ray_session):
-    cfg = load_config("tiny-cpu", overrides=CKPT)
-    run(cfg, tmp_path / "r", artifacts)
+def test_resume_refuses_another_config_and_a_complete_run_is_left_as_is(resumed, artifacts):
     with pytest.raises(RunError, match="different config"):
-        run(load_config("tiny-cpu", overrides=CKPT, seed=5), tmp_path / "r", artifacts, resume=True)
-    # a complete run resumed is a no-op that reports it
-    assert run(cfg, tmp_path / "r", artifacts, resume=True).iterations == 4
+        run(load_config("tiny-cpu", overrides=SETS, seed=5), resumed["crashed"], artifacts, resume=True)
+    before = (resumed["crashed"] / "ledger.jsonl").read_bytes()
+    assert run(resumed["cfg"], resumed["crashed"], artifacts, resume=True).iterations == 4
+    assert (resumed["crashed"] / "ledger.jsonl").read_bytes() == before
