@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .util import atomic_dir, free_port
+from .util import atomic_dir
 
 CONVERTER_VERSION = "1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -207,12 +206,20 @@ def load_state_exact(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 # ---------------------------------------------------------------- process groups
 
+def tcp_store(host: str, port: int, world_size: int, *, is_master: bool) -> Any:
+    """torch.distributed's key-value store; the master with port 0 binds one the OS picks (`.port`)."""
+    from torch.distributed import TCPStore
+    from torch.distributed.constants import default_pg_timeout
+
+    return TCPStore(host, port, world_size, is_master, timeout=default_pg_timeout, wait_for_workers=False)
+
+
 @contextlib.contextmanager
-def model_parallel(rank: int = 0, world_size: int = 1, *, backend: str | None = None,
-                   master_addr: str = "127.0.0.1", master_port: int | None = None,
+def model_parallel(rank: int = 0, world_size: int = 1, *, backend: str | None = None, store: Any = None,
                    tp: int = 1, seed: int = 0) -> Iterator[None]:
-    """torch.distributed + Megatron parallel state for this process; torn down on exit
-    (reused as is when the caller already set it up)."""
+    """torch.distributed + Megatron parallel state for this process, meeting the other ranks through
+    `store` (default: a store of its own, for one process); torn down on exit (reused as is when the
+    caller already set it up)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -224,11 +231,13 @@ def model_parallel(rank: int = 0, world_size: int = 1, *, backend: str | None = 
         yield
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    os.environ["MASTER_ADDR"] = master_addr
-    os.environ["MASTER_PORT"] = str(master_port or free_port())
+    if store is None:
+        if world_size != 1:
+            raise ValueError("model_parallel: more than one rank needs the store they share")
+        store = tcp_store("127.0.0.1", 0, 1, is_master=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(torch.cuda.current_device())
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
     model_parallel_cuda_manual_seed(seed)  # the attention layers fork this tracker
     try:

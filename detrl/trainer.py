@@ -62,7 +62,7 @@ class Perturbation:
 
 class GRPOTrainer:
     def __init__(self, cfg: Any, hf_dir: str, megatron_ckpt: str, *, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None):
+                 store: Any = None):
         self.cfg, self.hf_dir, self.ckpt = cfg, hf_dir, megatron_ckpt
         self.rank, self.world_size = rank, world_size
         self.tp = cfg.resources.tensor_parallel
@@ -72,8 +72,8 @@ class GRPOTrainer:
         self.dtype = cfg.train_dtype()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(model_parallel(rank, world_size, master_addr=master_addr,
-                                                 master_port=master_port, tp=self.tp, seed=cfg.seed))
+        self._stack.enter_context(model_parallel(rank, world_size, store=store, tp=self.tp,
+                                                 seed=cfg.seed))
         from megatron.core import parallel_state as ps
 
         assert (ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()) == (self.dp_rank, self.tp_rank)

@@ -65,30 +65,34 @@ class TrainerWorker:
     def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int):
         self.args = (cfg_json, hf_dir, ckpt, rank, world_size)
         self.trainer = None
+        self._store = None
 
     def env(self) -> dict[str, Any]:
         return _process_info(f"trainer{self.args[3]}")
 
     def rendezvous(self) -> tuple[str, int]:
-        """Rank 0's address and a port free on its node: torch.distributed's meeting point, which
-        need not be the driver's node."""
+        """Rank 0's address and the port of the torch.distributed store it now holds open: the ranks'
+        meeting point, on rank 0's node rather than the driver's. The OS picks the port while the store
+        binds it, so no other process can take it between choosing and binding."""
         import ray
 
-        from .util import free_port
+        from .convert import tcp_store
 
-        return ray.util.get_node_ip_address(), free_port()
+        addr = ray.util.get_node_ip_address()
+        self._store = tcp_store(addr, 0, self.args[4], is_master=True)
+        return addr, self._store.port
 
     def setup(self, master_addr: str, master_port: int) -> None:
+        from .convert import tcp_store
         from .determinism import apply_process_settings
         from .trainer import GRPOTrainer
 
         cfg_json, hf_dir, ckpt, rank, world = self.args
         _need_paths(hf_dir, ckpt)
-        addr, port = master_addr, master_port
+        store = getattr(self, "_store", None) or tcp_store(master_addr, master_port, world, is_master=False)
         cfg = config_from_json(cfg_json)
         apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
-        self.trainer = GRPOTrainer(cfg, hf_dir, ckpt, rank=rank, world_size=world, master_addr=addr,
-                                   master_port=port)
+        self.trainer = GRPOTrainer(cfg, hf_dir, ckpt, rank=rank, world_size=world, store=store)
 
     def fingerprint(self) -> dict[str, Any]:
         from .determinism import fingerprint
