@@ -89,7 +89,7 @@ class TrainerWorker:
 
         cfg_json, hf_dir, ckpt, rank, world = self.args
         _need_paths(hf_dir, ckpt)
-        store = getattr(self, "_store", None) or tcp_store(master_addr, master_port, world, is_master=False)
+        store = self._store or tcp_store(master_addr, master_port, world, is_master=False)
         cfg = config_from_json(cfg_json)
         apply_process_settings(cfg.determinism.enabled, cfg.seed, cfg.resources.cpu_threads)
         self.trainer = GRPOTrainer(cfg, hf_dir, ckpt, rank=rank, world_size=world, store=store)

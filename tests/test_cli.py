@@ -1,4 +1,5 @@
-"""The command line as users call it: exit codes 0 identical / 1 diverged / 2 incomplete or bad input."""
+"""The command line as users call it: exit codes 0 identical / 1 diverged / 2 incomplete or bad input /
+3 the run itself failed."""
 
 import json
 
