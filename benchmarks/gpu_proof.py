@@ -1,69 +1,103 @@
-"""The GPU proof: a profile run twice with determinism on (must verify identical) and, with --off, twice
-with it off (expected to diverge); writes a JSON record (device, versions, config, wall times,
-verdicts) for benchmarks/results/.
+"""The GPU proof: a profile run twice and verified, in one of four modes, with a JSON record (device,
+versions, config, wall times, per-iteration rollout shape, verdict) for benchmarks/results/.
 
-    python benchmarks/gpu_proof.py --profile gsm8k-qwen2.5-0.5b-smoke --out DIR --json FILE [--off] [--set k=v]
+    python benchmarks/gpu_proof.py --profile gsm8k-smollm2-135m --mode MODE --out DIR --json FILE [--set k=v]
+
+Modes: `flow` (the det-rl Prefect flow, an ephemeral server; must verify identical), `on` (the
+library loop twice, determinism on; must be identical), `off` (production mode: unseeded, expected to
+diverge), `pinned` (determinism off but the sampling seeds pinned: isolates the kernels), `prepare`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODE_OVERRIDES = {"on": [], "flow": [], "prepare": [], "off": ["determinism.enabled=false"],
+                  "pinned": ["determinism.enabled=false", "determinism.pin_seeds=true"]}
+
+
+def _record_pair(out: Path, record: dict, walls: dict) -> int:
+    from detrl.ledger import read_ledger
+    from detrl.verify import format_text, verify
+
+    t = time.perf_counter()
+    verdict = verify(str(out / "run_a"), str(out / "run_b"))
+    print(format_text(verdict), flush=True)
+    ledger_a = read_ledger(out / "run_a")
+    record.update({
+        "run_wall_s": walls, "twice_run_s": round(sum(walls.values()) + time.perf_counter() - t, 1),
+        "verdict": verdict.status, "exit_code": verdict.exit_code,
+        "first_divergence": None if verdict.first is None else {
+            "iteration": verdict.first.iteration, "phase": verdict.first.phase, "detail": verdict.first.detail,
+            "tensors": verdict.first.tensors[:5]},
+        "likely_cause": verdict.likely_cause,
+        "iterations": {n: [it["stats"] for it in read_ledger(out / n).iterations] for n in ("run_a", "run_b")},
+        "engine": ledger_a.header["engine"], "selftest": ledger_a.header.get("selftest"),
+        "workers": {k: v for k, v in ledger_a.header["fingerprints"].items() if k != "driver"},
+    })
+    return verdict.exit_code
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default="gsm8k-qwen2.5-0.5b-smoke")
+    ap.add_argument("--profile", default="gsm8k-smollm2-135m")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", required=True)
     ap.add_argument("--cache", default="/tmp/detrl-cache")
-    ap.add_argument("--mode", choices=["on", "off", "prepare"], default="on")
+    ap.add_argument("--mode", choices=list(MODE_OVERRIDES), default="on")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args()
 
     from detrl.config import load_config
     from detrl.determinism import fingerprint
-    from detrl.ledger import read_ledger
-    from detrl.loop import prepare, run
-    from detrl.verify import format_text, verify
+    from detrl.loop import prepare, progress_line, run
 
-    overrides = list(a.overrides) + (["determinism.enabled=false"] if a.mode == "off" else [])
+    overrides = list(a.overrides) + MODE_OVERRIDES[a.mode]
     cfg = load_config(a.profile, overrides=overrides)
-    t = time.perf_counter()
-    arts = prepare(cfg, a.cache)
-    record = {"profile": a.profile, "mode": a.mode, "overrides": overrides, "prepare_s": round(time.perf_counter() - t, 1),
+    record = {"profile": a.profile, "mode": a.mode, "overrides": overrides, "command": " ".join(sys.argv),
               "device": fingerprint("driver"), "config": cfg.model_dump(mode="json")}
-    if a.mode == "prepare":
-        Path(a.json).write_text(json.dumps(record, indent=1))
-        print(f"prepared in {record['prepare_s']}s")
-        return 0
     out = Path(a.out)
-    walls = {}
-    for name in ("run_a", "run_b"):
+    if a.mode == "flow":
+        os.environ["DETRL_CACHE"], os.environ["DETRL_RUNS"] = a.cache, str(out)
+        from flows.detrl_flow import detrl_flow
+
         t = time.perf_counter()
-        run(cfg, out / name, arts, progress=lambda it, n, s, name=name: print(
-            f"[{name}] {it + 1}/{n} reward {s['mean_reward']:.3f} len {s['mean_response_len']:.0f} "
-            f"rollout {s['rollout_s']:.1f}s train {s['train_s']:.1f}s sync {s['sync_s']:.1f}s "
-            f"|lp diff| {s['logprob_max_abs_diff']:.3g}", flush=True))
-        walls[name] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    verdict = verify(str(out / "run_a"), str(out / "run_b"))
-    print(format_text(verdict), flush=True)
-    record.update({
-        "run_wall_s": walls, "twice_run_s": round(sum(walls.values()) + time.perf_counter() - t, 1),
-        "verdict": verdict.status, "exit_code": verdict.exit_code,
-        "first_divergence": None if verdict.first is None else {
-            "iteration": verdict.first.iteration, "phase": verdict.first.phase, "detail": verdict.first.detail},
-        "likely_cause": verdict.likely_cause,
-        "iterations": {n: [it["stats"] for it in read_ledger(out / n).iterations] for n in ("run_a", "run_b")},
-        "engine": read_ledger(out / "run_a").header["engine"],
-        "workers": {k: v for k, v in read_ledger(out / "run_a").header["fingerprints"].items() if k != "driver"},
-    })
+        state = detrl_flow(profile=a.profile, overrides=list(a.overrides), return_state=True)
+        data = state.result(raise_on_failure=False)
+        record["flow"] = {"state": state.name, "message": state.message, "wall_s": round(time.perf_counter() - t, 1)}
+        print(f"flow: {state.name}: {state.message or ''} ({record['flow']['wall_s']} s)", flush=True)
+        pair = Path(data["runs"]) if isinstance(data, dict) and data.get("runs") else sorted(out.iterdir())[-1]
+        walls = {n: round(json.loads((pair / n / "ledger.jsonl").read_text().splitlines()[-1]).get("wall_s", 0), 1)
+                 for n in ("run_a", "run_b")}
+        record["runs_dir"] = str(pair)
+        code = _record_pair(pair, record, walls)
+    else:
+        t = time.perf_counter()
+        arts = prepare(cfg, a.cache)
+        record["prepare_s"] = round(time.perf_counter() - t, 1)
+        if a.mode == "prepare":
+            Path(a.json).write_text(json.dumps(record, indent=1, default=str))
+            print(f"prepared in {record['prepare_s']}s")
+            return 0
+        walls = {}
+        for name in ("run_a", "run_b"):
+            t = time.perf_counter()
+            run(cfg, out / name, arts, progress=lambda it, n, s, name=name: print(
+                f"[{name}] {it + 1}/{n} {progress_line(s)} rollout {s['rollout_s']:.1f}s train {s['train_s']:.1f}s "
+                f"sync {s['sync_s']:.1f}s", flush=True))
+            walls[name] = round(time.perf_counter() - t, 1)
+        code = _record_pair(out, record, walls)
     Path(a.json).write_text(json.dumps(record, indent=1, default=str))
-    print(json.dumps({k: record[k] for k in ("profile", "mode", "verdict", "exit_code", "run_wall_s", "twice_run_s")}))
-    return verdict.exit_code
+    print(json.dumps({k: record.get(k) for k in ("profile", "mode", "verdict", "exit_code", "run_wall_s",
+                                                  "twice_run_s", "first_divergence")}, default=str))
+    return code
 
 
 if __name__ == "__main__":

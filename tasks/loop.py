@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from detrl.config import RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
-from detrl.loop import Artifacts, run
+from detrl.loop import Artifacts, progress_line, run
 from detrl.models import ModelArtifact
 from detrl.trainer import Perturbation
 
@@ -41,9 +41,7 @@ def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetAr
                                         description=f"run {label}: iterations done, of {steps}")
 
     def report(it: int, n: int, stats: dict[str, Any]) -> None:
-        log.info(f"run {label}: iteration {it + 1}/{n}: reward {stats['mean_reward']:.3f} "
-                 f"loss {stats['loss']:+.6f} grad-norm {stats['grad_norm']:.4f} "
-                 f"response len {stats['mean_response_len']:.1f} step {stats['step_s']:.2f}s")
+        log.info(f"run {label}: iteration {it + 1}/{n}: {progress_line(stats)}")
         update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
 
     # resume=True: a retry after a worker crash continues from the run's last checkpoint

@@ -34,10 +34,11 @@ def verify_runs(run_a: str, run_b: str) -> Verdict:
                              key="detrl-verdict", description=f"reproducibility verdict: {verdict.status}")
     create_table_artifact([{"iteration": r["iteration"], **{p: r[p] for p in PHASES}} for r in verdict.table],
                           key="detrl-phases", description="iteration x phase: match or DIFF")
-    rows = [{"run": k, "iteration": i, **{m: round(s[m], 6) for m in ("mean_reward", "loss", "grad_norm",
-                                                                        "mean_response_len", "step_s")}}
+    metrics = ("mean_reward", "nonzero_reward_fraction", "loss", "grad_norm", "response_len_min",
+               "response_len_median", "response_len_max", "eos_fraction", "logprob_max_abs_diff", "step_s")
+    rows = [{"run": k, "iteration": i, **{m: round(s[m], 6) for m in metrics if m in s}}
             for k, v in stats.items() for i, s in enumerate(v)]
-    create_table_artifact(rows, key="detrl-curves", description="reward, loss and step time per iteration")
+    create_table_artifact(rows, key="detrl-curves", description="reward, loss, response lengths, EOS fraction, logprob diff and step time per iteration")
     for name, uri in links.items():
         create_link_artifact(uri, link_text=name, key=f"detrl-{name.replace(' ', '-').lower()}")
     return verdict

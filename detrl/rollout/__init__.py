@@ -54,5 +54,5 @@ def make_engine(cfg: Any, model_dir: str) -> RolloutEngine:
         from .sglang import SGLangEngine
 
         return SGLangEngine(model_dir, cfg.rollout.sglang, deterministic=cfg.determinism.enabled,
-                            seed=cfg.seed)
+                            seed=cfg.seed if cfg.pins_seeds else None)
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

