@@ -18,7 +18,7 @@ from .util import atomic_dir, file_sha256
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-DEQUANT_VERSION = "1"
+DEQUANT_VERSION = "2"  # 2: config.json names its architecture (SGLang needs it)
 
 
 @dataclass(frozen=True)
@@ -129,4 +129,5 @@ def _save_plain(model, out: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]
     config.save_pretrained(out)

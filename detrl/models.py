@@ -93,10 +93,14 @@ def validate_checkpoint(path: Path, where: str) -> None:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelError(f"{where}: no config.json in {path}; expected an HF checkpoint directory")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    hf_config = json.loads(cfg_file.read_text())
+    model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"{where}: model_type {model_type!r} is not supported; det-rl converts "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+    if not hf_config.get("architectures"):
+        raise ModelError(f"{where}: config.json names no architectures (e.g. [\"LlamaForCausalLM\"]); "
+                         "SGLang cannot load the checkpoint without it")
     if not list(path.glob("*.safetensors")):
         raise ModelError(f"{where}: no *.safetensors weights in {path}")
     index = path / "model.safetensors.index.json"
