@@ -116,7 +116,9 @@ class DataConfig(_Strict):
         if self.source == "builtin" and name not in BUILTIN_DATASETS:
             raise ValueError(f"data.name {name!r} is not a builtin dataset ({', '.join(BUILTIN_DATASETS)}); "
                              "for a file set data.source=local, for a hub dataset data.source=hub")
-        if self.source == "hub" and (_looks_like_path(name) or Path(name).expanduser().is_file()):
+        # a directory is fine: `datasets.load_dataset` reads a repo laid out on disk the same way
+        if self.source == "hub" and (name.endswith((".jsonl", ".parquet", ".json"))
+                                     or Path(name).expanduser().is_file()):
             raise ValueError(f"data.name {name!r} is a file, not a hub dataset id; set data.source=local")
         return self
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .convert import ArchMeta, ConvertedArtifact, check_tensor_parallel, convert_cached
 from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
 from .determinism import DeterminismError, fingerprint
@@ -120,7 +120,8 @@ def _save_checkpoint(w: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[int, Checkpoint | None, Any]:
+def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool,
+                  restart: bool = False) -> tuple[int, Checkpoint | None, Any]:
     """(first iteration to run, checkpoint to load, the existing ledger when complete)."""
     if not (run_dir / LEDGER_FILE).exists():
         return 0, None, None
@@ -130,12 +131,23 @@ def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[int, Che
         raise RunError(f"{run_dir} already holds {state} ledger; choose a new --out directory "
                        "(or --resume to continue an interrupted run from its last checkpoint)")
     if existing.header is not None and existing.header.get("config_hash") != cfg.config_hash():
-        raise RunError(f"{run_dir} was started with a different config (hash {existing.header.get('config_hash')}"
-                       f" != {cfg.config_hash()}); resume it with the same profile and overrides")
+        from .verify import dict_diff
+
+        changed = dict_diff(existing.header.get("config") or {}, cfg.semantic_dict())
+        raise RunError(f"{run_dir} was started with a different config ({'; '.join(changed[:5]) or 'hash differs'}"
+                       "); resume it with the same profile and overrides as the run it continues")
     if existing.complete:
         return cfg.train.steps, None, existing
+    for half in (run_dir / CKPT_DIR).glob(".iter_*"):  # a kill during a save leaves its temp dir
+        shutil.rmtree(half, ignore_errors=True)
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:  # nothing to continue from: start over in place
+    if ckpt is None:
+        if not restart:
+            raise ConfigError(
+                f"{run_dir} has {len(existing.iterations)} recorded iteration(s) but no checkpoint to resume "
+                "from (checkpoint.every was 0 or the run stopped before its first save); the ledger is kept. "
+                "Rerun into a new --out, and set checkpoint.every=K from the start to make a run resumable")
+        # a Prefect retry owns its run directory: nothing to continue from, so start over in place
         (run_dir / LEDGER_FILE).unlink()
         shutil.rmtree(run_dir / "steps", ignore_errors=True)
         return 0, None, None
@@ -143,6 +155,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[int, Che
 
 
 def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bool = False,
+        restart_without_checkpoint: bool = False,
         perturbations: Sequence[Perturbation] = (),
         progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> RunSummary:
     """Run the loop once into `run_dir` (ledger.jsonl, fingerprint.json, config.json, steps/,
@@ -156,7 +169,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
     tp = cfg.resources.tensor_parallel
     check_tensor_parallel(ArchMeta.from_hf_dir(artifacts.model.path), tp)
     run_dir = Path(run_dir)
-    start, ckpt, done = _resume_point(cfg, run_dir, resume)
+    start, ckpt, done = _resume_point(cfg, run_dir, resume, restart_without_checkpoint)
     if done is not None:
         return RunSummary(str(run_dir), len(done.iterations), 0.0, done.completion.get("final_weights", ""))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetAr
         update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
 
     # resume=True: a retry after a worker crash continues from the run's last checkpoint
-    summary = run(cfg, run_dir, Artifacts(model, data, megatron), resume=True,
+    summary = run(cfg, run_dir, Artifacts(model, data, megatron), resume=True, restart_without_checkpoint=True,
                   perturbations=[Perturbation.parse(p) for p in plant], progress=report)
     log.info(f"run {label}: {summary.iterations} iterations in {summary.wall_s:.1f}s -> {run_dir}/ledger.jsonl")
     return run_dir

@@ -148,3 +148,47 @@ def test_dataset_file_tampering_is_detected(tmp_path):
 
 def test_hash_reward_uses_int64_tokens():
     assert hash_reward(np.asarray([1, 2, 3], dtype=np.int32)) == hash_reward([1, 2, 3])
+
+
+# ---------------------------------------------------------------- the reward on any text
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+GOLD = "She sold 3 + 4 = 7 apples.\n#### 7"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=3000) | st.text(alphabet="0123456789,.$- #\\boxed{}answeris\n", max_size=3000))
+def test_reward_of_any_text_is_zero_or_one(response):
+    assert gsm8k_reward(response, GOLD) in (0.0, 1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=-10**60, max_value=10**60), st.text(max_size=200))
+def test_reward_pays_exactly_the_gold_number(n, prefix):
+    gold = f"...\n#### {n}"
+    assert gsm8k_reward(f"{prefix}\n#### {n}", gold) == 1.0
+    assert gsm8k_reward(f"{prefix}\n#### {n + 1}", gold) == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    "The answer is " + "9" * 29,                           # 29 digits: crashed decimal's 28-digit context
+    "#### " + "1234567890" * 10,                           # 100 digits after ####
+    "1," * 50_000 + "1",                                   # a temperature-1 run of "1,1,1,..."
+    "\\boxed{" + "1," * 20_000 + "}",
+    "-" * 100_000 + "7",
+    "answer is " * 20_000,
+    "$" * 50_000 + "7.000000000000000000000000000000000001",
+])
+def test_reward_survives_pathological_model_output(response):
+    assert gsm8k_reward(response, GOLD) in (0.0, 1.0)
+    assert gsm8k_reward(response, "#### " + "9" * 29) in (0.0, 1.0)
+
+
+def test_reward_normalization_of_long_and_signed_numbers():
+    assert normalize_number("#" + "1," * 40 + "1") == "1" * 41
+    assert normalize_number("-0.000") == "0" and normalize_number("-.50") == "-0.5"
+    assert normalize_number("007.100") == "7.1"
+    assert gsm8k_reward("#### 1,234.00", "#### 1234") == 1.0
+    assert gsm8k_reward("#### " + "9" * 29, "#### " + "9" * 29) == 1.0

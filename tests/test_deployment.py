@@ -137,6 +137,11 @@ def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(p
     phases = json.loads(arts["detrl-phases"]["data"]) if isinstance(arts["detrl-phases"]["data"], str) \
         else arts["detrl-phases"]["data"]
     assert len(phases) == 3 and all(v == "match" for row in phases for k, v in row.items() if k != "iteration")
+    curves = json.loads(arts["detrl-curves"]["data"]) if isinstance(arts["detrl-curves"]["data"], str) \
+        else arts["detrl-curves"]["data"]
+    assert len(curves) == 6 and {"response_len_min", "response_len_median", "response_len_max", "eos_fraction",
+                                 "nonzero_reward_fraction", "logprob_max_abs_diff"} <= set(curves[0])
+    assert "## Rollout shape" in arts["detrl-verdict"]["data"]
     assert arts["detrl-ledger-a"]["data"].startswith("[ledger A](file://")
     assert Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")")) == (run_a / "ledger.jsonl").resolve()
     assert float(arts["detrl-progress-b"]["data"]) == 100.0

@@ -65,3 +65,26 @@ def test_resume_refuses_another_config_and_a_complete_run_is_left_as_is(resumed,
     before = (resumed["crashed"] / "ledger.jsonl").read_bytes()
     assert run(resumed["cfg"], resumed["crashed"], artifacts, resume=True).iterations == 4
     assert (resumed["crashed"] / "ledger.jsonl").read_bytes() == before
+
+
+def test_resume_without_checkpoints_refuses_and_keeps_the_ledger(tmp_path, runs, cache_dir):
+    """A run made without checkpoint.every has nothing to continue from: --resume must not delete its
+    recorded iterations and start again (it once did), but exit 2 and say how to go on."""
+    import shutil
+
+    d = tmp_path / "no-ckpt"
+    shutil.copytree(runs / "a", d)
+    lines = (d / "ledger.jsonl").read_text().splitlines(keepends=True)
+    (d / "ledger.jsonl").write_text("".join(lines[:3]))  # header + 2 iterations: interrupted
+    (d / "checkpoints" / ".iter_00001.half").mkdir(parents=True)  # a save killed half way
+    before = (d / "ledger.jsonl").read_bytes()
+    r = detrl("run", "--profile", "tiny-cpu", "--out", str(d), "--cache", str(cache_dir), "--resume")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no checkpoint to resume from" in r.stderr and "checkpoint.every" in r.stderr and "new --out" in r.stderr
+    assert (d / "ledger.jsonl").read_bytes() == before and any((d / "steps").iterdir())
+    assert not (d / "checkpoints" / ".iter_00001.half").exists()
+
+    # another config: the message names the keys that changed
+    r = detrl("run", "--profile", "tiny-cpu", "--out", str(d), "--cache", str(cache_dir), "--resume",
+              "--set", "checkpoint.every=1")
+    assert r.returncode == 3 and "checkpoint.every: 0 -> 1" in r.stderr, r.stderr[-2000:]
