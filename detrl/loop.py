@@ -332,10 +332,10 @@ def rollout_shape(gens: Sequence[Generation], rewards: np.ndarray) -> dict[str, 
 
 
 def progress_line(stats: dict[str, Any]) -> str:
-    return (f"reward {stats['mean_reward']:.3f} (rewarded {stats.get('nonzero_reward_fraction', 0):.0%}) "
+    return (f"reward {stats['mean_reward']:.3f} (rewarded {stats['nonzero_reward_fraction']:.0%}) "
             f"loss {stats['loss']:+.6f} grad-norm {stats['grad_norm']:.4f} "
-            f"len {stats.get('response_len_min', 0)}/{stats.get('response_len_median', 0):.0f}/"
-            f"{stats.get('response_len_max', 0)} EOS {stats.get('eos_fraction', 0):.0%} "
+            f"len {stats['response_len_min']}/{stats['response_len_median']:.0f}/"
+            f"{stats['response_len_max']} EOS {stats['eos_fraction']:.0%} "
             f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e} step {stats['step_s']:.2f}s")
 
 

@@ -9,7 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from detrl.ledger import PHASES, read_ledger
-from detrl.verify import Verdict, format_markdown, format_text, verify
+from detrl.verify import SHAPE_KEYS, Verdict, format_markdown, format_text, verify
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -34,8 +34,7 @@ def verify_runs(run_a: str, run_b: str) -> Verdict:
                              key="detrl-verdict", description=f"reproducibility verdict: {verdict.status}")
     create_table_artifact([{"iteration": r["iteration"], **{p: r[p] for p in PHASES}} for r in verdict.table],
                           key="detrl-phases", description="iteration x phase: match or DIFF")
-    metrics = ("mean_reward", "nonzero_reward_fraction", "loss", "grad_norm", "response_len_min",
-               "response_len_median", "response_len_max", "eos_fraction", "logprob_max_abs_diff", "step_s")
+    metrics = ("loss", "grad_norm", *SHAPE_KEYS, "step_s")
     rows = [{"run": k, "iteration": i, **{m: round(s[m], 6) for m in metrics if m in s}}
             for k, v in stats.items() for i, s in enumerate(v)]
     create_table_artifact(rows, key="detrl-curves", description="reward, loss, response lengths, EOS fraction, logprob diff and step time per iteration")
