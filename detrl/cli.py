@@ -59,9 +59,11 @@ def _progress(label: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .loop import prepare, run
+    from .rundir import check_out_dir
 
     cfg = _load(args)
     plants = _plants(args.plant)
+    check_out_dir(args.out, cfg, resume=args.resume)
     arts = prepare(cfg, args.cache)
     summary = run(cfg, args.out, arts, resume=args.resume, perturbations=plants,
                   progress=_progress(Path(args.out).name))
@@ -74,10 +76,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .loop import prepare, run
     from .verify import format_text, verify
 
+    from .rundir import check_out_dir
+
     cfg = _load(args)
     plants = _plants(args.plant)
+    out = check_out_dir(args.out)
     arts = prepare(cfg, args.cache)
-    out = Path(args.out)
     run(cfg, out / "run_a", arts, progress=_progress("run A"))
     run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"))
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
@@ -156,10 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("reproduce", help="run the loop twice (OUT/run_a, OUT/run_b) and verify")
     _config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_reproduce)
-    p = sub.add_parser("verify", help="compare two run directories: exit 0 identical, 1 diverged, 2 incomplete")
+    p = sub.add_parser("verify", help="compare two run directories: exit 0 identical, 1 diverged, "
+                                      "2 incomplete or invalid ledger")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
@@ -196,11 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .determinism import DeterminismError
         from .loop import RunError
         from .models import ModelError
+        from .workers import PhaseTimeout
 
         if isinstance(exc, (DataError, ModelError)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if isinstance(exc, (DeterminismError, RunError)):
+        if isinstance(exc, (DeterminismError, RunError, PhaseTimeout)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_RUN_FAILED
         import traceback

@@ -206,6 +206,13 @@ class LedgerConfig(_Strict):
         "xxh3_128", description="hash of each weight tensor (other fields always use SHA-256)")
 
 
+class TimeoutsConfig(_Strict):
+    startup_s: float | None = Field(None, gt=0, description="worker and engine start-up with the self-test; "
+                                    "None: 900 s on GPU, 300 s on the CPU")
+    phase_s: float | None = Field(None, gt=0, description="one phase of one iteration (sync, rollout, train, "
+                                  "hash, checkpoint); None: 300 s plus a share scaled to the rollout's tokens")
+
+
 class RunConfig(_Strict):
     profile: str = "custom"
     seed: int = 0
@@ -219,6 +226,7 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -268,21 +276,77 @@ class RunConfig(_Strict):
     def on_gpu(self) -> bool:
         return self.resources.num_gpus > 0
 
+    def startup_timeout(self) -> float:
+        return self.timeouts.startup_s or (900.0 if self.on_gpu else 300.0)
+
+    def phase_timeout(self) -> float:
+        """Long enough for a healthy phase at this shape, short enough that a hang ends a nightly."""
+        if self.timeouts.phase_s:
+            return self.timeouts.phase_s
+        tokens = self.rollout.prompts_per_step * self.rollout.samples_per_prompt * self.rollout.max_new_tokens
+        return 300.0 + tokens * (0.002 if self.on_gpu else 0.05)
+
+    def run_timeout(self) -> float:
+        """A bound on one whole run: start-up plus every phase of every iteration at its limit."""
+        return self.startup_timeout() + self.train.steps * 5 * self.phase_timeout()
+
     def train_dtype(self) -> str:
         if self.train.dtype != "auto":
             return self.train.dtype
         return "bfloat16" if self.on_gpu else "float32"
 
-    def semantic_dict(self) -> dict[str, Any]:
-        """What determines the run's results (no addresses or labels)."""
+    def recorded_dict(self) -> dict[str, Any]:
+        """What a ledger header records: every key but the label and the cluster address."""
         d = self.model_dump(mode="json")
         d.pop("profile")
         d["resources"].pop("ray_address")
         return d
 
+    def semantic_dict(self) -> dict[str, Any]:
+        """The keys that can change what a run records (see NON_SEMANTIC)."""
+        return semantic_part(self.recorded_dict())
+
     def config_hash(self) -> str:
-        blob = json.dumps(self.semantic_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hash_config(self.recorded_dict())
+
+
+# The one list of config keys that cannot change what a run records, each with the reason. Every
+# other key is semantic: two runs that differ in one are different experiments, never IDENTICAL.
+# Resume and golden ledgers match on the semantic keys only (config_hash).
+NON_SEMANTIC: dict[str, str] = {
+    "profile": "a label; the keys it sets are compared one by one",
+    "resources.ray_address": "where the cluster is, not what it computes",
+    "checkpoint.every": "a checkpoint is saved after the iteration's record; resume is proven bit-exact",
+    "checkpoint.keep": "how many checkpoints stay on disk",
+    "ledger.keep_step_data": "per-step arrays kept for verify's max |diff|; the hashes are the same",
+    "determinism.selftest": "a check of the engine before iteration 0; every later draw is seeded per "
+                            "sample (tiny-cpu final weights measured unchanged with it off)",
+    "rollout.sglang.log_level": "what the engine prints",
+    "timeouts": "how long a phase may take before the run is stopped, not what it computes",
+}
+
+
+def is_semantic(key: str) -> bool:
+    """`key` is a dotted config path (e.g. `train.lr`, `determinism.env.NCCL_ALGO`)."""
+    return not any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC)
+
+
+def semantic_part(recorded: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(recorded)
+    for key in NON_SEMANTIC:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def hash_config(recorded: dict[str, Any]) -> str:
+    """config_hash of a recorded config: SHA-256 over its semantic keys."""
+    blob = json.dumps(semantic_part(recorded), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # Profiles are partial dicts over the defaults above.

@@ -53,7 +53,7 @@ class GoldenResult:
         if self.status == "matches":
             return f"golden: matches the known-good ledger recorded {self.recorded_at} ({self.golden_dir})"
         d = self.verdict.first if self.verdict else None
-        where = f" first at iteration {d.iteration}, {d.phase}" if d else ""
+        where = f" first at {d.where()}" if d else ""
         changed = "; ".join(self.changed_since[:10]) or "no fingerprint field changed"
         return (f"golden: DIFFERS from the known-good ledger recorded {self.recorded_at}{where}. "
                 f"Changed since then: {changed}")

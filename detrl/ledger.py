@@ -8,17 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import Field as PydField
 
 from .util import atomic_write_bytes
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: config_hash covers the semantic config keys only (1: all recorded keys)
 LEDGER_FILE = "ledger.jsonl"
 
 # The order of the phases inside one iteration: verify reports the first that differs.
@@ -131,6 +134,129 @@ class LedgerWriter:
 
 # ---------------------------------------------------------------- reading
 
+# Every record is validated against these schemas when read: a verdict never rests on a ledger whose
+# structure was not checked (wrong types, missing or extra keys, combined hashes that do not match
+# their per-tensor hashes). Strict: no coercion, so "0" is not 0.
+_HEX64 = r"^[0-9a-f]{64}$"
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class _Hashes(BaseModel):
+    model_config = _STRICT
+    policy_weights: str = PydField(pattern=_HEX64)
+    prompts: str = PydField(pattern=_HEX64)
+    rollout_tokens: str = PydField(pattern=_HEX64)
+    rollout_logprobs: str = PydField(pattern=_HEX64)
+    rewards: str = PydField(pattern=_HEX64)
+    advantages: str = PydField(pattern=_HEX64)
+    trainer_logprobs: str = PydField(pattern=_HEX64)
+    loss: str = PydField(pattern=_HEX64)
+    grad_norm: str = PydField(pattern=_HEX64)
+    weights: str = PydField(pattern=_HEX64)
+
+
+_DIGEST = re.compile(r"(xxh3_128|sha256):[0-9a-f]+")
+_TensorList = list[Annotated[list[str], PydField(min_length=2, max_length=2)]]  # [name, digest] pairs
+
+
+class _Tensors(BaseModel):
+    model_config = _STRICT
+    policy_weights: _TensorList
+    weights: _TensorList
+
+
+class _Hashed(BaseModel):  # an artifact: what verify compares is its content hash
+    model_config = ConfigDict(strict=True, extra="allow")
+    sha256: str
+
+
+class _Converted(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    hf_sha256: str
+
+
+class _Artifacts(BaseModel):
+    model_config = _STRICT
+    model: _Hashed
+    data: _Hashed
+    megatron: _Converted
+
+
+class HeaderRecord(BaseModel):
+    model_config = _STRICT
+    kind: Literal["header"]
+    version: Literal[1, 2]
+    run_id: str
+    detrl: str
+    profile: str
+    config: dict[str, Any]
+    config_hash: str = PydField(pattern=_HEX64)
+    artifacts: _Artifacts
+    engine: dict[str, Any]
+    selftest: dict[str, Any] | None
+    prompts_available: int = PydField(ge=0)
+    prompts_dropped: int = PydField(ge=0)
+    fingerprints: dict[str, dict[str, Any]]
+    placement: dict[str, Any]
+    started_at: str
+
+    @model_validator(mode="after")
+    def _config_matches_its_hash(self) -> HeaderRecord:
+        from .config import hash_config
+
+        blob = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
+        expected = hash_config(self.config) if self.version >= 2 else hashlib.sha256(blob).hexdigest()
+        if expected != self.config_hash:
+            raise ValueError("config_hash does not match the recorded config (one of them was changed)")
+        return self
+
+
+class IterationRecord(BaseModel):
+    model_config = _STRICT
+    kind: Literal["iteration"]
+    iteration: int = PydField(ge=0)
+    hashes: _Hashes
+    tensors: _Tensors
+    stats: dict[str, float | None]
+
+    @model_validator(mode="after")
+    def _combined_hashes_match(self) -> IterationRecord:
+        for phase in PER_TENSOR:
+            pairs = getattr(self.tensors, phase)
+            names = [n for n, _ in pairs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tensors.{phase} names a tensor twice")
+            bad = [d for _, d in pairs if not _DIGEST.fullmatch(d)]
+            if bad:
+                raise ValueError(f"tensors.{phase} holds a digest that is not ALGO:HEX: {bad[0]!r:.60}")
+            if combine(dict(pairs)) != getattr(self.hashes, phase):
+                raise ValueError(f"hashes.{phase} is not the combined hash of tensors.{phase}")
+        return self
+
+
+class CompletionRecord(BaseModel):
+    model_config = _STRICT
+    kind: Literal["complete"]
+    iterations: int = PydField(ge=0)
+    final_weights: str
+    wall_s: float
+    finished_at: str
+
+
+RECORDS: dict[str, type[BaseModel]] = {"header": HeaderRecord, "iteration": IterationRecord,
+                                       "complete": CompletionRecord}
+
+
+def _schema_problem(where: str, kind: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"])
+        got = "" if e["type"] == "missing" or not loc else f" (got {e['input']!r:.80})"
+        parts.append(f"{loc + ': ' if loc else ''}{e['msg']}{got}")
+    more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
+    return f"{where}: invalid {kind} record: " + "; ".join(parts) + more
+
+
 @dataclass
 class Ledger:
     path: str
@@ -138,6 +264,7 @@ class Ledger:
     iterations: list[dict[str, Any]] = field(default_factory=list)
     completion: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    invalid: bool = False  # a record broke the schema or the order (not merely unfinished or torn)
 
     @property
     def complete(self) -> bool:
@@ -148,53 +275,74 @@ class Ledger:
         return Path(self.path).parent
 
 
+def _check(led: Ledger, where: str, rec: Any, expected: str | None) -> str | None:
+    """The problem with record `rec` at `where`, given the kinds allowed there; None if it is valid."""
+    if not isinstance(rec, dict):
+        return f"{where}: a record must be a JSON object, got {type(rec).__name__} {rec!r:.60}"
+    kind = rec.get("kind")
+    kind = kind if isinstance(kind, str) else repr(kind)
+    if led.completion is not None:
+        return f"{where}: a {kind!r} record after the completion record (nothing may follow it)"
+    if kind not in RECORDS:
+        return f"{where}: unknown record kind {kind!r} (expected one of {sorted(RECORDS)})"
+    if expected == "header" and kind != "header":
+        return f"{where}: the first record is {kind!r}, not the header"
+    if expected != "header" and kind == "header":
+        return f"{where}: a second header record"
+    try:
+        RECORDS[kind].model_validate(rec)
+    except ValidationError as err:
+        return _schema_problem(where, kind, err)
+    if kind == "iteration" and rec["iteration"] != len(led.iterations):
+        seen = rec["iteration"] < len(led.iterations)
+        return (f"{where}: iteration {rec['iteration']!r} " +
+                ("repeats an iteration already recorded" if seen else f"where {len(led.iterations)!r} was expected"))
+    if kind == "complete":
+        if rec["iterations"] != len(led.iterations):
+            return f"{where}: the completion record says {rec['iterations']!r} iterations, the ledger holds " \
+                   f"{len(led.iterations)!r}"
+        last = led.iterations[-1]["hashes"]["weights"] if led.iterations else ""
+        if rec["final_weights"] != last:
+            return f"{where}: final_weights {rec['final_weights']!r:.24} is not the last iteration's weights hash"
+    return None
+
+
 def read_ledger(path_or_dir: str | Path) -> Ledger:
-    """Parse a ledger; never raises on content: every defect goes to `problems`."""
+    """Parse and validate a ledger; never raises on content: every defect goes to `problems`.
+    Reading stops at the first invalid record."""
     p = Path(path_or_dir)
     if p.is_dir():
         p = p / LEDGER_FILE
     led = Ledger(path=str(p))
-    if not p.exists():
-        led.problems.append(f"{p} does not exist")
+    if not p.is_file():
+        led.problems.append(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
         return led
-    raw = p.read_bytes()
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:
-        led.problems.append(f"{p}: the last line is torn (no newline): the run was cut off mid-write")
-        lines.pop()
+    lines = p.read_bytes().split(b"\n")
+    torn = lines.pop() != b""  # a complete ledger ends with a newline, leaving one empty piece
     for n, line in enumerate(lines, 1):
+        where = f"{p}:{n}"
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            led.problems.append(f"{p}:{n}: not valid JSON")
-            break
-        kind = rec.get("kind")
-        if n == 1:
-            if kind != "header":
-                led.problems.append(f"{p}: first record is {kind!r}, not the header")
-                break
-            if rec.get("version") != LEDGER_VERSION:
-                led.problems.append(f"{p}: ledger version {rec.get('version')} (this det-rl reads {LEDGER_VERSION})")
+        except ValueError:
+            led.problems.append(f"{where}: not valid JSON")
+            led.invalid = True
+            return led
+        problem = _check(led, where, rec, "header" if n == 1 else None)
+        if problem is not None:
+            led.problems.append(problem)
+            led.invalid = True
+            return led
+        if rec["kind"] == "header":
             led.header = rec
-        elif kind == "iteration":
-            expected = len(led.iterations)
-            if rec.get("iteration") != expected:
-                led.problems.append(f"{p}:{n}: iteration {rec.get('iteration')} where {expected} was expected")
-                break
+        elif rec["kind"] == "iteration":
             led.iterations.append(rec)
-        elif kind == "complete":
-            led.completion = rec
-            if rec.get("iterations") != len(led.iterations):
-                led.problems.append(f"{p}: completion says {rec.get('iterations')} iterations, "
-                                    f"ledger has {len(led.iterations)}")
         else:
-            led.problems.append(f"{p}:{n}: unknown record kind {kind!r}")
-            break
-    if led.header is None and not led.problems:
+            led.completion = rec
+    if torn:
+        led.problems.append(f"{p}:{len(lines) + 1}: the last line is torn (no newline): the run was cut off mid-write")
+    elif led.header is None:
         led.problems.append(f"{p} is empty")
-    elif led.completion is None and not any("torn" in x for x in led.problems):
+    elif led.completion is None:
         led.problems.append(f"{p} has no completion record: the run did not finish "
                             f"({len(led.iterations)} iterations recorded)")
     return led

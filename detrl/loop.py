@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, semantic_part
 from .convert import ArchMeta, ConvertedArtifact, check_tensor_parallel, convert_cached
 from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
 from .determinism import DeterminismError, fingerprint
@@ -23,6 +23,7 @@ from .grpo import group_advantages
 from .ledger import (LEDGER_FILE, LEDGER_VERSION, LedgerWriter, array_sha256, combine, ragged,
                      ragged_sha256, read_ledger, save_step_data)
 from .models import ModelArtifact, fetch_model
+from .rundir import check_out_dir, resume_mismatch
 from .rollout import Generation, SamplingParams
 from .trainer import Perturbation, Sample
 from .util import atomic_write_text
@@ -106,13 +107,11 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 def _save_checkpoint(w: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
     """All trainer ranks write into a temp directory that is renamed into place when complete."""
-    import ray
-
     from .util import atomic_dir
 
     final = run_dir / CKPT_DIR / f"iter_{it:05d}"
     with atomic_dir(final) as tmp:
-        ray.get([t.save_checkpoint.remote(str(tmp)) for t in w.trainers])
+        w.wait([t.save_checkpoint.remote(str(tmp)) for t in w.trainers], "checkpoint", it)
         (tmp / "meta.json").write_text(json.dumps({
             "iteration": it, "ledger_bytes": (run_dir / LEDGER_FILE).stat().st_size,
             "config_hash": cfg.config_hash(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
@@ -123,19 +122,13 @@ def _save_checkpoint(w: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
 def _resume_point(cfg: RunConfig, run_dir: Path, resume: bool,
                   restart: bool = False) -> tuple[int, Checkpoint | None, Any]:
     """(first iteration to run, checkpoint to load, the existing ledger when complete)."""
+    if not resume:
+        check_out_dir(run_dir)
     if not (run_dir / LEDGER_FILE).exists():
         return 0, None, None
+    if (why := resume_mismatch(run_dir, cfg)) is not None:
+        raise ConfigError(why)
     existing = read_ledger(run_dir)
-    if not resume:
-        state = "a complete" if existing.complete else "an incomplete"
-        raise RunError(f"{run_dir} already holds {state} ledger; choose a new --out directory "
-                       "(or --resume to continue an interrupted run from its last checkpoint)")
-    if existing.header is not None and existing.header.get("config_hash") != cfg.config_hash():
-        from .verify import dict_diff
-
-        changed = dict_diff(existing.header.get("config") or {}, cfg.semantic_dict())
-        raise RunError(f"{run_dir} was started with a different config ({'; '.join(changed[:5]) or 'hash differs'}"
-                       "); resume it with the same profile and overrides as the run it continues")
     if existing.complete:
         return cfg.train.steps, None, existing
     for half in (run_dir / CKPT_DIR).glob(".iter_*"):  # a kill during a save leaves its temp dir
@@ -187,7 +180,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
         engine_dtype = w.engine_info["dtype"]
         selftest = None
         if cfg.determinism.enabled and cfg.determinism.selftest:
-            selftest = ray.get(w.rollout.selftest.remote(True))
+            selftest = w.wait(w.rollout.selftest.remote(True), "engine self-test")
             if not selftest["passed"]:
                 raise DeterminismError(
                     f"the rollout engine is not batch-invariant ({selftest['unique']}: more than one unique "
@@ -195,7 +188,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                     f"enable_deterministic_inference with flashinfer or triton; hf: batching=per_sequence)")
         header = {
             "kind": "header", "version": LEDGER_VERSION, "run_id": uuid.uuid4().hex, "detrl": __version__,
-            "profile": cfg.profile, "config": cfg.semantic_dict(), "config_hash": cfg.config_hash(),
+            "profile": cfg.profile, "config": cfg.recorded_dict(), "config_hash": cfg.config_hash(),
             "artifacts": {"model": asdict(artifacts.model), "data": asdict(artifacts.data),
                           "megatron": asdict(artifacts.megatron)},
             "engine": w.engine_info, "selftest": selftest, "prompts_available": len(prompts), "prompts_dropped": prompts.dropped,
@@ -208,7 +201,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
             atomic_write_text(run_dir / "fingerprint.json", json.dumps(header["fingerprints"], indent=1, sort_keys=True))
         summary = RunSummary(str(run_dir), start, 0.0, "")
         if ckpt is not None:
-            ray.get([t.load_checkpoint.remote(str(ckpt.path)) for t in w.trainers])
+            w.wait([t.load_checkpoint.remote(str(ckpt.path)) for t in w.trainers], "checkpoint load")
             for f in (run_dir / "steps").glob("iter_*.safetensors"):
                 if int(f.stem.split("_")[1]) > ckpt.iteration:
                     f.unlink()
@@ -229,9 +222,9 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 tensors_ref, sent_ref = exports[0]
                 # iteration 0: the engine loaded the same checkpoint from disk; proving it checks the conversion
                 update = it > 0 or (0, "before_step") in plant
-                bad = ray.get(w.rollout.sync.remote(tensors_ref, update))
-                sent = ray.get(sent_ref)
-                ray.get([ref for pair in exports[1:] for ref in pair])
+                bad = w.wait(w.rollout.sync.remote(tensors_ref, update), "weight sync", it)
+                sent = w.wait(sent_ref, "weight sync", it)
+                w.wait([ref for pair in exports[1:] for ref in pair], "weight sync", it)
                 if bad:
                     raise WeightSyncError(f"iteration {it}: the engine's weights differ from the trainer's in "
                                           f"{len(bad)} tensor(s): {bad[:5]}")
@@ -244,7 +237,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 answers = [a for a in batch.answers for _ in range(G)]
                 seeds = ([sample_seed(cfg.sampling_seed, it, j, P * G) for j in range(P * G)]
                          if cfg.pins_seeds else None)
-                gens: list[Generation] = ray.get(w.rollout.generate.remote(prompt_ids, seeds, params))
+                gens: list[Generation] = w.wait(w.rollout.generate.remote(prompt_ids, seeds, params), "rollout", it)
                 t_roll = time.perf_counter()
 
                 # 3. rewards and group-normalized advantages
@@ -258,8 +251,8 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 global_tokens = [sum(len(s.response_ids) for s in samples[u * per_update:(u + 1) * per_update])
                                  for u in range(updates)]
                 shards = _shard(samples, updates, cfg.data_parallel)
-                results = ray.get([t.train_step.remote(shards[r // tp], global_tokens)
-                                   for r, t in enumerate(w.trainers)])[::tp]
+                results = w.wait([t.train_step.remote(shards[r // tp], global_tokens)
+                                  for r, t in enumerate(w.trainers)], "train", it)[::tp]
                 trainer_lp = _unshard([r.logprobs for r in results], updates)
                 losses, norms = results[0].losses, results[0].grad_norms
                 if (p := plant.get((it, "after_step"))) is not None:
@@ -267,7 +260,7 @@ def run(cfg: RunConfig, run_dir: str | Path, artifacts: Artifacts, *, resume: bo
                 t_train = time.perf_counter()
 
                 # 5. weights after the step (every data-parallel replica must hold the same)
-                rank_hashes = ray.get([t.weight_hashes.remote() for t in w.trainers])[::tp]
+                rank_hashes = w.wait([t.weight_hashes.remote() for t in w.trainers], "weight hash", it)[::tp]
                 for d, h in enumerate(rank_hashes[1:], 1):
                     if h != rank_hashes[0]:
                         diff = sorted(n for n in h if h[n] != rank_hashes[0].get(n))

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -46,16 +48,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temp name and rename it into place only if the block succeeds."""
+    """Build a directory under a temp name and move it into place only if the block succeeds.
+
+    Safe with any number of concurrent writers (processes, or Ray workers on a shared filesystem):
+    the swap holds a file lock beside `path`, and an entry already in place is first renamed aside,
+    so `path` is always either a whole old entry or a whole new one (never a mix, never half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with FileLock(path.parent / f".{path.name}.lock"):
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, old / "entry")
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,25 +1,31 @@
 """Compare two ledgers and say one verdict: identical (exit 0), diverged (exit 1, with the first
-iteration, phase and tensors or sample/position that differ and the likely cause), or incomplete
-(exit 2: a ledger is missing, torn or unfinished; never reported as a match)."""
+iteration, phase and tensors or sample/position that differ and the likely cause), incomplete (exit 2:
+a ledger is missing, torn or unfinished) or invalid (exit 2: a record breaks the ledger schema or order).
+Neither of the last two is ever reported as a match.
+
+Runs configured differently in a semantic key (config.NON_SEMANTIC lists the others), or built from
+different artifacts (model, data, conversion), are different experiments: never IDENTICAL."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from .config import is_semantic
 from .ledger import PER_TENSOR, PHASES, Ledger, load_step_data, read_ledger
 
-EXIT = {"identical": 0, "diverged": 1, "incomplete": 2}
+EXIT = {"identical": 0, "diverged": 1, "incomplete": 2, "invalid": 2}
+HEAD = {"identical": "IDENTICAL", "diverged": "DIVERGED", "incomplete": "INCOMPLETE", "invalid": "INVALID LEDGER"}
 # Fingerprint keys that differ between any two processes and say nothing about numerics.
 VOLATILE = {"pid", "role"}
 
 
 @dataclass
 class Divergence:
-    iteration: int
+    iteration: int | None  # None: before any iteration (the config or the artifacts differ)
     phase: str
     detail: str
     tensors: list[str] = field(default_factory=list)
@@ -27,6 +33,9 @@ class Divergence:
     position: int | None = None
     max_abs_diff: float | None = None
     other_phases: list[str] = field(default_factory=list)
+
+    def where(self) -> str:
+        return f"iteration {self.iteration}, {self.phase}" if self.iteration is not None else self.phase
 
 
 @dataclass
@@ -37,7 +46,9 @@ class Verdict:
     iterations: tuple[int, int]
     first: Divergence | None = None
     likely_cause: str | None = None
-    config_diff: list[str] = field(default_factory=list)
+    config_diff: list[str] = field(default_factory=list)  # semantic keys only
+    config_diff_other: list[str] = field(default_factory=list)  # keys that cannot change results
+    artifact_diff: list[str] = field(default_factory=list)
     fingerprint_diff: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     table: list[dict[str, str]] = field(default_factory=list)
@@ -153,10 +164,13 @@ PHASE_CAUSE = {
 
 
 def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
-                 ha: dict[str, Any], hb: dict[str, Any]) -> str:
+                 ha: dict[str, Any], hb: dict[str, Any], artifact_diff: Sequence[str] = ()) -> str:
     reasons = []
+    if artifact_diff:
+        reasons.append("the runs started from different artifacts (" + "; ".join(artifact_diff[:3]) + "): a cache "
+                       "entry changed or a hub revision moved; rebuild the cache (--refresh) or pin model.revision")
     if config_diff:
-        reasons.append("the two runs were configured differently (" + "; ".join(config_diff[:4]) + ")")
+        reasons.append("the two runs were configured differently in semantic keys (" + "; ".join(config_diff[:4]) + ")")
     dets = [h.get("config", {}).get("determinism", {}) for h in (ha, hb)]
     if not all(d.get("enabled", True) for d in dets):
         if all(d.get("pin_seeds") for d in dets):
@@ -187,7 +201,7 @@ def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
     if other and not reasons:
         reasons.append("the environments differ: " + "; ".join(other[:4]))
     phase_hint = PHASE_CAUSE.get(first.phase, "")
-    if first.phase in ("rollout_tokens", "rollout_logprobs") and first.iteration > 0:
+    if first.phase in ("rollout_tokens", "rollout_logprobs") and (first.iteration or 0) > 0:
         phase_hint += " (iteration 0 matched: in the seed troubleshooting table, divergence after the first "\
                       "iteration points to FA3 still installed or the engine not receiving identical weights)"
     if first.phase in PER_TENSOR and first.tensors:
@@ -225,14 +239,32 @@ def shape_lines(v: Verdict) -> list[str]:
     return lines
 
 
+# What identifies an artifact's content (its path may differ between machines and says nothing).
+ARTIFACT_KEYS = ("sha256", "hf_sha256", "revision", "rows", "converter_version", "dtype")
+
+
+def artifact_diff(ha: dict[str, Any], hb: dict[str, Any]) -> list[str]:
+    aa, ab = ha.get("artifacts", {}), hb.get("artifacts", {})
+    out = []
+    for name in sorted(set(aa) | set(ab)):
+        out += [f"{name}.{d}" for d in dict_diff({k: v for k, v in aa.get(name, {}).items() if k in ARTIFACT_KEYS},
+                                                 {k: v for k, v in ab.get(name, {}).items() if k in ARTIFACT_KEYS})]
+    return out
+
+
 def compare(a: Ledger, b: Ledger) -> Verdict:
     v = Verdict(status="identical", a=a.path, b=b.path, iterations=(len(a.iterations), len(b.iterations)))
     v.problems = [*a.problems, *b.problems]
+    if a.invalid or b.invalid:
+        v.status = "invalid"
+        return v
     if a.header is None or b.header is None:
         v.status = "incomplete"
         return v
     v.shape = {"A": rollout_shapes(a), "B": rollout_shapes(b)}
-    v.config_diff = dict_diff(a.header.get("config", {}), b.header.get("config", {}))
+    for d in dict_diff(a.header["config"], b.header["config"]):
+        (v.config_diff if is_semantic(d.split(": ", 1)[0]) else v.config_diff_other).append(d)
+    v.artifact_diff = artifact_diff(a.header, b.header)
     v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
     for i in range(min(len(a.iterations), len(b.iterations))):
         ha, hb = a.iterations[i]["hashes"], b.iterations[i]["hashes"]
@@ -247,10 +279,15 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
         n = min(len(a.iterations), len(b.iterations))
         v.first = Divergence(iteration=n, phase="iterations",
                              detail=f"run A has {len(a.iterations)} iterations, run B {len(b.iterations)}")
-    if v.first is not None and v.first.phase != "iterations":
+    if v.first is None and (v.artifact_diff or v.config_diff):
+        what = "artifacts" if v.artifact_diff else "config"
+        v.first = Divergence(iteration=None, phase=what, detail="every recorded hash matches, but the runs are "
+                             "different experiments: " + "; ".join((v.artifact_diff or v.config_diff)[:4]))
+    if v.first is not None and v.first.iteration is not None and v.first.phase != "iterations":
         _locate(v.first, a, b)
     if v.first is not None:
-        v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header)
+        v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header,
+                                      v.artifact_diff)
     if v.problems:
         v.status = "incomplete"
     elif v.first is not None:
@@ -268,7 +305,8 @@ def _divergence_lines(v: Verdict) -> list[str]:
     d = v.first
     if d is None:
         return []
-    lines = [f"first divergence: iteration {d.iteration}, phase {d.phase}: {d.detail}"]
+    lines = [f"first divergence: {'iteration %d, phase ' % d.iteration if d.iteration is not None else ''}"
+             f"{d.phase}: {d.detail}"]
     if d.tensors:
         shown = ", ".join(d.tensors[:8]) + (f" (+{len(d.tensors) - 8} more)" if len(d.tensors) > 8 else "")
         lines.append(f"tensors that differ: {shown}")
@@ -279,30 +317,44 @@ def _divergence_lines(v: Verdict) -> list[str]:
     return lines
 
 
+def _head(v: Verdict) -> str:
+    if v.status == "identical" and v.config_diff_other:
+        keys = ", ".join(d.split(": ", 1)[0] for d in v.config_diff_other)
+        return f"IDENTICAL (configs differ only in non-semantic keys: {keys})"
+    return HEAD[v.status]
+
+
+def _difference_lines(v: Verdict) -> list[tuple[str, list[str]]]:
+    """(title, lines) of what differs besides the hashes, semantic first."""
+    return [(t, d) for t, d in (("Artifact differences", v.artifact_diff),
+                                ("Semantic config differences", v.config_diff),
+                                ("Non-semantic config differences (cannot change results)", v.config_diff_other),
+                                ("Environment differences", v.fingerprint_diff)) if d]
+
+
 def format_text(v: Verdict) -> str:
-    head = {"identical": "IDENTICAL", "diverged": "DIVERGED", "incomplete": "INCOMPLETE"}[v.status]
-    lines = [f"{head}: {v.a} vs {v.b} ({v.iterations[0]} and {v.iterations[1]} iterations)"]
+    lines = [f"{_head(v)}: {v.a} vs {v.b} ({v.iterations[0]} and {v.iterations[1]} iterations)"]
     if v.status == "identical":
         lines.append(f"all {v.iterations[0]} iterations match in every phase ({', '.join(PHASES)})")
     lines += [f"problem: {p}" for p in v.problems]
+    for title, diff in _difference_lines(v)[:2] if v.status == "diverged" else []:
+        lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
     lines += _divergence_lines(v)
-    if v.config_diff:
-        lines.append("config differences: " + "; ".join(v.config_diff[:8]))
-    if v.fingerprint_diff:
-        lines.append("environment differences: " + "; ".join(v.fingerprint_diff[:8]))
+    for title, diff in _difference_lines(v)[2 if v.status == "diverged" else 0:]:
+        lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
     shape = shape_lines(v)
     if shape:
         lines += ["rollout shape:"] + [f"  {x}" for x in shape]
     return "\n".join(lines)
 
 
-def format_markdown(v: Verdict, links: dict[str, str] | None = None) -> str:
-    emoji = {"identical": "✅", "diverged": "❌", "incomplete": "⚠️"}[v.status]
-    out = [f"# {emoji} Reproducibility verdict: **{v.status.upper()}**", ""]
+def format_markdown(v: Verdict, paths: dict[str, str] | None = None) -> str:
+    emoji = {"identical": "✅", "diverged": "❌", "incomplete": "⚠️", "invalid": "⚠️"}[v.status]
+    out = [f"# {emoji} Reproducibility verdict: **{_head(v)}**", ""]
     out.append(f"- run A: `{v.a}` ({v.iterations[0]} iterations)")
     out.append(f"- run B: `{v.b}` ({v.iterations[1]} iterations)")
-    for name, url in (links or {}).items():
-        out.append(f"- {name}: {url}")
+    for name, path in (paths or {}).items():
+        out.append(f"- {name}: `{path}`")
     out.append("")
     if v.status == "identical":
         out.append(f"Every phase of every iteration matched bit for bit: {', '.join(PHASES)}.")
@@ -311,10 +363,8 @@ def format_markdown(v: Verdict, links: dict[str, str] | None = None) -> str:
     if v.first is not None:
         out += ["## First divergence", ""]
         out += [f"- {line}" for line in _divergence_lines(v)]
-    if v.config_diff:
-        out += ["", "## Config differences", ""] + [f"- `{d}`" for d in v.config_diff[:20]]
-    if v.fingerprint_diff:
-        out += ["", "## Environment differences", ""] + [f"- `{d}`" for d in v.fingerprint_diff[:20]]
+    for title, diff in _difference_lines(v):
+        out += ["", f"## {title}", ""] + [f"- `{d}`" for d in diff[:20]]
     shape = shape_lines(v)
     if shape:
         out += ["", "## Rollout shape", ""] + [f"- {x}" for x in shape]

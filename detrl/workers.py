@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ class TrainerWorker:
                                                  "dtype": t.dtype, "device": str(t.device)})
 
     def train_step(self, samples, global_tokens):
+        _maybe_hang("train_step")
         return self.trainer.train_step(samples, global_tokens)
 
     def export_hf(self, dtype: str):
@@ -160,6 +162,7 @@ class RolloutWorker:
         return fingerprint("rollout", {"engine": self.engine.info()})
 
     def generate(self, prompts, seeds, params):
+        _maybe_hang("generate")
         return self.engine.generate(prompts, seeds, params)
 
     def doctor(self) -> list[dict[str, Any]]:
@@ -222,7 +225,28 @@ def ensure_ray(cfg: RunConfig) -> bool:
                               "configure_logging": True, "log_to_driver": True}
     # "local": a fresh instance even when `ray start` left a cluster behind; joining one is explicit
     ray.init(address=cfg.resources.ray_address or "local", **kwargs)
+    if not cfg.resources.ray_address:  # our own local Ray: stop it even if this process is killed
+        from . import reaper
+
+        node = getattr(ray._private.worker, "_global_node", None)  # no public API names the session dir
+        if node is not None:
+            reaper.start(node.get_session_dir_path())
     return True
+
+
+class PhaseTimeout(RuntimeError):
+    """A phase did not finish in time (a hung engine, NCCL collective or worker); the run is stopped."""
+
+
+# Fault injection for the timeout tests: a worker whose env has DETRL_HANG=<method> sleeps in that
+# method until it is killed (set it through resources.worker_env).
+HANG_ENV = "DETRL_HANG"
+
+
+def _maybe_hang(method: str) -> None:
+    if os.environ.get(HANG_ENV) == method:
+        while True:
+            time.sleep(3600)
 
 
 class Workers:
@@ -238,6 +262,23 @@ class Workers:
         self.placement: dict[str, Any] = {}
         self._started_ray = False
         self._pg = None
+        self._hung = False
+
+    def wait(self, refs: Any, phase: str, iteration: int | None = None) -> Any:
+        """ray.get with the phase's time limit; a timeout names the phase and stops the run."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        limit = self.cfg.startup_timeout() if iteration is None else self.cfg.phase_timeout()
+        try:
+            return ray.get(refs, timeout=limit)
+        except GetTimeoutError:
+            self._hung = True
+            where = "start-up" if iteration is None else f"iteration {iteration}"
+            key = "timeouts.startup_s" if iteration is None else "timeouts.phase_s"
+            raise PhaseTimeout(f"{where}: the {phase} phase did not finish within {limit:.0f} s ({key}); a hung "
+                               "engine, NCCL collective or worker is the usual cause. The run's workers were "
+                               f"stopped; raise {key} if the phase is only slow") from None
 
     def __enter__(self) -> Workers:
         import ray
@@ -248,15 +289,16 @@ class Workers:
             if not self.setup:
                 return self
             self._check_env()
-            addr, port = ray.get(self.trainers[0].rendezvous.remote())
+            addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             if self.cfg.on_gpu and self.cfg.resources.colocate:
                 # SGLang sizes its memory pool from what is free when it starts: start it first
-                self.engine_info = ray.get(self.rollout.setup.remote())
-                ray.get([t.setup.remote(addr, port) for t in self.trainers])
+                self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
+                self.wait([t.setup.remote(addr, port) for t in self.trainers], "trainer start")
             else:
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
-                self.engine_info = ray.get(setups)[-1]
-            fps = ray.get([t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()])
+                self.engine_info = self.wait(setups, "worker start")[-1]
+            fps = self.wait([t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()],
+                            "fingerprint")
             self.fingerprints = {fp["role"]: fp for fp in fps}
         except BaseException:
             self.__exit__(None, None, None)
@@ -308,7 +350,7 @@ class Workers:
     def _check_env(self) -> None:
         import ray
 
-        infos = ray.get([a.env.remote() for a in [*self.trainers, self.rollout]])
+        infos = self.wait([a.env.remote() for a in [*self.trainers, self.rollout]], "worker env check")
         self.env_readback = {i["role"]: i["env"] for i in infos}
         self.placement = {i["role"]: {k: i[k] for k in ("node_ip", "node_id", "pid", "cuda_visible_devices")} for i in infos}
         if not self.cfg.determinism.enabled:
@@ -329,8 +371,8 @@ class Workers:
 
         actors = [*self.trainers, self.rollout]
         closes = [a.close.remote() for a in actors if a is not None]
-        try:
-            ray.get(closes, timeout=120)
+        try:  # a hung actor runs no close() before its hung call returns: kill it at once
+            ray.get(closes, timeout=5 if self._hung else 120)
         except Exception:
             pass
         for a in actors:

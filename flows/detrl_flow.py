@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from detrl.config import PROFILES
+from detrl.rundir import check_out_dir
 from detrl.util import default_dir
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
@@ -41,10 +42,10 @@ def detrl_flow(
              "rollout.samples_per_prompt": samples_per_prompt, "rollout.max_new_tokens": max_new_tokens,
              "determinism.enabled": determinism}
     cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
+    out = Path(runs_dir or default_dir("runs"))
+    out = check_out_dir(out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
     preflight(cfg)
     cache = cache_dir or default_dir("cache")
-    out = Path(runs_dir or default_dir("runs"))
-    out = out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
 
     model = download_model(cfg, cache)
     data = download_dataset(cfg, cache)
@@ -55,7 +56,7 @@ def detrl_flow(
 
     result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile}
     if verdict.status != "identical":
-        where = f" at iteration {verdict.first.iteration}, {verdict.first.phase}" if verdict.first else ""
+        where = f" at {verdict.first.where()}" if verdict.first else ""
         return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",
                       data=result)
     gold = golden_check(run_a, golden_store or default_dir("golden"), update_golden)

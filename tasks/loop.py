@@ -17,14 +17,16 @@ from detrl.trainer import Perturbation
 
 
 def _worker_crash(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry (and so resume from the last checkpoint) when a worker died, not on bad input."""
+    """Retry (and so resume from the last checkpoint) when a worker died, not on bad input nor on a
+    phase that hung (a second hang would only hold the nightly slot longer)."""
     from detrl.config import ConfigError
     from detrl.determinism import DeterminismError
     from detrl.loop import RunError
+    from detrl.workers import PhaseTimeout
 
     try:
         state.result()
-    except (ConfigError, DeterminismError, RunError):
+    except (ConfigError, DeterminismError, RunError, PhaseTimeout):
         return False
     except Exception:
         return True

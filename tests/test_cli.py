@@ -46,3 +46,49 @@ def test_reproduce_with_a_planted_flip_exits_1_and_names_it(tmp_path):
     assert r3.returncode == 0 and "IDENTICAL" in r3.stdout
     (out / "run_b" / "ledger.jsonl").write_text("")
     assert detrl("verify", str(out / "run_a"), str(out / "run_b")).returncode == 2
+
+
+def _out_dirs(tmp_path):
+    from test_ledger import records, write
+
+    stale = tmp_path / "stale"
+    (stale / "steps" / "iter_00007").mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    return {"complete": (write(tmp_path / "complete", records()), "already holds a complete run ledger"),
+            "unfinished": (write(tmp_path / "unfinished", records()[:-1]),
+                           "already holds an unfinished (2 iterations) run ledger"),
+            "not empty": (stale, "is not empty (config.json, steps/)"),
+            "not a directory": (tmp_path / "afile" / "out", "cannot write the run directory"),
+            "read-only": ("/sys/detrl-out", "cannot write the run directory"),
+            "a file": (tmp_path / "afile", "is a file, not a directory")}
+
+
+@pytest.mark.parametrize("command", ["run", "reproduce"])
+def test_out_is_checked_before_any_work_and_never_clobbered(tmp_path, capsys, command):
+    from detrl.cli import main
+
+    cache = tmp_path / "cache"
+    for name, (out, says) in _out_dirs(tmp_path).items():
+        code = main([command, "--profile", "tiny-cpu", "--out", str(out), "--cache", str(cache)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (name, code, err)
+        assert not cache.exists(), name  # nothing downloaded, generated or converted
+    assert (tmp_path / "stale" / "config.json").read_text() == "{}"
+    assert (tmp_path / "complete" / "ledger.jsonl").stat().st_size > 0
+
+
+def test_resume_needs_a_ledger_of_the_same_config(tmp_path, capsys):
+    from detrl.cli import main
+    from test_ledger import records, write
+
+    (tmp_path / "empty").mkdir()
+    code = main(["run", "--profile", "tiny-cpu", "--out", str(tmp_path / "empty"), "--resume",
+                 "--cache", str(tmp_path / "c")])
+    assert code == 2 and "holds no ledger.jsonl, so there is no run to continue" in capsys.readouterr().err
+    run = write(tmp_path / "run", records()[:-1])
+    code = main(["run", "--profile", "tiny-cpu", "--out", str(run), "--resume", "--cache", str(tmp_path / "c"),
+                 "--set", "train.lr=0.5", "--set", "checkpoint.keep=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config (train.lr: 0.001 -> 0.5)" in err, err
+    assert not (tmp_path / "c").exists()

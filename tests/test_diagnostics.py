@@ -9,6 +9,7 @@ import pytest
 from detrl import doctor, golden
 from detrl.config import HFEngineConfig, load_config
 from detrl.determinism import DeterminismError
+from detrl.ledger import PER_TENSOR, combine
 from detrl.loop import run
 from detrl.verify import verify
 
@@ -56,8 +57,16 @@ def _plant(src, dst, *, iteration, phase, version=None):
         role, pkg, value = version
         header["fingerprints"][role]["versions"][pkg] = value
     rec = json.loads(lines[1 + iteration])
-    rec["hashes"][phase] = "0" * 64
+    if phase in PER_TENSOR:  # keep the record valid: a per-tensor hash and its combined hash change together
+        rec["tensors"][phase][0][1] = "xxh3_128:" + "0" * 32
+        rec["hashes"][phase] = combine(dict(rec["tensors"][phase]))
+    else:
+        rec["hashes"][phase] = "0" * 64
     lines[0], lines[1 + iteration] = json.dumps(header), json.dumps(rec)
+    done = json.loads(lines[-1])
+    if phase == "weights" and iteration == len(lines) - 3:
+        done["final_weights"] = rec["hashes"]["weights"]
+        lines[-1] = json.dumps(done)
     (dst / "ledger.jsonl").write_text("\n".join(lines) + "\n")
     return dst
 

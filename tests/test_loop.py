@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from detrl.config import load_config
+from detrl.config import ConfigError, load_config
 from detrl.determinism import DeterminismError
 from detrl.ledger import read_ledger
-from detrl.loop import RunError, run
+from detrl.loop import run
 from detrl.trainer import Perturbation
 from detrl.verify import verify
 
@@ -107,5 +107,5 @@ def test_a_worker_missing_a_required_variable_stops_the_run(runs, artifacts):
 
 
 def test_a_run_directory_is_never_overwritten(runs, tiny_cfg, artifacts):
-    with pytest.raises(RunError, match="already holds a complete ledger"):
+    with pytest.raises(ConfigError, match="already holds a complete run ledger"):
         run(tiny_cfg, runs / "a", artifacts)

@@ -13,9 +13,9 @@ import pytest
 from conftest import detrl
 from crash import kill_trainer_when
 
-from detrl.config import load_config
+from detrl.config import ConfigError, load_config
 from detrl.ledger import read_ledger
-from detrl.loop import RunError, latest_checkpoint, run
+from detrl.loop import latest_checkpoint, run
 from detrl.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,8 @@ def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
     assert ckpt is not None and ckpt.iteration >= 0
     args = ["run", "--profile", "tiny-cpu", *(a for kv in SETS for a in ("--set", kv)), "--out", str(crashed),
             "--cache", str(cache_dir)]
-    refused = detrl(*args)  # never overwritten without asking; exit 3 (the run failed), not 1 (diverged)
-    assert refused.returncode == 3 and "--resume" in refused.stderr, refused.stderr[-3000:]
+    refused = detrl(*args)  # never overwritten without asking; exit 2 (bad input, before any work), not 1
+    assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr[-3000:]
     cli = detrl(*args, "--resume")
     assert cli.returncode == 0, cli.stdout + cli.stderr
     return {"cfg": cfg, "straight": d / "straight", "crashed": crashed, "checkpoint": ckpt.iteration}
@@ -60,7 +60,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(resumed):
 
 
 def test_resume_refuses_another_config_and_a_complete_run_is_left_as_is(resumed, artifacts):
-    with pytest.raises(RunError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 5\)"):
         run(load_config("tiny-cpu", overrides=SETS, seed=5), resumed["crashed"], artifacts, resume=True)
     before = (resumed["crashed"] / "ledger.jsonl").read_bytes()
     assert run(resumed["cfg"], resumed["crashed"], artifacts, resume=True).iterations == 4
@@ -84,7 +84,7 @@ def test_resume_without_checkpoints_refuses_and_keeps_the_ledger(tmp_path, runs,
     assert (d / "ledger.jsonl").read_bytes() == before and any((d / "steps").iterdir())
     assert not (d / "checkpoints" / ".iter_00001.half").exists()
 
-    # another config: the message names the keys that changed
+    # another config: the message names the semantic keys that changed (checkpoint.every is not one)
     r = detrl("run", "--profile", "tiny-cpu", "--out", str(d), "--cache", str(cache_dir), "--resume",
-              "--set", "checkpoint.every=1")
-    assert r.returncode == 3 and "checkpoint.every: 0 -> 1" in r.stderr, r.stderr[-2000:]
+              "--set", "checkpoint.every=1", "--set", "rollout.temperature=0.5")
+    assert r.returncode == 2 and "different config (rollout.temperature: 1.0 -> 0.5)" in r.stderr, r.stderr[-2000:]

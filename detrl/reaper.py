@@ -1,0 +1,82 @@
+"""Stop what a run started when its driver dies without cleaning up (kill -9, OOM killer).
+
+A local Ray started by `ray.init` leaves its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) and
+sometimes idle workers running under pid 1 when the driver is killed. The driver starts this watcher
+in its own session; every second it records the processes of the driver's Ray session (those naming
+the session directory, and all their descendants), and once the driver is gone it kills every one of
+them still alive. A driver that shuts Ray down itself leaves nothing to kill; the watcher then exits.
+
+    python -m detrl.reaper DRIVER_PID SESSION_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def _session_processes(session: str) -> dict[int, float]:
+    """pid -> create_time of the processes naming `session`, and their descendants."""
+    found: dict[int, float] = {}
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        try:
+            if p.pid != me and any(session in part for part in (p.info["cmdline"] or [])):
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q.create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _kill(known: dict[int, float]) -> int:
+    alive = []
+    for pid, created in known.items():
+        try:
+            p = psutil.Process(pid)
+            if pid != os.getpid() and p.create_time() == created:  # not a new process that reused the pid
+                p.kill()
+                alive.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(alive, timeout=10)
+    return len(alive)
+
+
+def watch(driver_pid: int, session_dir: str, interval: float = 1.0) -> int:
+    try:
+        driver = psutil.Process(driver_pid)
+        born = driver.create_time()
+    except psutil.NoSuchProcess:
+        return 0
+    session = session_dir.rstrip("/").rsplit("/", 1)[-1]
+    known: dict[int, float] = {}
+    while True:
+        try:
+            driver_alive = driver.is_running() and driver.create_time() == born and \
+                driver.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            driver_alive = False
+        if not driver_alive:
+            known.update(_session_processes(session))
+            return _kill(known)
+        current = _session_processes(session)
+        if known and not current:  # the driver shut its Ray down: nothing left to watch
+            return 0
+        known.update(current)
+        time.sleep(interval)
+
+
+def start(session_dir: str) -> subprocess.Popen:
+    """Start the watcher for this process's Ray session; it outlives a SIGKILL of this process."""
+    return subprocess.Popen([sys.executable, "-m", "detrl.reaper", str(os.getpid()), session_dir],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if watch(int(sys.argv[1]), sys.argv[2]) >= 0 else 1)

@@ -1,0 +1,42 @@
+"""The flow's state hook: on Failed or Crashed (and on Completed when `notify_on_success`), send
+the verdict to the `notify` parameter's target or $DETRL_NOTIFY: a webhook URL (JSON POST) or the
+name of a Prefect notification block ("slack-webhook/nightly", "custom-webhook/ops", ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.blocks.core import Block
+from prefect.logging import get_logger
+from prefect.utilities.urls import url_for
+
+from detrl.notify import is_webhook, message, post_json, target
+
+
+def _result(state: Any) -> dict[str, Any] | None:
+    data = state.data if isinstance(state.data, dict) else None
+    if data is None:
+        try:
+            res = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - a result that cannot be read: the message still goes out
+            res = None
+        data = res if isinstance(res, dict) else None
+    return data
+
+
+def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    params = flow_run.parameters or {}
+    dest = target(params.get("notify"))
+    if dest is None or (state.is_completed() and not params.get("notify_on_success")):
+        return
+    log = get_logger("det-rl.notify")
+    payload = message(flow_run=flow_run.name, state=state.name, state_message=state.message,
+                      ui_url=url_for(flow_run), result=_result(state))
+    try:
+        if is_webhook(dest):
+            post_json(dest, payload)
+        else:
+            Block.load(dest).notify(body=payload["text"], subject=payload["subject"])
+        log.info(f"notified {dest if not is_webhook(dest) else 'the webhook'}: {payload['subject']}")
+    except Exception as exc:  # noqa: BLE001 - a failed alert must be seen in the log, never mask the run's state
+        log.error(f"could not notify {dest!r}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,276 @@
+"""The verdict can't be fooled by a ledger's structure: every record is validated, and a malformed,
+duplicated, reordered or trailing record is exit 2 with file:line, never a traceback, never 0 or 1.
+The ledgers here are built from real records' shapes (no Ray needed); tests/test_loop.py checks the
+schema against ledgers the loop really wrote."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detrl.config import NON_SEMANTIC, load_config
+from detrl.ledger import LEDGER_FILE, LEDGER_VERSION, PHASES, combine, read_ledger
+from detrl.verify import compare, format_text, verify
+
+from conftest import detrl
+
+
+def _hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def records(n_iter: int = 2, **config_overrides) -> list[dict]:
+    cfg = load_config("tiny-cpu", overrides=[f"{k}={v}" for k, v in config_overrides.items()])
+    header = {"kind": "header", "version": LEDGER_VERSION, "run_id": "r" * 32, "detrl": "0.1.0", "profile": "tiny-cpu",
+              "config": cfg.recorded_dict(), "config_hash": cfg.config_hash(),
+              "artifacts": {"model": {"sha256": _hex("model")}, "data": {"sha256": _hex("data")},
+                            "megatron": {"hf_sha256": _hex("model")}},
+              "engine": {"backend": "hf"}, "selftest": {"passed": True}, "prompts_available": 64,
+              "prompts_dropped": 0, "fingerprints": {"driver": {"python": "3.11"}},
+              "placement": {"trainer0": "node"}, "started_at": "2026-11-24T00:00:00Z"}
+    out = [header]
+    for i in range(n_iter):
+        tensors = {p: [[f"layer{k}.weight", f"xxh3_128:{_hex(f'{p}{i}{k}')[:32]}"] for k in range(3)]
+                   for p in ("policy_weights", "weights")}
+        hashes = {p: _hex(f"{p}{i}") for p in PHASES}
+        hashes.update({p: combine(dict(tensors[p])) for p in tensors})
+        out.append({"kind": "iteration", "iteration": i, "hashes": hashes, "tensors": tensors,
+                    "stats": {"loss": 0.5, "mean_reward": 0.25, "step_s": 1.0}})
+    out.append({"kind": "complete", "iterations": n_iter, "final_weights": out[-1]["hashes"]["weights"],
+                "wall_s": 3.5, "finished_at": "2026-11-24T00:01:00Z"})
+    return out
+
+
+def write(d: Path, recs: list, raw_lines: list[str] | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in recs]
+    (d / LEDGER_FILE).write_text("".join(line + "\n" for line in lines))
+    return d
+
+
+def test_a_well_formed_ledger_reads_back_and_matches_its_copy(tmp_path):
+    a, b = write(tmp_path / "a", records()), write(tmp_path / "b", records())
+    led = read_ledger(a)
+    assert led.complete and not led.invalid and len(led.iterations) == 2
+    v = verify(str(a), str(b))
+    assert v.status == "identical" and v.exit_code == 0, v.problems
+
+
+# Structural defects, each with what the problem must say. Line numbers: 1 header, 2-3 iterations, 4 completion.
+def _dup_completion(r):
+    return r + [r[-1]]
+
+
+def _dup_iteration(r):
+    return r[:2] + [r[1]] + r[2:]
+
+
+def _trailing(r):
+    return r + [{**r[2]}]
+
+
+def _reordered(r):
+    return [r[0], r[2], r[1], r[3]]
+
+
+def _config_str(r):
+    r[0]["config"] = "tiny"
+    return r
+
+
+def _combined_mismatch(r):
+    r[1]["tensors"]["weights"][0][1] = "xxh3_128:" + "0" * 32
+    return r
+
+
+def _second_header(r):
+    return r[:2] + [r[0]] + r[2:]
+
+
+def _iteration_as_string(r):
+    r[2]["iteration"] = "1"
+    return r
+
+
+def _config_changed_under_its_hash(r):
+    r[0]["config"]["train"]["lr"] = 0.5
+    return r
+
+
+def _final_weights_wrong(r):
+    r[-1]["final_weights"] = r[1]["hashes"]["weights"]
+    return r
+
+
+def _not_an_object(r):
+    return [*r[:2], 5, *r[2:]]
+
+
+STRUCTURAL = {
+    "completion duplicated": (_dup_completion, ":5:", "after the completion record"),
+    "iteration duplicated": (_dup_iteration, ":3:", "repeats an iteration"),
+    "record after completion": (_trailing, ":5:", "after the completion record"),
+    "iterations reordered": (_reordered, ":2:", "iteration 1 where 0 was expected"),
+    "config is a string": (_config_str, ":1:", "config: Input should be a valid dictionary (got 'tiny')"),
+    "combined weight hash not of its tensors": (_combined_mismatch, ":2:", "hashes.weights is not the combined"),
+    "second header": (_second_header, ":3:", "a second header"),
+    "iteration number as a string": (_iteration_as_string, ":3:", "iteration: Input should be a valid integer (got '1')"),
+    "config edited under its hash": (_config_changed_under_its_hash, ":1:", "config_hash does not match"),
+    "final weights not the last iteration's": (_final_weights_wrong, ":4:", "final_weights"),
+    "a record that is not an object": (_not_an_object, ":3:", "must be a JSON object, got int 5"),
+}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURAL))
+def test_a_structurally_bad_ledger_is_invalid_with_file_and_line(tmp_path, name):
+    mutate, line, says = STRUCTURAL[name]
+    good = write(tmp_path / "good", records())
+    bad = write(tmp_path / "bad", mutate(records()))
+    for v in (verify(str(good), str(bad)), verify(str(bad), str(good))):
+        assert v.status == "invalid" and v.exit_code == 2, (name, v.status, v.problems)
+        assert len(v.problems) == 1, v.problems  # e.g. a duplicate never also reports "no completion record"
+        assert f"{LEDGER_FILE}{line}" in v.problems[0] and says in v.problems[0], v.problems
+        assert format_text(v).startswith("INVALID LEDGER")
+
+
+def test_the_cli_says_exit_2_and_where_for_an_invalid_ledger(tmp_path):
+    good = write(tmp_path / "good", records())
+    bad = write(tmp_path / "bad", _dup_completion(records()))
+    r = detrl("verify", str(good), str(bad))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "INVALID LEDGER" in r.stdout and f"{bad / LEDGER_FILE}:5:" in r.stdout and "Traceback" not in r.stderr
+
+
+# Hypothesis: arbitrary structural edits of any record, anywhere. Whatever they are, verify never
+# raises and never says 0 or 1 for a ledger that breaks the schema.
+WRONG = [None, True, 0, -1, 1.5, "", "x", [], [1], {}, {"a": 1}]
+
+
+def _paths(rec, prefix=()):
+    """Every (path) into a record: top-level keys and the keys of the hash/tensor maps."""
+    if isinstance(rec, dict):
+        for k, v in rec.items():
+            yield (*prefix, k)
+            if k in ("hashes", "tensors"):
+                yield from _paths(v, (*prefix, k))
+
+
+def _set(rec, path, value):
+    node = rec
+    for k in path[:-1]:
+        node = node[k]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+_DELETE = object()
+
+
+@st.composite
+def structural_edit(draw):
+    recs = records()
+    kind = draw(st.sampled_from(["retype", "delete", "duplicate", "move", "append", "add_key", "truncate_json"]))
+    i = draw(st.integers(0, len(recs) - 1))
+    if kind in ("retype", "delete", "add_key"):
+        paths = [p for p in _paths(recs[i]) if p[-1] != "stats" and p[:1] != ("stats",)]
+        path = draw(st.sampled_from(paths))
+        if kind == "add_key":
+            path = (*path[:-1], "unexpected_key")
+            value = 1
+        elif kind == "delete":
+            value = _DELETE
+        else:
+            old = recs[i]
+            for k in path:
+                old = old[k]
+            value = draw(st.sampled_from([w for w in WRONG if type(w) is not type(old) and
+                                          not (path[-1] == "selftest" and w is None) and
+                                          not (isinstance(old, float) and type(w) is int)]))
+        _set(recs[i], path, value)
+        return recs, None
+    if kind == "duplicate":
+        return recs[:i + 1] + [copy.deepcopy(recs[i])] + recs[i + 1:], None
+    if kind == "move":
+        j = draw(st.integers(0, len(recs) - 1).filter(lambda j: recs[j]["kind"] != recs[i]["kind"]
+                                                      or recs[j].get("iteration") != recs[i].get("iteration")))
+        recs.insert(j, recs.pop(i))
+        return recs, None
+    if kind == "append":
+        return recs + [copy.deepcopy(recs[i])], None
+    lines = [json.dumps(r) for r in recs]
+    cut = draw(st.integers(1, len(lines[i]) - 1))
+    lines[i] = lines[i][:cut]
+    return recs, lines
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=structural_edit())
+def test_any_structural_edit_is_exit_2_never_a_traceback(tmp_path_factory, edit):
+    recs, raw = edit
+    d = tmp_path_factory.mktemp("l")
+    good, bad = write(d / "good", records()), write(d / "bad", recs, raw)
+    v = compare(read_ledger(good), read_ledger(bad))
+    assert v.exit_code == 2 and v.status == "invalid", (v.status, v.problems, recs)
+    assert f"{LEDGER_FILE}:" in v.problems[0]
+
+
+def test_a_consistent_hash_change_is_a_divergence_not_a_schema_error(tmp_path):
+    recs = records()
+    recs[2]["tensors"]["weights"][1][1] = "xxh3_128:" + "f" * 32
+    recs[2]["hashes"]["weights"] = combine(dict(recs[2]["tensors"]["weights"]))
+    recs[3]["final_weights"] = recs[2]["hashes"]["weights"]
+    v = verify(str(write(tmp_path / "a", records())), str(write(tmp_path / "b", recs)))
+    assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (1, "weights")
+    assert v.first.tensors == ["layer1.weight"]
+
+
+# ---------------------------------------------------------------- semantic and non-semantic config keys
+
+def test_non_semantic_keys_exist_and_do_not_change_the_config_hash():
+    base = load_config("tiny-cpu")
+    flat = json.dumps(base.model_dump(mode="json"))
+    for key in NON_SEMANTIC:
+        assert key.rsplit(".", 1)[-1] in flat, key
+    assert base.config_hash() == load_config("tiny-cpu", overrides=["checkpoint.keep=5", "checkpoint.every=1",
+                                                                    "ledger.keep_step_data=false"]).config_hash()
+    assert base.config_hash() != load_config("tiny-cpu", overrides=["resources.cpu_threads=2"]).config_hash()
+
+
+def test_a_non_semantic_difference_is_identical_and_says_so(tmp_path):
+    a = write(tmp_path / "a", records())
+    b = write(tmp_path / "b", records(**{"checkpoint.keep": 5}))
+    v = verify(str(a), str(b))
+    assert v.status == "identical" and v.exit_code == 0
+    assert v.config_diff == [] and v.config_diff_other == ["checkpoint.keep: 2 -> 5"]
+    assert format_text(v).startswith("IDENTICAL (configs differ only in non-semantic keys: checkpoint.keep)")
+
+
+def test_a_semantic_difference_is_never_identical_and_is_named_first(tmp_path):
+    a = write(tmp_path / "a", records())
+    b = write(tmp_path / "b", records(**{"train.lr": 0.5, "checkpoint.keep": 5}))
+    v = verify(str(a), str(b))  # every recorded hash equal: still two different experiments
+    assert v.status == "diverged" and v.exit_code == 1
+    assert v.first.phase == "config" and v.first.iteration is None
+    assert v.config_diff == ["train.lr: 0.001 -> 0.5"]
+    text = format_text(v).splitlines()
+    assert text[1] == "semantic config differences: train.lr: 0.001 -> 0.5", text
+    assert v.likely_cause.startswith("the two runs were configured differently in semantic keys")
+
+
+def test_different_artifacts_are_named_first_with_both_hashes(tmp_path):
+    a = write(tmp_path / "a", records())
+    recs = records()
+    recs[0]["artifacts"]["model"]["sha256"] = _hex("other model")
+    recs[1]["hashes"]["prompts"] = _hex("x")
+    v = verify(str(a), str(write(tmp_path / "b", recs)))
+    assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "prompts")
+    assert v.artifact_diff == [f"model.sha256: {_hex('model')!r} -> {_hex('other model')!r}"]
+    assert v.likely_cause.startswith("the runs started from different artifacts (model.sha256:")
