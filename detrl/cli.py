@@ -23,6 +23,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set rollout.temperature=0.7 (repeatable)")
     p.add_argument("--cache", default=default_dir("cache"), help="where downloads and conversions are cached")
+    p.add_argument("--refresh", action="store_true",
+                   help="rebuild this config's cache entries (model, dataset, conversion) instead of using them")
     p.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR[:before_step|after_step]",
                    help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it")
 
@@ -64,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plants = _plants(args.plant)
     check_out_dir(args.out, cfg, resume=args.resume)
-    arts = prepare(cfg, args.cache)
+    arts = prepare(cfg, args.cache, refresh=args.refresh)
     summary = run(cfg, args.out, arts, resume=args.resume, perturbations=plants,
                   progress=_progress(Path(args.out).name))
     print(f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
@@ -81,7 +83,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plants = _plants(args.plant)
     out = check_out_dir(args.out)
-    arts = prepare(cfg, args.cache)
+    arts = prepare(cfg, args.cache, refresh=args.refresh)
     run(cfg, out / "run_a", arts, progress=_progress("run A"))
     run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"))
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import quiet
+
+    quiet.install()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -201,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .determinism import DeterminismError
         from .loop import RunError
         from .models import ModelError
+        from .util import CacheError
         from .workers import PhaseTimeout
 
-        if isinstance(exc, (DataError, ModelError)):
+        if isinstance(exc, (DataError, ModelError, CacheError)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(exc, (DeterminismError, RunError, PhaseTimeout)):

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .util import atomic_dir
+from .util import atomic_dir, check_entry, entry_stamp, stamp_entry, tree_sha256
 
 CONVERTER_VERSION = "1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -287,6 +287,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, hf_sha256: st
                                     converter_version=CONVERTER_VERSION, dtype=dtype)
             (tmp / "detrl_conversion.json").write_text(json.dumps(
                 {**asdict(art), "arch": asdict(meta), "hf_dir": str(hf_dir)}, indent=1, sort_keys=True))
+            stamp_entry(tmp, weights_sha256(tmp))
         del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the driver keeps its CUDA context; the GPU memory goes to the workers
@@ -312,12 +313,29 @@ def converted_dir(model: Any, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "megatron" / f"{model.sha256[:24]}-v{CONVERTER_VERSION}"
 
 
-def convert_cached(model: Any, cache_dir: str | Path) -> ConvertedArtifact:
-    """Convert once per (checkpoint content, converter version); a cache entry whose files are gone
-    or incomplete is converted again, never returned stale."""
+def weights_sha256(entry: str | Path) -> str:
+    return tree_sha256(Path(entry) / "weights", hidden=True)  # torch_dist keeps its index in .metadata
+
+
+def cached_conversion(model: Any, cache_dir: str | Path) -> ConvertedArtifact | None:
+    """The conversion of this checkpoint content by this converter, if complete and unchanged."""
     out = converted_dir(model, cache_dir)
     existing = read_conversion(out)
-    if (existing is not None and existing.hf_sha256 == model.sha256
-            and existing.converter_version == CONVERTER_VERSION and checkpoint_complete(out / "weights")):
+    if (existing is None or existing.hf_sha256 != model.sha256 or existing.converter_version != CONVERTER_VERSION
+            or not checkpoint_complete(out / "weights") or entry_stamp(out) != weights_sha256(out)):
+        return None
+    return existing
+
+
+def convert_cached(model: Any, cache_dir: str | Path, *, refresh: bool = False) -> ConvertedArtifact:
+    """Convert once per (checkpoint content, converter version). A complete entry is checked against
+    the hash recorded when it was written: a changed file is a CacheError naming the entry (rebuild
+    with `refresh`); an incomplete entry, or one without a record, is converted again."""
+    out = converted_dir(model, cache_dir)
+    existing = read_conversion(out)
+    if (not refresh and existing is not None and existing.hf_sha256 == model.sha256
+            and existing.converter_version == CONVERTER_VERSION and checkpoint_complete(out / "weights")
+            and entry_stamp(out) is not None):
+        check_entry(out, weights_sha256(out))
         return existing
     return convert_checkpoint(model.path, out, hf_sha256=model.sha256)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .config import BUILTIN_DATASETS, ConfigError, DataConfig
-from .util import atomic_write_text, file_sha256, slug
+from .util import atomic_write_text, file_sha256, retry_network, slug
 
 BUILTIN = {name: Path(__file__).parent / "assets" / file for name, file in BUILTIN_DATASETS.items()}
 
@@ -57,12 +57,14 @@ def _rows_from_file(path: Path, cfg: DataConfig) -> list[dict[str, Any]]:
     raise DataError(f"data file {str(path)!r}: unsupported format {path.suffix!r} (use .jsonl or .parquet)")
 
 
-def _rows_from_datasets(name: str, cfg: DataConfig) -> list[dict[str, Any]]:
+def _rows_from_datasets(name: str, cfg: DataConfig, refresh: bool = False) -> list[dict[str, Any]]:
     """The hub path: `datasets.load_dataset` (also reads a local dataset directory)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, cfg.subset, split=cfg.split, revision=cfg.revision)
+        ds = retry_network(lambda: datasets.load_dataset(
+            name, cfg.subset, split=cfg.split, revision=cfg.revision,
+            download_mode="force_redownload" if refresh else None), f"download of dataset {name!r}")
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
         raise DataError(
             f"could not load dataset {name!r} (subset={cfg.subset!r}, split={cfg.split!r}, "
@@ -114,8 +116,9 @@ def cached_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact | 
     return art if path.exists() and file_sha256(path) == art.sha256 else None
 
 
-def fetch_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact:
-    """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic)."""
+def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = False) -> DatasetArtifact:
+    """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic), from its
+    source every time (a changed cache file is rewritten); `refresh` also downloads a hub dataset again."""
     if cfg.source == "builtin":
         if cfg.name not in BUILTIN:
             raise ConfigError(f"data.name {cfg.name!r} is not a builtin dataset; builtin: {sorted(BUILTIN)}")
@@ -123,7 +126,7 @@ def fetch_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact:
     elif cfg.source == "local":
         rows, where = _rows_from_file(Path(cfg.name).expanduser(), cfg), cfg.name
     else:
-        rows, where = _rows_from_datasets(cfg.name, cfg), f"hub:{cfg.name}"
+        rows, where = _rows_from_datasets(cfg.name, cfg, refresh), f"hub:{cfg.name}"
     canon = _canonical_rows(rows, cfg, where)
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in canon)
     digest = hashlib.sha256(text.encode()).hexdigest()

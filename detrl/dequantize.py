@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .util import atomic_dir, file_sha256
+from .util import HF_PATTERNS, atomic_dir, entry_stamp, file_sha256, stamp_entry, tree_sha256
 
 # Architectures the converter maps to Megatron (GGUF names), and the GGUF tensor types
 # transformers dequantizes through gguf-py. Others are refused from the header, before any work.
@@ -86,7 +86,7 @@ def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "models" / f"gguf-{gguf_sha256[:24]}-v{DEQUANT_VERSION}"
 
 
-def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32") -> Path:
+def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refresh: bool = False) -> Path:
     """The HF checkpoint of this GGUF, dequantized now unless the cache holds it for the same
     GGUF content. fp32 by default: the dequantized values exactly, which bf16 would round."""
     import torch
@@ -96,8 +96,9 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32") -> Path
     sha = file_sha256(info.path)
     out = dequantized_dir(sha, cache_dir)
     stamp = out / "detrl_gguf.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("gguf_sha256") == sha:
-        return out
+    if not refresh and entry_stamp(out) is not None and stamp.exists() \
+            and json.loads(stamp.read_text()).get("gguf_sha256") == sha:
+        return out  # fetch_model checks the entry against its recorded hash
     folder, file = str(info.path.parent), info.path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=getattr(torch, dtype))
@@ -112,6 +113,7 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32") -> Path
             "gguf": str(info.path), "gguf_sha256": sha, "architecture": info.architecture,
             "tensor_types": info.tensor_types, "dtype": dtype, "dequant_version": DEQUANT_VERSION},
             indent=1, sort_keys=True))
+        stamp_entry(tmp, tree_sha256(tmp, HF_PATTERNS))
     return out
 
 

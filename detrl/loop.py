@@ -53,11 +53,12 @@ class RunSummary:
     stats: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare(cfg: RunConfig, cache_dir: str | Path) -> Artifacts:
-    """Download (or generate) the model and dataset and convert the model; each step cached."""
-    model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu")
-    data = fetch_dataset(cfg.data, cache_dir)
-    return Artifacts(model, data, convert_cached(model, cache_dir))
+def prepare(cfg: RunConfig, cache_dir: str | Path, *, refresh: bool = False) -> Artifacts:
+    """Download (or generate) the model and dataset and convert the model; each step cached, each
+    cache entry checked against its recorded hash (`refresh`: rebuilt instead)."""
+    model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu", refresh=refresh)
+    data = fetch_dataset(cfg.data, cache_dir, refresh=refresh)
+    return Artifacts(model, data, convert_cached(model, cache_dir, refresh=refresh))
 
 
 def _stop_ids(tokenizer: Any, model_dir: str) -> tuple[int, ...]:

@@ -3,18 +3,20 @@ a GGUF file dequantized once (`dequantize`), or generated (a seeded random Qwen2
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, RandomModelSpec
 from .dequantize import dequantize, dequantized_dir, inspect_gguf, resolve_gguf
-from .util import atomic_dir, file_sha256, slug, tree_sha256
+from .util import (HF_PATTERNS, CacheError, atomic_dir, check_entry, entry_stamp, file_sha256, retry_network, slug,
+                   stamp_entry, tree_sha256)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-HF_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
 
 
 class ModelError(RuntimeError):
@@ -86,6 +88,7 @@ def write_random_qwen2(spec: RandomModelSpec, out: str | Path, device: str = "cp
             if f.is_file():
                 shutil.copy(f, tmp / f.name)
         (tmp / "detrl_random_spec.json").write_text(json.dumps(spec.model_dump(), sort_keys=True, indent=1))
+        stamp_entry(tmp, tree_sha256(tmp, HF_PATTERNS))
     return out
 
 
@@ -113,12 +116,15 @@ def validate_checkpoint(path: Path, where: str) -> None:
         raise ModelError(f"{where}: no tokenizer files in {path}")
 
 
-def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -> ModelArtifact:
+def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu", *,
+                refresh: bool = False) -> ModelArtifact:
+    """The HF checkpoint of `cfg`; a cache entry is checked against the hash recorded when it was
+    written (CacheError names it), `refresh` rebuilds or downloads it again."""
     cache_dir = Path(cache_dir)
     if cfg.source == "random":
         key = slug(cfg.name) + "-" + _spec_key(cfg.random, device)
         path = cache_dir / "models" / key
-        if not (path / "config.json").exists() or not list(path.glob("*.safetensors")):
+        if refresh or entry_stamp(path) is None:
             write_random_qwen2(cfg.random, path, device=device)
         where = f"random:{cfg.name}"
     elif cfg.source == "local":
@@ -127,13 +133,44 @@ def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") ->
             raise ModelError(f"model directory {cfg.name!r} does not exist (model.source=local)")
         where = cfg.name
     elif cfg.source == "gguf":
-        path, where = dequantize(cfg.name, cache_dir), f"gguf:{cfg.name}"
+        path, where = dequantize(cfg.name, cache_dir, refresh=refresh), f"gguf:{cfg.name}"
     else:
-        path = _snapshot_download(cfg, cache_dir)
+        path = _snapshot_download(cfg, cache_dir, refresh)
+        check_hub_snapshot(path)
         where = f"hub:{cfg.name}"
     validate_checkpoint(path, where)
-    return ModelArtifact(path=str(path), sha256=tree_sha256(path, HF_PATTERNS), source=cfg.source,
-                         name=cfg.name, revision=cfg.revision)
+    sha = tree_sha256(path, HF_PATTERNS)
+    if cfg.source in ("random", "gguf"):
+        check_entry(path, sha)
+    return ModelArtifact(path=str(path), sha256=sha, source=cfg.source, name=cfg.name, revision=cfg.revision)
+
+
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's own object id
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_hub_snapshot(path: Path) -> None:
+    """The HF hub cache names each blob by its content: SHA-256 for LFS files (weights), the git
+    blob id for the rest. A blob whose content no longer matches its name was changed on disk."""
+    for f in sorted(path.rglob("*")):
+        if not f.is_symlink():
+            continue
+        blob = f.resolve()
+        name = blob.name
+        if re.fullmatch(r"[0-9a-f]{64}", name):
+            now = file_sha256(blob)
+        elif re.fullmatch(r"[0-9a-f]{40}", name):
+            now = _git_blob_sha1(blob)
+        else:
+            continue
+        if now != name:
+            raise CacheError(f"hub cache file {f} does not match the content hash it was stored under "
+                             f"(blob {name[:16]}, now {now[:16]}): it changed on disk; download it again with "
+                             "--refresh (the flow's refresh=true), or delete it from the hub cache")
 
 
 def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -> Path | None:
@@ -147,6 +184,8 @@ def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -
             path = dequantized_dir(file_sha256(resolve_gguf(cfg.name)), cache_dir)
         except ConfigError:
             return None
+        if entry_stamp(path) is None:
+            return None
     else:
         from huggingface_hub import try_to_load_from_cache
 
@@ -156,24 +195,27 @@ def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -
         path = Path(found).parent
     try:
         validate_checkpoint(path, str(path))
-    except ModelError:
+        if cfg.source == "hub":
+            check_hub_snapshot(path)
+    except (ModelError, CacheError):
         return None
+    if cfg.source in ("random", "gguf") and entry_stamp(path) != tree_sha256(path, HF_PATTERNS):
+        return None  # missing or changed: the task runs, and names a changed entry
     return path
 
 
 def _spec_key(spec: RandomModelSpec, device: str) -> str:
-    import hashlib
-
     blob = json.dumps(spec.model_dump(), sort_keys=True) + device.split(":")[0]
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _snapshot_download(cfg: ModelConfig, cache_dir: Path) -> Path:
+def _snapshot_download(cfg: ModelConfig, cache_dir: Path, refresh: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=cfg.name, revision=cfg.revision,
-                                      allow_patterns=list(HF_PATTERNS)))
+        return Path(retry_network(lambda: snapshot_download(
+            repo_id=cfg.name, revision=cfg.revision, allow_patterns=list(HF_PATTERNS), force_download=refresh),
+            f"download of model {cfg.name!r}"))
     except Exception as exc:  # RepositoryNotFound, RevisionNotFound, LocalEntryNotFound, HTTP errors...
         raise ModelError(
             f"could not download model {cfg.name!r} (revision {cfg.revision or 'main'}) from the Hugging Face "

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import quiet
 from .config import DETERMINISM_ENV, RunConfig, config_from_json
 from .determinism import DeterminismError, env_problems
 
@@ -64,6 +65,7 @@ def _need_paths(*paths: str) -> None:
 
 class TrainerWorker:
     def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int):
+        quiet.install()
         self.args = (cfg_json, hf_dir, ckpt, rank, world_size)
         self.trainer = None
         self._store = None
@@ -140,6 +142,7 @@ class TrainerWorker:
 
 class RolloutWorker:
     def __init__(self, cfg_json: str, model_dir: str):
+        quiet.install()
         self.args = (cfg_json, model_dir)
         self.engine = None
 

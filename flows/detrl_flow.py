@@ -1,5 +1,5 @@
 """The det-rl flow: download model -> download dataset -> convert HF -> Megatron -> run loop A ->
-run loop B -> verify. Ends Failed when the two runs differ, so a nightly schedule alerts."""
+run loop B -> verify. Ends Failed when the two runs differ, and then notifies (`notify`)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,30 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
+from detrl import quiet
 from detrl.config import PROFILES
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
+from detrl.verify import verdict_summary
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
+from tasks.notify import notify_hook
 from tasks.verify import verify_runs
 
+quiet.install()
 Profile = Literal[("auto", *PROFILES)]  # type: ignore[valid-type]
+FLOW_TIMEOUT_S = 6 * 3600  # a backstop: every task has a limit scaled to its config (RunConfig.run_timeout)
 
 
-@flow(name="det-rl", log_prints=True)
+def _run_name() -> str:
+    p = flow_run.parameters
+    seed = p.get("seed")
+    return f"{p.get('profile', 'auto')}-seed{'default' if seed is None else seed}-{time.strftime('%m%d-%H%M%S')}"
+
+
+@flow(name="det-rl", log_prints=True, flow_run_name=_run_name, timeout_seconds=FLOW_TIMEOUT_S,
+      on_failure=[notify_hook], on_crashed=[notify_hook], on_completion=[notify_hook])
 def detrl_flow(
     profile: Profile = "auto",
     seed: int | None = None,
@@ -32,29 +44,54 @@ def detrl_flow(
     max_new_tokens: int | None = None,
     determinism: bool = True,
     overrides: list[str] = [],  # noqa: B006 - Prefect shows parameters, never mutates them
-    plant: list[str] = [],  # noqa: B006 - ITER:TENSOR bit flips in run B, to prove the check catches them
+    plant: list[str] = [],  # noqa: B006
+    notify: str | None = None,
+    notify_on_success: bool = False,
+    refresh: bool = False,
     cache_dir: str | None = None,
     runs_dir: str | None = None,
     golden_store: str | None = None,
     update_golden: bool = False,
 ) -> dict[str, Any]:
+    """Run the GRPO loop twice from the same config and verify that every step is bit-wise identical.
+
+    Args:
+        profile: Named profile; `auto` picks the reference on a GPU host and `tiny-cpu` elsewhere.
+        seed: Run seed (data order, sampling, init); empty keeps the profile's.
+        steps: GRPO iterations per run; empty keeps the profile's.
+        prompts_per_step: Prompts per iteration; empty keeps the profile's.
+        samples_per_prompt: GRPO group size; empty keeps the profile's.
+        max_new_tokens: Longest response; empty keeps the profile's.
+        determinism: Off runs production kernels and unseeded sampling: the runs are expected to differ.
+        overrides: Config keys as KEY=VALUE, e.g. `rollout.temperature=0.7` (see `detrl profiles --show NAME`).
+        plant: Bit flips in run B as ITER:TENSOR, to prove the check catches them (the run then fails).
+        notify: Where to send a failure: a webhook URL (JSON POST) or a Prefect notification block as
+            TYPE/NAME; empty uses $DETRL_NOTIFY.
+        notify_on_success: Also notify when the runs are identical.
+        refresh: Rebuild the cached model, dataset and conversion instead of using them.
+        cache_dir: Downloads and conversions; empty uses $DETRL_CACHE or ~/.cache/detrl.
+        runs_dir: Where the two runs' ledgers go; empty uses $DETRL_RUNS or ~/.detrl/runs.
+        golden_store: Known-good ledgers per config and hardware; empty uses $DETRL_GOLDEN or ~/.detrl/golden.
+        update_golden: Make this run the known-good ledger of its config.
+    """
     typed = {"train.steps": steps, "rollout.prompts_per_step": prompts_per_step,
              "rollout.samples_per_prompt": samples_per_prompt, "rollout.max_new_tokens": max_new_tokens,
              "determinism.enabled": determinism}
     cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
     out = Path(runs_dir or default_dir("runs"))
     out = check_out_dir(out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
-    preflight(cfg)
+    preflight.with_options(timeout_seconds=cfg.startup_timeout())(cfg)
     cache = cache_dir or default_dir("cache")
 
-    model = download_model(cfg, cache)
-    data = download_dataset(cfg, cache)
-    megatron = convert_checkpoint(model, cache)
-    run_a = run_loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
-    run_b = run_loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
+    model = download_model.with_options(refresh_cache=refresh)(cfg, cache, refresh)
+    data = download_dataset.with_options(refresh_cache=refresh)(cfg, cache, refresh)
+    megatron = convert_checkpoint.with_options(refresh_cache=refresh)(model, cache, refresh)
+    loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
+    run_a = loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
+    run_b = loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
     verdict = verify_runs(run_a, run_b)
 
-    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile}
+    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile, "verdict": verdict_summary(verdict)}
     if verdict.status != "identical":
         where = f" at {verdict.first.where()}" if verdict.first else ""
         return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",

@@ -9,9 +9,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from detrl.config import RunConfig, load_config, resolve_profile
-from detrl.convert import CONVERTER_VERSION, ConvertedArtifact, checkpoint_complete, convert_cached, converted_dir
+from detrl.convert import CONVERTER_VERSION, ConvertedArtifact, cached_conversion, convert_cached
 from detrl.data import DatasetArtifact, cached_dataset, fetch_dataset
 from detrl.models import ModelArtifact, cached_model, fetch_model
+from detrl.util import HF_PATTERNS, entry_stamp, tree_sha256
 from detrl.workers import check_resources
 
 
@@ -34,17 +35,14 @@ def _split(item: str) -> tuple[str, Any]:
 
 def _model_key(ctx: Any, p: dict[str, Any]) -> str | None:
     cfg: RunConfig = p["cfg"]
-    path = cached_model(cfg.model, p["cache_dir"], _device(cfg))
+    path = cached_model(cfg.model, p["cache_dir"], _device(cfg))  # None unless present and unchanged
     if path is None:
         return None
     m = cfg.model
-    ident = f"{m.name}@{m.revision or 'main'}" if m.source == "hub" else str(path)
-    if m.source != "hub":  # local and generated models: keyed by content
-        from detrl.models import HF_PATTERNS
-        from detrl.util import tree_sha256
-
-        ident += "#" + tree_sha256(path, HF_PATTERNS)
-    return f"detrl-model|{m.source}|{ident}|{path}"
+    if m.source == "hub":
+        return f"detrl-model|hub|{m.name}@{m.revision or 'main'}|{path}"
+    # local and det-rl-built models: keyed by content (a local directory is the user's to change)
+    return f"detrl-model|{m.source}|{path}#{entry_stamp(path) or tree_sha256(path, HF_PATTERNS)}"
 
 
 def _device(cfg: RunConfig) -> str:
@@ -52,8 +50,8 @@ def _device(cfg: RunConfig) -> str:
 
 
 @task(name="download-model", cache_key_fn=_model_key, persist_result=True)
-def download_model(cfg: RunConfig, cache_dir: str) -> ModelArtifact:
-    art = fetch_model(cfg.model, cache_dir, device=_device(cfg))
+def download_model(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> ModelArtifact:
+    art = fetch_model(cfg.model, cache_dir, device=_device(cfg), refresh=refresh)
     get_run_logger().info(f"model {art.source}:{art.name} at {art.path} (sha256 {art.sha256[:16]})")
     return art
 
@@ -64,22 +62,20 @@ def _data_key(ctx: Any, p: dict[str, Any]) -> str | None:
 
 
 @task(name="download-dataset", cache_key_fn=_data_key, persist_result=True)
-def download_dataset(cfg: RunConfig, cache_dir: str) -> DatasetArtifact:
-    art = fetch_dataset(cfg.data, cache_dir)
+def download_dataset(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> DatasetArtifact:
+    art = fetch_dataset(cfg.data, cache_dir, refresh=refresh)
     get_run_logger().info(f"dataset {art.source}:{art.name}: {art.rows} rows (sha256 {art.sha256[:16]})")
     return art
 
 
 def _convert_key(ctx: Any, p: dict[str, Any]) -> str | None:
     model: ModelArtifact = p["model"]
-    out = converted_dir(model, p["cache_dir"])
-    if not checkpoint_complete(out / "weights"):
-        return None
-    return f"detrl-convert|{model.sha256}|v{CONVERTER_VERSION}|{out}"
+    art = cached_conversion(model, p["cache_dir"])  # None unless complete and unchanged
+    return None if art is None else f"detrl-convert|{model.sha256}|v{CONVERTER_VERSION}|{art.path}"
 
 
 @task(name="convert-hf-to-megatron", cache_key_fn=_convert_key, persist_result=True)
-def convert_checkpoint(model: ModelArtifact, cache_dir: str) -> ConvertedArtifact:
-    art = convert_cached(model, cache_dir)
+def convert_checkpoint(model: ModelArtifact, cache_dir: str, refresh: bool = False) -> ConvertedArtifact:
+    art = convert_cached(model, cache_dir, refresh=refresh)
     get_run_logger().info(f"Megatron torch_dist checkpoint at {art.path} (converter v{art.converter_version})")
     return art

@@ -20,9 +20,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def detrl(*args, timeout=600) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def detrl(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process (`env`: extra variables)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "detrl", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 

@@ -34,6 +34,11 @@ def test_reproduce_with_a_planted_flip_exits_1_and_names_it(tmp_path):
     r = detrl("reproduce", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(tmp_path / "c"),
               "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--json")
     assert r.returncode == 1 and "{" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    # a clean log: progress, not library noise (detrl/quiet.py), and nothing else warned either
+    lines = (r.stdout[:r.stdout.index("{")] + r.stderr).splitlines()
+    assert not [x for x in lines if any(n in x for n in ("Apex", "Transformer Engine", "ShardedTensor",
+                                                         "Token authentication", "past_key_values",
+                                                         "Warning", "warnings.warn"))], lines
     verdict = json.loads(r.stdout[r.stdout.index("{"):])
     assert verdict["status"] == "diverged"
     assert verdict["first"]["iteration"] == 2 and verdict["first"]["phase"] == "policy_weights"

@@ -3,12 +3,14 @@ PREFECT_HOME, the process work pool, `prefect deploy` from deployments/prefect.y
 `prefect deployment run det-rl/gsm8k`; state and artifacts are read back through the Prefect API.
 Only the processes this module starts are stopped."""
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,47 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 pytestmark = pytest.mark.slow
 
 
-def _stop(proc: subprocess.Popen) -> None:
+class Receiver:
+    """A real HTTP endpoint on 127.0.0.1 that records the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        received = self.messages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body or b"{}"))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, match, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [m for m in self.messages if match(m)]
+            if found:
+                return found[-1]
+            time.sleep(0.5)
+        raise AssertionError(f"no matching notification in {timeout} s; received: {self.messages}")
+
+    def poll(self):
+        return 0
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def _stop(proc) -> None:
+    if isinstance(proc, Receiver):
+        proc.stop()
+        return
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
@@ -67,11 +109,18 @@ def prefect_env(tmp_path_factory):
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "gsm8k")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        receiver = Receiver()
+        procs.append(receiver)
+        r = subprocess.run([sys.executable, "-c", "from prefect.blocks.notifications import "
+                            "CustomWebhookNotificationBlock as B; B(name='ops', url=%r, json_data="
+                            "{'text': '{{body}}', 'subject': '{{subject}}'}).save('ops')" % receiver.url],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
         worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "detrl-process"], env=env, cwd=ROOT,
                                   stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
         procs.append(worker)
-        yield {"env": env, "api": api, "run": run, "tmp": tmp}
+        yield {"env": env, "api": api, "run": run, "tmp": tmp, "receiver": receiver, "block": "custom-webhook/ops"}
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -97,6 +146,16 @@ def _wait(ctx, run_id: str, timeout: float = 900) -> dict:
     raise AssertionError(f"flow run {run_id} not finished in {timeout} s; worker log:\n{log}")
 
 
+def _running_name(ctx, run_id: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fr = httpx.get(f"{ctx['api']}/flow_runs/{run_id}", timeout=10).json()
+        if fr["state"]["type"] != "SCHEDULED" and fr["state"]["name"] != "Pending" and "-seed" in fr["name"]:
+            return fr["name"]
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} did not start in {timeout} s")
+
+
 def _artifacts(ctx, run_id: str) -> dict:
     res = httpx.post(f"{ctx['api']}/artifacts/filter",
                      json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 100}, timeout=10)
@@ -111,14 +170,19 @@ def test_deployment_is_registered_with_its_nightly_schedule(prefect_env):
     crons = [s["schedule"]["cron"] for s in dep["schedules"]]
     assert crons == ["0 3 * * *"] and dep["schedules"][0]["schedule"]["timezone"] == "UTC"
     assert dep["global_concurrency_limit"]["limit"] == 1  # `concurrency_limit` is the deprecated, always-None field
-    assert "profile" in dep["parameter_openapi_schema"]["properties"]  # the UI form
+    props = dep["parameter_openapi_schema"]["properties"]  # the UI form
+    assert "profile" in props and "webhook URL" in props["notify"]["description"]
+    assert all(props[p].get("description") for p in props), [p for p in props if not props[p].get("description")]
+    assert dep["tags"] == ["det-rl", "reproducibility", "nightly"] and dep["version"] == "0.1.0"
 
 
 def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(prefect_env):
     """The nightly path end to end: a trainer is SIGKILLed mid run A, Prefect retries the task, the run
     resumes from its checkpoint, and the verdict is still IDENTICAL with every artifact in place."""
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]')
-    name = httpx.get(f"{prefect_env['api']}/flow_runs/{run_id}", timeout=10).json()["name"]
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]',
+                             f"notify={prefect_env['block']}", "notify_on_success=true")
+    name = _running_name(prefect_env, run_id)  # the flow names its run when it starts (profile, seed, time)
+    assert re.fullmatch(r"tiny-cpu-seeddefault-\d{4}-\d{6}", name), name
     killed = kill_trainer_when(prefect_env["tmp"] / "runs", f"*-{name}/run_a/ledger.jsonl", iterations=2)
     fr = _wait(prefect_env, run_id)
     assert killed, "the trainer was never killed"
@@ -131,7 +195,7 @@ def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(p
     assert json.loads((run_a / "resumes.jsonl").read_text().splitlines()[0])["from_checkpoint"] >= 0
 
     arts = _artifacts(prefect_env, run_id)
-    assert {"detrl-verdict", "detrl-phases", "detrl-curves", "detrl-ledger-a", "detrl-ledger-b",
+    assert {"detrl-verdict", "detrl-phases", "detrl-curves", "detrl-plot",
             "detrl-progress-a", "detrl-progress-b", "detrl-preflight"} <= set(arts)
     assert "IDENTICAL" in arts["detrl-verdict"]["data"]
     phases = json.loads(arts["detrl-phases"]["data"]) if isinstance(arts["detrl-phases"]["data"], str) \
@@ -142,20 +206,35 @@ def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(p
     assert len(curves) == 6 and {"response_len_min", "response_len_median", "response_len_max", "eos_fraction",
                                  "nonzero_reward_fraction", "logprob_max_abs_diff"} <= set(curves[0])
     assert "## Rollout shape" in arts["detrl-verdict"]["data"]
-    assert arts["detrl-ledger-a"]["data"].startswith("[ledger A](file://")
-    assert Path(arts["detrl-ledger-a"]["data"].split("(file://")[1].rstrip(")")) == (run_a / "ledger.jsonl").resolve()
+    verdict = arts["detrl-verdict"]["data"]
+    assert f"- run A: `{(run_a / 'ledger.jsonl').resolve()}`" in verdict and "file://" not in verdict
+    assert "![reward, loss, length, logprob diff](data:image/png;base64," in verdict
+    assert arts["detrl-plot"]["type"] == "image" and arts["detrl-plot"]["data"].startswith("data:image/png;base64,")
     assert float(arts["detrl-progress-b"]["data"]) == 100.0
     assert (prefect_env["tmp"] / "golden").is_dir()  # the first completed run is recorded as known-good
+    # notify_on_success through the Prefect notification block (a custom webhook to the local receiver)
+    sent = prefect_env["receiver"].wait_for(lambda m: name in m.get("text", ""))
+    assert f"det-rl {name}: Completed" in sent["text"], sent
 
 
-def test_a_planted_divergence_fails_the_run_and_is_named(prefect_env):
+def test_a_planted_divergence_fails_the_run_is_named_and_alerts_the_webhook(prefect_env):
     tensor = "decoder.layers.1.mlp.linear_fc2.weight"
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]')
+    hook = prefect_env["receiver"].url
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]', f"notify={hook}")
     fr = _wait(prefect_env, run_id)
     assert fr["state"]["type"] == "FAILED", fr["state"]
     assert "diverged at iteration 1, policy_weights" in fr["state"]["message"]
-    verdict = _artifacts(prefect_env, run_id)["detrl-verdict"]["data"]
+    arts = _artifacts(prefect_env, run_id)
+    verdict = arts["detrl-verdict"]["data"]
     assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict
+    # the artifact stands alone: decoded tokens of A and B at the first differing log-prob, the plot
+    assert "rollout_logprobs first differ at sample" in verdict and "run B tokens" in verdict
+    assert "data:image/png;base64," in verdict and arts["detrl-plot"]["type"] == "image"
+    msg = prefect_env["receiver"].wait_for(lambda m: m.get("flow_run") == fr["name"])
+    assert msg["state"] == "Failed" and msg["verdict"] == "diverged"
+    assert msg["first_divergence"].startswith("iteration 1, policy_weights: 1 of 26 tensors differ")
+    assert "model.layers.1.mlp.down_proj.weight" in msg["likely_cause"]
+    assert msg["ui_url"].endswith(f"/runs/flow-run/{run_id}"), msg["ui_url"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the reference profile is valid here")

@@ -10,7 +10,7 @@ from detrl.determinism import DeterminismError
 from detrl.ledger import read_ledger
 from detrl.loop import run
 from detrl.trainer import Perturbation
-from detrl.verify import verify
+from detrl.verify import format_text, verify
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,9 @@ def test_a_different_sampling_seed_is_caught_at_the_rollout(runs, artifacts):
     v = verify(str(runs / "a"), str(runs / "rseed"))
     assert (v.first.iteration, v.first.phase) == (0, "rollout_tokens")
     assert (v.first.sample, v.first.position) == (0, 0)
+    ctx = v.first.context  # decoded with the run's own tokenizer, the differing token first
+    assert ctx["a"][0] != ctx["b"][0] and len(ctx["a_text"]) == len(ctx["a"]) == 7
+    assert format_text(v).splitlines()[2].startswith("rollout_tokens first differ at sample 0, token position 0")
 
 
 def test_one_flipped_bit_before_iteration_k_is_caught_at_k_with_its_tensor(runs, tiny_cfg, artifacts):
