@@ -23,7 +23,8 @@ MODE_OVERRIDES = {"on": [], "flow": [], "prepare": [], "off": ["determinism.enab
                   "pinned": ["determinism.enabled=false", "determinism.pin_seeds=true"]}
 
 
-def _record_pair(out: Path, record: dict, walls: dict) -> int:
+def _record_pair(out: Path, record: dict, walls: dict, runs_s: float | None = None) -> int:
+    """`runs_s`: the wall time of both runs together when it is not their sum (side by side)."""
     from detrl.ledger import read_ledger
     from detrl.verify import format_text, verify
 
@@ -32,7 +33,8 @@ def _record_pair(out: Path, record: dict, walls: dict) -> int:
     print(format_text(verdict), flush=True)
     ledger_a = read_ledger(out / "run_a")
     record.update({
-        "run_wall_s": walls, "twice_run_s": round(sum(walls.values()) + time.perf_counter() - t, 1),
+        "run_wall_s": walls,
+        "twice_run_s": round((sum(walls.values()) if runs_s is None else runs_s) + time.perf_counter() - t, 1),
         "verdict": verdict.status, "exit_code": verdict.exit_code,
         "first_divergence": None if verdict.first is None else {
             "iteration": verdict.first.iteration, "phase": verdict.first.phase, "detail": verdict.first.detail,
@@ -77,7 +79,8 @@ def main() -> int:
         walls = {n: round(json.loads((pair / n / "ledger.jsonl").read_text().splitlines()[-1]).get("wall_s", 0), 1)
                  for n in ("run_a", "run_b")}
         record["runs_dir"] = str(pair)
-        code = _record_pair(pair, record, walls)
+        record["twice"] = data.get("twice") if isinstance(data, dict) else None
+        code = _record_pair(pair, record, walls, data.get("runs_wall_s") if isinstance(data, dict) else None)
     else:
         t = time.perf_counter()
         arts = prepare(cfg, a.cache)

@@ -75,17 +75,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import twice
     from .loop import prepare, run
-    from .verify import format_text, verify
-
     from .rundir import check_out_dir
+    from .verify import format_text, verify
 
     cfg = _load(args)
     plants = _plants(args.plant)
     out = check_out_dir(args.out)
+    mode, why = twice.choose(cfg)
     arts = prepare(cfg, args.cache, refresh=args.refresh)
-    run(cfg, out / "run_a", arts, progress=_progress("run A"))
-    run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"))
+    print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+    twice.run_both(lambda: run(cfg, out / "run_a", arts, progress=_progress("run A")),
+                   lambda: run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")), mode)
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
     print(verdict.to_json() if args.json else format_text(verdict))
     return verdict.exit_code

@@ -193,6 +193,9 @@ class ResourcesConfig(_Strict):
     cpu_threads: int = Field(1, ge=1, description="torch threads per worker")
     worker_env: dict[Literal["trainer", "rollout"], dict[str, str | None]] = Field(
         default_factory=dict, description="extra env per worker role; a null value leaves a variable out")
+    twice: Literal["auto", "sequential", "side_by_side"] = Field(
+        "auto", description="how `reproduce` and the flow schedule runs A and B: side_by_side gives each run its "
+                            "own GPUs at once; auto picks it when this machine has GPUs for both runs")
 
 
 class CheckpointConfig(_Strict):
@@ -276,6 +279,11 @@ class RunConfig(_Strict):
     def on_gpu(self) -> bool:
         return self.resources.num_gpus > 0
 
+    @property
+    def gpus_per_run(self) -> int:
+        res = self.resources
+        return res.trainer_ranks + (0 if res.colocate else 1) if self.on_gpu else 0
+
     def startup_timeout(self) -> float:
         return self.timeouts.startup_s or (900.0 if self.on_gpu else 300.0)
 
@@ -322,6 +330,8 @@ NON_SEMANTIC: dict[str, str] = {
     "determinism.selftest": "a check of the engine before iteration 0; every later draw is seeded per "
                             "sample (tiny-cpu final weights measured unchanged with it off)",
     "rollout.sglang.log_level": "what the engine prints",
+    "resources.twice": "runs A and B one after the other or side by side; each run still has its own "
+                       "workers and GPUs (ledgers measured equal both ways)",
     "timeouts": "how long a phase may take before the run is stopped, not what it computes",
 }
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import quiet
+from . import quiet, twice
 from .config import DETERMINISM_ENV, RunConfig, config_from_json
 from .determinism import DeterminismError, env_problems
 
@@ -205,6 +206,7 @@ def check_resources(cfg: RunConfig) -> None:
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    twice.choose(cfg, have)  # side_by_side without GPUs for both runs fails here, before any work
     if have < cfg.resources.num_gpus:
         raise ConfigError(
             f"profile {cfg.profile!r} needs {cfg.resources.num_gpus} GPU(s) but this machine has {have}. "
@@ -218,16 +220,27 @@ def check_resources(cfg: RunConfig) -> None:
                               "(pip install 'det-rl[gpu]', or use the docker/ image)")
 
 
+_RAY_LOCK = threading.Lock()
+_ray_users = 0  # runs in this process using the local Ray that ensure_ray started (side-by-side runs share it)
+
+
 def ensure_ray(cfg: RunConfig) -> bool:
-    """Connect to the configured cluster or start a local one. Returns whether we started it."""
+    """Connect to the configured cluster or start a local one. Returns whether the caller must
+    `release_ray()` when done: the last run out of a Ray this process started shuts it down."""
+    global _ray_users
     import ray
 
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                              "configure_logging": True, "log_to_driver": True}
-    # "local": a fresh instance even when `ray start` left a cluster behind; joining one is explicit
-    ray.init(address=cfg.resources.ray_address or "local", **kwargs)
+    with _RAY_LOCK:
+        if ray.is_initialized():
+            if _ray_users:
+                _ray_users += 1
+                return True
+            return False
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                  "configure_logging": True, "log_to_driver": True}
+        # "local": a fresh instance even when `ray start` left a cluster behind; joining one is explicit
+        ray.init(address=cfg.resources.ray_address or "local", **kwargs)
+        _ray_users = 1
     if not cfg.resources.ray_address:  # our own local Ray: stop it even if this process is killed
         from . import reaper
 
@@ -235,6 +248,17 @@ def ensure_ray(cfg: RunConfig) -> bool:
         if node is not None:
             reaper.start(node.get_session_dir_path())
     return True
+
+
+def release_ray() -> None:
+    global _ray_users
+    import ray
+
+    with _RAY_LOCK:
+        _ray_users -= 1
+        if _ray_users <= 0:
+            _ray_users = 0
+            ray.shutdown()
 
 
 class PhaseTimeout(RuntimeError):
@@ -387,4 +411,4 @@ class Workers:
             remove_placement_group(self._pg)
         self.trainers, self.rollout = [], None
         if self._started_ray:
-            ray.shutdown()
+            release_ray()

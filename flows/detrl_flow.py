@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from detrl import quiet
+from detrl import quiet, twice
 from detrl.config import PROFILES
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
@@ -87,11 +88,22 @@ def detrl_flow(
     data = download_dataset.with_options(refresh_cache=refresh)(cfg, cache, refresh)
     megatron = convert_checkpoint.with_options(refresh_cache=refresh)(model, cache, refresh)
     loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
-    run_a = loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
-    run_b = loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
+    mode, why = twice.choose(cfg)
+    print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+    start = time.monotonic()
+    if mode == "side_by_side":  # each run's workers take their own GPUs; the task runner's threads overlap them
+        runs = [loop.submit(cfg, str(out / f"run_{x.lower()}"), model, data, megatron, x, p)
+                for x, p in (("A", []), ("B", plant))]
+        wait(runs)
+        run_a, run_b = (f.result() for f in runs)
+    else:
+        run_a = loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
+        run_b = loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
+    runs_s = time.monotonic() - start
     verdict = verify_runs(run_a, run_b)
 
-    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile, "verdict": verdict_summary(verdict)}
+    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile, "verdict": verdict_summary(verdict),
+              "twice": mode, "runs_wall_s": round(runs_s, 1)}
     if verdict.status != "identical":
         where = f" at {verdict.first.where()}" if verdict.first else ""
         return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",

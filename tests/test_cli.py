@@ -29,11 +29,19 @@ def test_unreachable_model_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_with_a_planted_flip_exits_1_and_names_it(tmp_path):
+def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_path, runs):
     out = tmp_path / "rep"
     r = detrl("reproduce", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(tmp_path / "c"),
-              "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--json")
+              "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--set", "resources.twice=side_by_side",
+              "--json")
     assert r.returncode == 1 and "{" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "runs A and B: side by side" in r.stdout
+    # runs that overlapped in time record what a sequential pair (the `runs` fixture) records
+    from detrl.verify import verify
+
+    assert verify(str(out / "run_a"), str(runs / "a")).status == "identical"
+    seq = verify(str(runs / "a"), str(out / "run_b"))
+    assert seq.status == "diverged" and seq.first.where() == verify(str(out / "run_a"), str(out / "run_b")).first.where()
     # a clean log: progress, not library noise (detrl/quiet.py), and nothing else warned either
     lines = (r.stdout[:r.stdout.index("{")] + r.stderr).splitlines()
     assert not [x for x in lines if any(n in x for n in ("Apex", "Transformer Engine", "ShardedTensor",

@@ -78,3 +78,22 @@ def test_bad_override_syntax_and_unknown_profile():
         load_config("tiny-cpu", overrides=["rollout.temperature"])
     with pytest.raises(ConfigError, match="did you mean 'tiny-cpu'"):
         load_config("tiny-cpuu")
+
+
+def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
+    from detrl.twice import choose
+
+    gpu = load_config("gsm8k-qwen2.5-0.5b-smoke")
+    assert choose(gpu, gpus=2)[0] == "side_by_side"
+    assert choose(gpu, gpus=1)[0] == "sequential"
+    two_ranks = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.num_gpus=2", "resources.trainer_ranks=2"])
+    assert choose(two_ranks, gpus=3)[0] == "sequential" and choose(two_ranks, gpus=4)[0] == "side_by_side"
+    forced = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.twice=side_by_side"])
+    with pytest.raises(ConfigError, match="needs 2 GPUs .* this machine has 1; use resources.twice=sequential"):
+        choose(forced, gpus=1)
+    assert choose(load_config("tiny-cpu"))[0] == "sequential"
+    assert choose(load_config("tiny-cpu", overrides=["resources.twice=side_by_side"]))[0] == "side_by_side"
+    cluster = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.ray_address=10.0.0.1:6379"])
+    assert choose(cluster, gpus=0)[0] == "sequential"
+    # the schedule is not part of what a run computes: the config hash ignores it
+    assert forced.config_hash() == gpu.config_hash()

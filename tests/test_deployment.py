@@ -220,10 +220,16 @@ def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(p
 def test_a_planted_divergence_fails_the_run_is_named_and_alerts_the_webhook(prefect_env):
     tensor = "decoder.layers.1.mlp.linear_fc2.weight"
     hook = prefect_env["receiver"].url
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]', f"notify={hook}")
+    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]', f"notify={hook}",
+                             'overrides=["resources.twice=side_by_side"]')
     fr = _wait(prefect_env, run_id)
     assert fr["state"]["type"] == "FAILED", fr["state"]
     assert "diverged at iteration 1, policy_weights" in fr["state"]["message"]
+    # side by side: run B started before run A ended
+    tasks = httpx.post(f"{prefect_env['api']}/task_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    loops = {t["name"]: t for t in tasks if t["name"].startswith("run-loop-")}
+    assert loops["run-loop-B"]["start_time"] < loops["run-loop-A"]["end_time"], loops
     arts = _artifacts(prefect_env, run_id)
     verdict = arts["detrl-verdict"]["data"]
     assert "DIVERGED" in verdict and "model.layers.1.mlp.down_proj.weight" in verdict

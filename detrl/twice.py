@@ -1,0 +1,55 @@
+"""How runs A and B are scheduled: one after the other, or side by side, each on its own GPUs.
+Each run has its own workers either way; only the wall time changes (the ledgers are compared
+with a sequential pair in the tests and on the GPU, benchmarks/results/)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .config import ConfigError, RunConfig
+
+T = TypeVar("T")
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
+    """(mode, why). Raises ConfigError when side_by_side is asked for and this machine cannot hold it."""
+    mode, need = cfg.resources.twice, 2 * cfg.gpus_per_run
+    if cfg.resources.ray_address:
+        if mode == "auto":
+            return "sequential", ("auto does not size a Ray cluster; set resources.twice=side_by_side when it "
+                                  f"has {need} GPUs free")
+        return mode, "as configured (Ray cluster)"
+    if not cfg.on_gpu:
+        # two CPU runs share the cores: side by side is no faster (benchmarks/twice.py) but is allowed
+        return ("sequential", "CPU run: both runs would share the same cores") if mode == "auto" else \
+            (mode, "as configured")
+    have = local_gpus() if gpus is None else gpus
+    if mode == "side_by_side" and have < need:
+        raise ConfigError(f"resources.twice=side_by_side needs {need} GPUs ({cfg.gpus_per_run} per run) but this "
+                          f"machine has {have}; use resources.twice=sequential (or auto)")
+    if mode == "auto":
+        if have >= need:
+            return "side_by_side", f"{have} GPUs hold both runs ({cfg.gpus_per_run} each)"
+        return "sequential", f"{have} GPU(s): one run at a time ({cfg.gpus_per_run} each)"
+    return mode, "as configured"
+
+
+def run_both(run_a: Callable[[], T], run_b: Callable[[], T], mode: str) -> tuple[T, T]:
+    """Run both; side by side, both finish (or fail) before an error of either is raised."""
+    if mode != "side_by_side":
+        return run_a(), run_b()
+    with ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
+        fa, fb = pool.submit(run_a), pool.submit(run_b)
+        errors = [f.exception() for f in (fa, fb)]
+    for err in errors:
+        if err is not None:
+            raise err
+    return fa.result(), fb.result()
