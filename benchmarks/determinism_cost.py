@@ -15,11 +15,11 @@ import os
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -55,15 +55,17 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0)
 
     t = time.perf_counter()
-    engines = {mode: SGLangEngine(arts.model.path, SGLangConfig(mem_fraction_static=0.22),
-                                  deterministic=(mode == "det")) for mode in ("det", "nondet")}
+    engines = {
+        mode: SGLangEngine(arts.model.path, SGLangConfig(mem_fraction_static=0.22), deterministic=(mode == "det"))
+        for mode in ("det", "nondet")
+    }
     print(f"two engines up in {time.perf_counter() - t:.0f}s", flush=True)
     for eng in engines.values():  # warm-up: JIT, graphs
         eng.generate(prompts[:G], seeds[:G], SamplingParams(max_new_tokens=16))
     tps: dict[str, list[float]] = {"det": [], "nondet": []}
     gens = None
     for r in range(a.repeats):
-        for mode in (("det", "nondet") if r % 2 == 0 else ("nondet", "det")):
+        for mode in ("det", "nondet") if r % 2 == 0 else ("nondet", "det"):
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = engines[mode].generate(prompts, seeds, params)
@@ -86,7 +88,7 @@ def main() -> None:
     apply_process_settings(True, cfg.seed)
     trainer.train_step(samples, tokens)  # warm-up
     for r in range(a.repeats):
-        for mode in (("det", "nondet") if r % 2 == 0 else ("nondet", "det")):
+        for mode in ("det", "nondet") if r % 2 == 0 else ("nondet", "det"):
             apply_process_settings(mode == "det", cfg.seed)
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -96,18 +98,32 @@ def main() -> None:
             print(f"train {mode} repeat {r}: {step[mode][-1]:.2f}s", flush=True)
     trainer.close()
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = lambda xs: statistics.median(xs)
     result = {
-        "device": fingerprint("bench")["gpu"], "profile": a.profile, "repeats": a.repeats,
-        "rollout": {"batch": f"{P}x{G}", "new_tokens": a.new_tokens, "tok_s": tps,
-                    "det_over_nondet_throughput": med(tps["det"]) / med(tps["nondet"])},
-        "train": {"samples": n, "tokens": tokens[0], "step_s": step,
-                  "nondet_over_det_time": med(step["nondet"]) / med(step["det"])},
+        "device": fingerprint("bench")["gpu"],
+        "profile": a.profile,
+        "repeats": a.repeats,
+        "rollout": {
+            "batch": f"{P}x{G}",
+            "new_tokens": a.new_tokens,
+            "tok_s": tps,
+            "det_over_nondet_throughput": med(tps["det"]) / med(tps["nondet"]),
+        },
+        "train": {
+            "samples": n,
+            "tokens": tokens[0],
+            "step_s": step,
+            "nondet_over_det_time": med(step["nondet"]) / med(step["det"]),
+        },
     }
-    print(f"rollout throughput det/non-det: {result['rollout']['det_over_nondet_throughput']:.3f} "
-          f"({med(tps['det']):.0f} vs {med(tps['nondet']):.0f} tok/s)")
-    print(f"train speed det/non-det (non-det time / det time): {result['train']['nondet_over_det_time']:.3f} "
-          f"({med(step['det']):.2f}s vs {med(step['nondet']):.2f}s)")
+    print(
+        f"rollout throughput det/non-det: {result['rollout']['det_over_nondet_throughput']:.3f} "
+        f"({med(tps['det']):.0f} vs {med(tps['nondet']):.0f} tok/s)"
+    )
+    print(
+        f"train speed det/non-det (non-det time / det time): {result['train']['nondet_over_det_time']:.3f} "
+        f"({med(step['det']):.2f}s vs {med(step['nondet']):.2f}s)"
+    )
     Path(a.json).write_text(json.dumps(result, indent=1))
 
 

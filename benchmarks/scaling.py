@@ -43,8 +43,15 @@ def layout_config(profile: str, overrides: list[str], dp: int, tp: int):
 
     base = load_config(profile, overrides=overrides)
     gpus = max(base.resources.num_gpus, dp * tp) if base.on_gpu else 0
-    return load_config(profile, overrides=[*overrides, f"resources.num_gpus={gpus}",
-                                           f"resources.trainer_ranks={dp * tp}", f"resources.tensor_parallel={tp}"])
+    return load_config(
+        profile,
+        overrides=[
+            *overrides,
+            f"resources.num_gpus={gpus}",
+            f"resources.trainer_ranks={dp * tp}",
+            f"resources.tensor_parallel={tp}",
+        ],
+    )
 
 
 def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) -> dict:
@@ -53,8 +60,7 @@ def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) 
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from detrl.loop import _shard
-    from detrl.workers import TrainerWorker, runtime_env
+    from detrl.workers import TrainerWorker, runtime_env, shard
 
     env = runtime_env(cfg, "trainer")
     if algo == "default":
@@ -64,16 +70,22 @@ def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) 
     ray.get(pg.ready(), timeout=600)
     cls = ray.remote(TrainerWorker)
     ckpt = str(Path(arts.megatron.path) / "weights")
-    actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1, runtime_env=env,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
-              .remote(json.dumps(cfg.model_dump(mode="json")), arts.model.path, ckpt, r, world) for r in range(world)]
+    actors = [
+        cls.options(
+            num_gpus=1 if gpu else 0,
+            num_cpus=0 if gpu else 1,
+            runtime_env=env,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote(json.dumps(cfg.model_dump(mode="json")), arts.model.path, ckpt, r, world)
+        for r in range(world)
+    ]
     try:
         t = time.perf_counter()
         addr, port = ray.get(actors[0].rendezvous.remote())
         ray.get([a.setup.remote(addr, port) for a in actors])
         setup_s = time.perf_counter() - t
         algos = {e["env"].get("NCCL_ALGO") for e in ray.get([a.env.remote() for a in actors])}
-        shards = _shard(list(samples), 1, dp)
+        shards = shard(list(samples), 1, dp)
         tokens = [sum(len(s.response_ids) for s in samples)]
         rows = []
         for _ in range(steps):
@@ -85,13 +97,30 @@ def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) 
             exports = [a.export_hf.options(num_returns=2).remote("bfloat16") for a in actors[:tp]]
             ray.get([ref for pair in exports for ref in pair])
             t3 = time.perf_counter()
-            rows.append({"train_s": t1 - t0, "hash_s": t2 - t1, "export_s": t3 - t2, "loss": res[0].losses[0],
-                         "replicas_agree": all(h == hashes[0] for h in hashes)})
+            rows.append(
+                {
+                    "train_s": t1 - t0,
+                    "hash_s": t2 - t1,
+                    "export_s": t3 - t2,
+                    "loss": res[0].losses[0],
+                    "replicas_agree": all(h == hashes[0] for h in hashes),
+                }
+            )
         from detrl.ledger import combine
 
-        return {"layout": f"{dp}x{tp}", "dp": dp, "tp": tp, "algo": algo, "nccl_algo_in_workers": sorted(map(str, algos)),
-                "setup_s": setup_s, "iterations": rows, "final_weights": combine(hashes[0]),
-                "train_s_mean_after_first": statistics.mean(r["train_s"] for r in rows[1:]) if steps > 1 else rows[0]["train_s"]}
+        return {
+            "layout": f"{dp}x{tp}",
+            "dp": dp,
+            "tp": tp,
+            "algo": algo,
+            "nccl_algo_in_workers": sorted(map(str, algos)),
+            "setup_s": setup_s,
+            "iterations": rows,
+            "final_weights": combine(hashes[0]),
+            "train_s_mean_after_first": statistics.mean(r["train_s"] for r in rows[1:])
+            if steps > 1
+            else rows[0]["train_s"],
+        }
     finally:
         for a in actors:
             ray.kill(a)
@@ -114,34 +143,57 @@ def main() -> int:
     import ray
 
     from detrl.config import load_config
-    from detrl.convert import ArchMeta
     from detrl.determinism import fingerprint
     from detrl.loop import prepare, run
+    from detrl.megatron.names import ArchMeta
 
     base = [f"train.steps={a.steps}", *a.overrides]
     cfg = load_config(a.profile, overrides=base)
     arts = prepare(cfg, a.cache)
-    record = {"mode": a.mode, "profile": a.profile, "overrides": a.overrides, "device": fingerprint("driver"),
-              "results": []}
+    record = {
+        "mode": a.mode,
+        "profile": a.profile,
+        "overrides": a.overrides,
+        "device": fingerprint("driver"),
+        "results": [],
+    }
     if a.mode == "trainer":
         ray.init(include_dashboard=False, logging_level="WARNING")
         n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
         samples = _samples(n, 120, cfg.rollout.max_new_tokens, ArchMeta.from_hf_dir(arts.model.path).vocab_size)
         record["batch"] = {"samples": n, "response_tokens": sum(len(s.response_ids) for s in samples)}
         for dp, tp in _layouts(a.layouts):
-            for algo in (a.algos.split(",") if dp * tp > 1 else ["Ring"]):
+            for algo in a.algos.split(",") if dp * tp > 1 else ["Ring"]:
                 r = trainer_layout(layout_config(a.profile, base, dp, tp), arts, dp, tp, algo, samples, a.steps)
                 record["results"].append(r)
-                print(json.dumps({k: r[k] for k in ("layout", "algo", "nccl_algo_in_workers", "setup_s",
-                                                    "train_s_mean_after_first", "final_weights")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: r[k]
+                            for k in (
+                                "layout",
+                                "algo",
+                                "nccl_algo_in_workers",
+                                "setup_s",
+                                "train_s_mean_after_first",
+                                "final_weights",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
         base = record["results"][0]["train_s_mean_after_first"]
         for r in record["results"]:
             r["train_speedup_vs_first"] = base / r["train_s_mean_after_first"]
         ring = {r["layout"]: r for r in record["results"] if r["algo"] == "Ring"}
         record["ring_over_default"] = {
-            r["layout"]: {"train_s_ratio": ring[r["layout"]]["train_s_mean_after_first"] / r["train_s_mean_after_first"],
-                          "same_weights": ring[r["layout"]]["final_weights"] == r["final_weights"]}
-            for r in record["results"] if r["algo"] == "default" and r["layout"] in ring}
+            r["layout"]: {
+                "train_s_ratio": ring[r["layout"]]["train_s_mean_after_first"] / r["train_s_mean_after_first"],
+                "same_weights": ring[r["layout"]]["final_weights"] == r["final_weights"],
+            }
+            for r in record["results"]
+            if r["algo"] == "default" and r["layout"] in ring
+        }
         ray.shutdown()
     else:
         from detrl.ledger import read_ledger
@@ -150,18 +202,38 @@ def main() -> int:
             lay = layout_config(a.profile, base, dp, tp)
             out = Path(a.out) / f"{dp}x{tp}"
             t = time.perf_counter()
-            run(lay, out, arts, progress=lambda it, n, s: print(
-                f"[{dp}x{tp}] {it + 1}/{n} step {s['step_s']:.1f}s = sync {s['sync_s']:.1f} rollout {s['rollout_s']:.1f} "
-                f"train {s['train_s']:.1f} hash {s['hash_s']:.1f}", flush=True))
+            run(
+                lay,
+                out,
+                arts,
+                progress=lambda it, n, s, dp=dp, tp=tp: print(
+                    f"[{dp}x{tp}] {it + 1}/{n} step {s['step_s']:.1f}s = sync {s['sync_s']:.1f} "
+                    f"rollout {s['rollout_s']:.1f} train {s['train_s']:.1f} hash {s['hash_s']:.1f}",
+                    flush=True,
+                ),
+            )
             stats = [it["stats"] for it in read_ledger(out).iterations]
             later = stats[1:] or stats
-            record["results"].append({
-                "layout": f"{dp}x{tp}", "gpus": dp * tp, "run_wall_s": time.perf_counter() - t, "iterations": stats,
-                "step_s_mean_after_first": statistics.mean(s["step_s"] for s in later),
-                "train_s_mean_after_first": statistics.mean(s["train_s"] for s in later),
-                "final_weights": read_ledger(out).completion.get("final_weights")})
-            print(json.dumps({k: record["results"][-1][k] for k in ("layout", "run_wall_s", "step_s_mean_after_first",
-                                                                     "train_s_mean_after_first")}), flush=True)
+            record["results"].append(
+                {
+                    "layout": f"{dp}x{tp}",
+                    "gpus": dp * tp,
+                    "run_wall_s": time.perf_counter() - t,
+                    "iterations": stats,
+                    "step_s_mean_after_first": statistics.mean(s["step_s"] for s in later),
+                    "train_s_mean_after_first": statistics.mean(s["train_s"] for s in later),
+                    "final_weights": read_ledger(out).completion.get("final_weights"),
+                }
+            )
+            print(
+                json.dumps(
+                    {
+                        k: record["results"][-1][k]
+                        for k in ("layout", "run_wall_s", "step_s_mean_after_first", "train_s_mean_after_first")
+                    }
+                ),
+                flush=True,
+            )
         base = record["results"][0]
         for r in record["results"]:
             r["step_speedup_vs_first"] = base["step_s_mean_after_first"] / r["step_s_mean_after_first"]

@@ -28,33 +28,45 @@ def main() -> int:
     from detrl.ledger import read_ledger
     from detrl.verify import verify
 
-    recs = {k: json.loads(Path(p).read_text()) for k, p in (("side_by_side", a.side_by_side),
-                                                            ("sequential", a.sequential))}
+    recs = {
+        k: json.loads(Path(p).read_text()) for k, p in (("side_by_side", a.side_by_side), ("sequential", a.sequential))
+    }
     for k, r in recs.items():
         if r.get("twice") != k:
             raise SystemExit(f"{getattr(a, k)} ran {r.get('twice')!r}, not {k}")
     dirs = {k: Path(r["runs_dir"]) for k, r in recs.items()}
-    pairs = {f"{x}/{ra} vs {y}/{rb}": verify(str(dirs[x] / ra), str(dirs[y] / rb)).status
-             for x, ra, y, rb in [("side_by_side", "run_a", "side_by_side", "run_b"),
-                                  ("sequential", "run_a", "sequential", "run_b"),
-                                  ("side_by_side", "run_a", "sequential", "run_a"),
-                                  ("side_by_side", "run_b", "sequential", "run_b"),
-                                  ("side_by_side", "run_b", "sequential", "run_a")]}
+    pairs = {
+        f"{x}/{ra} vs {y}/{rb}": verify(str(dirs[x] / ra), str(dirs[y] / rb)).status
+        for x, ra, y, rb in [
+            ("side_by_side", "run_a", "side_by_side", "run_b"),
+            ("sequential", "run_a", "sequential", "run_b"),
+            ("side_by_side", "run_a", "sequential", "run_a"),
+            ("side_by_side", "run_b", "sequential", "run_b"),
+            ("side_by_side", "run_b", "sequential", "run_a"),
+        ]
+    }
     side, seq = recs["side_by_side"], recs["sequential"]
-    gpus = {f"{n}/{role}": fp.get("gpu", {}).get("visible_devices")
-            for n in ("run_a", "run_b")
-            for role, fp in read_ledger(dirs["side_by_side"] / n).header["fingerprints"].items() if role != "driver"}
+    gpus = {
+        f"{n}/{role}": fp.get("gpu", {}).get("visible_devices")
+        for n in ("run_a", "run_b")
+        for role, fp in read_ledger(dirs["side_by_side"] / n).header["fingerprints"].items()
+        if role != "driver"
+    }
     out = {
-        "profile": side["profile"], "commands": {k: r["command"] for k, r in recs.items()},
-        "device": side["device"].get("gpu"), "note": a.note,
+        "profile": side["profile"],
+        "commands": {k: r["command"] for k, r in recs.items()},
+        "device": side["device"].get("gpu"),
+        "note": a.note,
         "flow_wall_s": {k: r["flow"]["wall_s"] for k, r in recs.items()},
         "twice_run_s": {k: r["twice_run_s"] for k, r in recs.items()},
         "run_wall_s": {k: r["run_wall_s"] for k, r in recs.items()},
         "speedup_twice_run": round(seq["twice_run_s"] / side["twice_run_s"], 3),
         "speedup_flow": round(seq["flow"]["wall_s"] / side["flow"]["wall_s"], 3),
-        "verdicts": pairs, "all_identical": all(v == "identical" for v in pairs.values()),
-        "final_weights": {f"{k}/{n}": read_ledger(dirs[k] / n).completion["final_weights"]
-                          for k in recs for n in ("run_a", "run_b")},
+        "verdicts": pairs,
+        "all_identical": all(v == "identical" for v in pairs.values()),
+        "final_weights": {
+            f"{k}/{n}": read_ledger(dirs[k] / n).completion["final_weights"] for k in recs for n in ("run_a", "run_b")
+        },
         "side_by_side_gpus": gpus,
     }
     Path(a.json).write_text(json.dumps(out, indent=1, default=str))

@@ -20,8 +20,8 @@ def hashing_cost_per_step(artifacts, cfg, repeats: int = 5) -> float:
     """Seconds of hashing one step does: the exported policy (trainer side), the same tensors as
     the engine holds them (engine side), the trainer's weights after the step, and the per-phase
     arrays of a batch of this shape."""
-    from detrl.convert import load_hf_state
     from detrl.ledger import array_sha256, ragged_sha256, tensor_digests
+    from detrl.megatron.checkpoint import load_hf_state
 
     state = {k: v.float() for k, v in load_hf_state(artifacts.model.path).items()}
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
@@ -68,10 +68,15 @@ def main() -> None:
     hash_s = hashing_cost_per_step(arts, cfg)
     step = statistics.median(steps)
     result = {
-        "profile": a.profile, "verdict": verdict.status,
-        "prepare_s": round(t_prep, 2), "run_a_s": round(walls[0], 2), "run_b_s": round(walls[1], 2),
-        "verify_s": round(t_verify, 3), "twice_run_s": round(sum(walls) + t_verify, 2),
-        "median_step_s": round(step, 3), "hash_per_step_s": round(hash_s, 4),
+        "profile": a.profile,
+        "verdict": verdict.status,
+        "prepare_s": round(t_prep, 2),
+        "run_a_s": round(walls[0], 2),
+        "run_b_s": round(walls[1], 2),
+        "verify_s": round(t_verify, 3),
+        "twice_run_s": round(sum(walls) + t_verify, 2),
+        "median_step_s": round(step, 3),
+        "hash_per_step_s": round(hash_s, 4),
         "hash_fraction_of_step": round(hash_s / step, 4),
     }
     print(f"profile {a.profile}: verdict {verdict.status}")

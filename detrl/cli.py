@@ -1,14 +1,19 @@
-"""`detrl` command line: run, reproduce (run twice + verify), verify, profiles."""
+"""`detrl` command line: run, reproduce (run twice + verify), verify, profiles.
+
+Each command imports what it uses when it runs: torch, Ray and Megatron take seconds to import, and
+`detrl verify`, `detrl profiles` and a config error must not wait for them."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import PROFILES, ConfigError, load_config
+from . import twice
+from .config import PROFILES, ConfigError, Perturbation, load_config, resolve_profile
 from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -16,22 +21,35 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_RUN_FAILED = 3
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help=f"named profile: {', '.join(PROFILES)}")
     p.add_argument("--config", help="a YAML file of config keys (applied after the profile)")
     p.add_argument("--seed", type=int, help="the run seed (data order, sampling, init)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set rollout.temperature=0.7 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set rollout.temperature=0.7 (repeatable)",
+    )
     p.add_argument("--cache", default=default_dir("cache"), help="where downloads and conversions are cached")
-    p.add_argument("--refresh", action="store_true",
-                   help="rebuild this config's cache entries (model, dataset, conversion) instead of using them")
-    p.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR[:before_step|after_step]",
-                   help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="rebuild this config's cache entries (model, dataset, conversion) instead of using them",
+    )
+    p.add_argument(
+        "--plant",
+        action="append",
+        default=[],
+        metavar="ITER:TENSOR[:before_step|after_step]",
+        help="flip one bit of a trainer weight at an iteration, to prove the verifier catches it",
+    )
 
 
 def _load(args: argparse.Namespace, *, check: bool = True):
-    from .config import resolve_profile
-    from .workers import check_resources
+    from .doctor import check_resources
 
     if args.profile is None and args.config is None:
         raise ConfigError("give --profile NAME or --config FILE (profiles: auto, " + ", ".join(PROFILES) + ")")
@@ -46,16 +64,15 @@ def _load(args: argparse.Namespace, *, check: bool = True):
 
 
 def _plants(items: Sequence[str]):
-    from .trainer import Perturbation
-
     return [Perturbation.parse(item) for item in items]
 
 
 def _progress(label: str):
-    from .loop import progress_line
+    from .records import progress_line
 
     def show(it: int, n: int, stats: dict[str, Any]) -> None:
         print(f"[{label}] iteration {it + 1}/{n}: {progress_line(stats)}", flush=True)
+
     return show
 
 
@@ -67,18 +84,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     plants = _plants(args.plant)
     check_out_dir(args.out, cfg, resume=args.resume)
     arts = prepare(cfg, args.cache, refresh=args.refresh)
-    summary = run(cfg, args.out, arts, resume=args.resume, perturbations=plants,
-                  progress=_progress(Path(args.out).name))
-    print(f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
-          f"{summary.wall_s:.1f}s, final weights {summary.final_weights[:16]})")
+    summary = run(
+        cfg, args.out, arts, resume=args.resume, perturbations=plants, progress=_progress(Path(args.out).name)
+    )
+    print(
+        f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
+        f"{summary.wall_s:.1f}s, final weights {summary.final_weights[:16]})"
+    )
     return EXIT_OK
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import twice
     from .loop import prepare, run
+    from .report import format_text
     from .rundir import check_out_dir
-    from .verify import format_text, verify
+    from .verify import verify
 
     cfg = _load(args)
     plants = _plants(args.plant)
@@ -86,15 +106,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     mode, why = twice.choose(cfg)
     arts = prepare(cfg, args.cache, refresh=args.refresh)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
-    twice.run_both(lambda: run(cfg, out / "run_a", arts, progress=_progress("run A")),
-                   lambda: run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")), mode)
+    twice.run_both(
+        lambda: run(cfg, out / "run_a", arts, progress=_progress("run A")),
+        lambda: run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")),
+        mode,
+    )
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
     print(verdict.to_json() if args.json else format_text(verdict))
     return verdict.exit_code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import format_markdown, format_text, verify
+    from .report import format_markdown, format_text
+    from .verify import verify
 
     verdict = verify(args.a, args.b)
     if args.json:
@@ -144,10 +168,12 @@ def cmd_golden(args: argparse.Namespace) -> int:
 def cmd_profiles(args: argparse.Namespace) -> int:
     for name in PROFILES:
         cfg = load_config(name)
-        print(f"{name}: model {cfg.model.source}:{cfg.model.name}, data {cfg.data.source}:{cfg.data.name}, "
-              f"{cfg.rollout.prompts_per_step}x{cfg.rollout.samples_per_prompt} samples, "
-              f"{cfg.rollout.max_new_tokens} new tokens, {cfg.train.steps} steps, rollout {cfg.backends.rollout}, "
-              f"{'GPU' if cfg.on_gpu else 'CPU'}")
+        print(
+            f"{name}: model {cfg.model.source}:{cfg.model.name}, data {cfg.data.source}:{cfg.data.name}, "
+            f"{cfg.rollout.prompts_per_step}x{cfg.rollout.samples_per_prompt} samples, "
+            f"{cfg.rollout.max_new_tokens} new tokens, {cfg.train.steps} steps, rollout {cfg.backends.rollout}, "
+            f"{'GPU' if cfg.on_gpu else 'CPU'}"
+        )
     if args.show:
         print(json.dumps(load_config(args.show).model_dump(mode="json"), indent=1))
     return EXIT_OK
@@ -157,28 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="detrl", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the GRPO loop once and write DIR/ledger.jsonl")
-    _config_args(p)
+    config_arguments(p)
     p.add_argument("--out", required=True, help="run directory (must not hold a ledger yet, unless --resume)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out from its last checkpoint (checkpoint.every)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out from its last checkpoint (checkpoint.every)",
+    )
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("reproduce", help="run the loop twice (OUT/run_a, OUT/run_b) and verify")
-    _config_args(p)
+    config_arguments(p)
     p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_reproduce)
-    p = sub.add_parser("verify", help="compare two run directories: exit 0 identical, 1 diverged, "
-                                      "2 incomplete or invalid ledger")
+    p = sub.add_parser(
+        "verify", help="compare two run directories: exit 0 identical, 1 diverged, 2 incomplete or invalid ledger"
+    )
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("doctor", help="preflight: can this config run deterministically here? exit 0 all pass")
-    _config_args(p)
+    config_arguments(p)
     p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("selftest", help="batch-invariance self-test of the configured engine (Unique samples: N)")
-    _config_args(p)
+    config_arguments(p)
     p.add_argument("--full", action="store_true", help="batches up to 16 and longer generations")
     p.set_defaults(fn=cmd_selftest)
 
@@ -203,13 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"detrl: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - one clear line for known failures, tracebacks otherwise
+    except Exception as exc:
         from .data import DataError
         from .determinism import DeterminismError
-        from .loop import RunError
         from .models import ModelError
         from .util import CacheError
-        from .workers import PhaseTimeout
+        from .workers import PhaseTimeout, RunError
 
         if isinstance(exc, (DataError, ModelError, CacheError)):
             print(f"detrl: error: {exc}", file=sys.stderr)

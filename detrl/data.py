@@ -1,14 +1,16 @@
 """GSM8K: fetching (hub via `datasets`, local file, or the bundled sample), the deterministic
-prompt order, prompt formatting, answer extraction, and the rewards."""
+prompt order, prompt formatting, answer extraction, and the rewards. `datasets` and pyarrow are
+imported only for a hub or parquet dataset: seconds of import that builtin and jsonl data never need."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +37,13 @@ class DatasetArtifact:
 
 # ---------------------------------------------------------------- fetching
 
+
 def _rows_from_file(path: Path, cfg: DataConfig) -> list[dict[str, Any]]:
     if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist (data.source=local expects a .jsonl or "
-                        ".parquet file, or a directory `datasets.load_dataset` can read)")
+        raise DataError(
+            f"data file {str(path)!r} does not exist (data.source=local expects a .jsonl or "
+            ".parquet file, or a directory `datasets.load_dataset` can read)"
+        )
     if path.is_dir():
         return _rows_from_datasets(str(path), cfg)
     if path.suffix == ".jsonl":
@@ -62,15 +67,23 @@ def _rows_from_datasets(name: str, cfg: DataConfig, refresh: bool = False) -> li
     import datasets
 
     try:
-        ds = retry_network(lambda: datasets.load_dataset(
-            name, cfg.subset, split=cfg.split, revision=cfg.revision,
-            download_mode="force_redownload" if refresh else None), f"download of dataset {name!r}")
+        ds = retry_network(
+            lambda: datasets.load_dataset(
+                name,
+                cfg.subset,
+                split=cfg.split,
+                revision=cfg.revision,
+                download_mode="force_redownload" if refresh else None,
+            ),
+            f"download of dataset {name!r}",
+        )
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
         raise DataError(
             f"could not load dataset {name!r} (subset={cfg.subset!r}, split={cfg.split!r}, "
             f"revision={cfg.revision!r}): {type(exc).__name__}: {exc}. Without network access use "
             "data.source=local with data.name=PATH (a .jsonl/.parquet with question/answer fields) or "
-            "data.source=builtin") from None
+            "data.source=builtin"
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -79,8 +92,10 @@ def _canonical_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
         raise DataError(f"{where}: no rows")
     missing = [f for f in (cfg.question_field, cfg.answer_field) if f not in rows[0]]
     if missing:
-        raise DataError(f"{where}: rows lack field(s) {missing}; fields present: {sorted(rows[0])}. "
-                        "Set data.question_field / data.answer_field")
+        raise DataError(
+            f"{where}: rows lack field(s) {missing}; fields present: {sorted(rows[0])}. "
+            "Set data.question_field / data.answer_field"
+        )
     out = []
     for i, r in enumerate(rows):
         q, a = r.get(cfg.question_field), r.get(cfg.answer_field)
@@ -92,28 +107,6 @@ def _canonical_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
     if cfg.limit is not None:
         out = out[: cfg.limit]
     return out
-
-
-def _spec_key(cfg: DataConfig) -> str:
-    spec = cfg.model_dump(mode="json")
-    if cfg.source == "local":  # a local file is identified by its content, not only its name
-        p = Path(cfg.name).expanduser()
-        spec["content"] = file_sha256(p) if p.is_file() else None
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _index_path(cfg: DataConfig, cache_dir: str | Path) -> Path:
-    return Path(cache_dir) / "datasets" / f"index-{slug(cfg.name)[-40:]}-{_spec_key(cfg)}.json"
-
-
-def cached_dataset(cfg: DataConfig, cache_dir: str | Path) -> DatasetArtifact | None:
-    """The artifact of an earlier fetch of this exact spec, if its file is still there, unchanged."""
-    idx = _index_path(cfg, cache_dir)
-    if not idx.exists():
-        return None
-    art = DatasetArtifact(**json.loads(idx.read_text()))
-    path = Path(art.path)
-    return art if path.exists() and file_sha256(path) == art.sha256 else None
 
 
 def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = False) -> DatasetArtifact:
@@ -134,7 +127,6 @@ def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = Fal
     if not (out.exists() and file_sha256(out) == digest):
         atomic_write_text(out, text)
     art = DatasetArtifact(path=str(out), sha256=digest, rows=len(canon), source=cfg.source, name=cfg.name)
-    atomic_write_text(_index_path(cfg, cache_dir), json.dumps(asdict(art), sort_keys=True))
     return art
 
 
@@ -147,11 +139,13 @@ def read_dataset(artifact: DatasetArtifact) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------- prompts
 
+
 def format_prompt(tokenizer: Any, question: str, cfg: DataConfig) -> list[int]:
     content = f"{question} {cfg.instruction}".strip()
     if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                            add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]
@@ -160,7 +154,7 @@ def format_prompt(tokenizer: Any, question: str, cfg: DataConfig) -> list[int]:
 
 @dataclass
 class PromptBatch:
-    indices: list[int]          # dataset row of each prompt
+    indices: list[int]  # dataset row of each prompt
     prompt_ids: list[list[int]]
     answers: list[str]
 
@@ -195,8 +189,9 @@ class PromptSet:
             if epoch not in cache:
                 cache[epoch] = self._order(epoch)
             idx.append(int(cache[epoch][pos]))
-        return PromptBatch(indices=idx, prompt_ids=[self.prompts[i] for i in idx],
-                           answers=[self.rows[i]["answer"] for i in idx])
+        return PromptBatch(
+            indices=idx, prompt_ids=[self.prompts[i] for i in idx], answers=[self.rows[i]["answer"] for i in idx]
+        )
 
 
 def sample_seed(base: int, iteration: int, index: int, per_step: int) -> int:

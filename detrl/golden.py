@@ -34,7 +34,7 @@ def golden_key(header: dict[str, Any]) -> str:
 
 @dataclass
 class GoldenResult:
-    status: str                  # "recorded" | "matches" | "differs" | "updated"
+    status: str  # "recorded" | "matches" | "differs" | "updated"
     key: str
     golden_dir: str
     verdict: Verdict | None = None
@@ -47,7 +47,9 @@ class GoldenResult:
 
     def text(self) -> str:
         if self.status == "recorded":
-            return f"golden: no known-good ledger for this config and hardware yet; recorded this run ({self.golden_dir})"
+            return (
+                f"golden: no known-good ledger for this config and hardware yet; recorded this run ({self.golden_dir})"
+            )
         if self.status == "updated":
             return f"golden: replaced the known-good ledger with this run ({self.golden_dir})"
         if self.status == "matches":
@@ -55,8 +57,10 @@ class GoldenResult:
         d = self.verdict.first if self.verdict else None
         where = f" first at {d.where()}" if d else ""
         changed = "; ".join(self.changed_since[:10]) or "no fingerprint field changed"
-        return (f"golden: DIFFERS from the known-good ledger recorded {self.recorded_at}{where}. "
-                f"Changed since then: {changed}")
+        return (
+            f"golden: DIFFERS from the known-good ledger recorded {self.recorded_at}{where}. "
+            f"Changed since then: {changed}"
+        )
 
 
 def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool = False) -> GoldenResult:
@@ -65,6 +69,7 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
     run = read_ledger(run_dir)
     if not run.complete:
         raise ValueError(f"{run_dir}: only a complete ledger can be compared with or become a golden: {run.problems}")
+    assert run.header is not None  # a complete ledger has one
     key = golden_key(run.header)
     gdir = Path(store or default_dir("golden")) / key
     meta_file = gdir / "golden.json"
@@ -74,22 +79,34 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
             shutil.copy2(Path(run_dir) / LEDGER_FILE, tmp / LEDGER_FILE)
             if (Path(run_dir) / STEP_DIR).is_dir():
                 shutil.copytree(Path(run_dir) / STEP_DIR, tmp / STEP_DIR)
-            (tmp / "golden.json").write_text(json.dumps({
-                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": str(run_dir),
-                "config_hash": run.header["config_hash"], "hardware": hardware_class(run.header)}, indent=1))
+            (tmp / "golden.json").write_text(
+                json.dumps(
+                    {
+                        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "source": str(run_dir),
+                        "config_hash": run.header["config_hash"],
+                        "hardware": hardware_class(run.header),
+                    },
+                    indent=1,
+                )
+            )
         return GoldenResult("updated" if existed else "recorded", key, str(gdir))
     meta = json.loads(meta_file.read_text())
     golden = read_ledger(gdir)
     verdict = compare(golden, run)
     status = "matches" if verdict.status == "identical" else "differs"
-    changed = [] if status == "matches" else _changed(golden.header, run.header)
+    changed = [] if status == "matches" or golden.header is None else _changed(golden.header, run.header)
     return GoldenResult(status, key, str(gdir), verdict, changed, meta.get("recorded_at"))
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for role in sorted(set(old.get("fingerprints", {})) | set(new.get("fingerprints", {}))):
-        out += [f"{role}.{d}" for d in dict_diff(old["fingerprints"].get(role, {}), new["fingerprints"].get(role, {}),
-                                                 {"pid", "role", "host"})]
+        out += [
+            f"{role}.{d}"
+            for d in dict_diff(
+                old["fingerprints"].get(role, {}), new["fingerprints"].get(role, {}), {"pid", "role", "host"}
+            )
+        ]
     out += [f"engine.{d}" for d in dict_diff(old.get("engine", {}), new.get("engine", {}))]
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,8 +16,9 @@ def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-
     return ((g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)).view(-1)
 
 
-def ppo_clip_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                        eps_low: float, eps_high: float) -> torch.Tensor:
+def ppo_clip_token_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> torch.Tensor:
     """Per-token PPO-clip loss (DAPO-style asymmetric clip); `adv` broadcasts over tokens."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio

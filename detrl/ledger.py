@@ -9,24 +9,38 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import xxhash
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic import Field as PydField
+from safetensors.numpy import load_file, save
 
+from .config import hash_config
 from .util import atomic_write_bytes
 
 LEDGER_VERSION = 2  # 2: config_hash covers the semantic config keys only (1: all recorded keys)
 LEDGER_FILE = "ledger.jsonl"
 
 # The order of the phases inside one iteration: verify reports the first that differs.
-PHASES = ("policy_weights", "prompts", "rollout_tokens", "rollout_logprobs", "rewards", "advantages",
-          "trainer_logprobs", "loss", "grad_norm", "weights")
+PHASES = (
+    "policy_weights",
+    "prompts",
+    "rollout_tokens",
+    "rollout_logprobs",
+    "rewards",
+    "advantages",
+    "trainer_logprobs",
+    "loss",
+    "grad_norm",
+    "weights",
+)
 PER_TENSOR = ("policy_weights", "weights")
 
 
@@ -42,8 +56,6 @@ def _hasher(algo: str, header: bytes):
     if algo == "sha256":
         return hashlib.sha256(header)
     if algo == "xxh3_128":
-        import xxhash
-
         return xxhash.xxh3_128(header)
     raise ValueError(f"unknown tensor hash {algo!r}; choose from {TENSOR_HASHES}")
 
@@ -86,19 +98,20 @@ def array_sha256(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def ragged(rows: Sequence[Sequence[Any]], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+def ragged(rows: Sequence[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """A list of variable-length rows -> (flat values, lengths)."""
     lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
     flat = np.concatenate([np.asarray(r, dtype=dtype) for r in rows]) if len(rows) else np.zeros(0, dtype)
     return flat.astype(dtype, copy=False), lengths
 
 
-def ragged_sha256(rows: Sequence[Sequence[Any]], dtype: Any) -> str:
+def ragged_sha256(rows: Sequence[Any], dtype: Any) -> str:
     flat, lengths = ragged(rows, dtype)
     return hashlib.sha256((array_sha256(lengths) + array_sha256(flat)).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- writing
+
 
 class LedgerWriter:
     """Appends records to DIR/ledger.jsonl; each is flushed and fsynced before `append` returns."""
@@ -202,8 +215,6 @@ class HeaderRecord(BaseModel):
 
     @model_validator(mode="after")
     def _config_matches_its_hash(self) -> HeaderRecord:
-        from .config import hash_config
-
         blob = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
         expected = hash_config(self.config) if self.version >= 2 else hashlib.sha256(blob).hexdigest()
         if expected != self.config_hash:
@@ -243,8 +254,11 @@ class CompletionRecord(BaseModel):
     finished_at: str
 
 
-RECORDS: dict[str, type[BaseModel]] = {"header": HeaderRecord, "iteration": IterationRecord,
-                                       "complete": CompletionRecord}
+RECORDS: dict[str, type[BaseModel]] = {
+    "header": HeaderRecord,
+    "iteration": IterationRecord,
+    "complete": CompletionRecord,
+}
 
 
 def _schema_problem(where: str, kind: str, err: ValidationError) -> str:
@@ -295,12 +309,15 @@ def _check(led: Ledger, where: str, rec: Any, expected: str | None) -> str | Non
         return _schema_problem(where, kind, err)
     if kind == "iteration" and rec["iteration"] != len(led.iterations):
         seen = rec["iteration"] < len(led.iterations)
-        return (f"{where}: iteration {rec['iteration']!r} " +
-                ("repeats an iteration already recorded" if seen else f"where {len(led.iterations)!r} was expected"))
+        return f"{where}: iteration {rec['iteration']!r} " + (
+            "repeats an iteration already recorded" if seen else f"where {len(led.iterations)!r} was expected"
+        )
     if kind == "complete":
         if rec["iterations"] != len(led.iterations):
-            return f"{where}: the completion record says {rec['iterations']!r} iterations, the ledger holds " \
-                   f"{len(led.iterations)!r}"
+            return (
+                f"{where}: the completion record says {rec['iterations']!r} iterations, the ledger holds "
+                f"{len(led.iterations)!r}"
+            )
         last = led.iterations[-1]["hashes"]["weights"] if led.iterations else ""
         if rec["final_weights"] != last:
             return f"{where}: final_weights {rec['final_weights']!r:.24} is not the last iteration's weights hash"
@@ -343,8 +360,9 @@ def read_ledger(path_or_dir: str | Path) -> Ledger:
     elif led.header is None:
         led.problems.append(f"{p} is empty")
     elif led.completion is None:
-        led.problems.append(f"{p} has no completion record: the run did not finish "
-                            f"({len(led.iterations)} iterations recorded)")
+        led.problems.append(
+            f"{p} has no completion record: the run did not finish ({len(led.iterations)} iterations recorded)"
+        )
     return led
 
 
@@ -358,14 +376,11 @@ def step_data_path(run_dir: str | Path, iteration: int) -> Path:
 
 
 def save_step_data(run_dir: str | Path, iteration: int, arrays: Mapping[str, np.ndarray]) -> None:
-    from safetensors.numpy import save
-
-    atomic_write_bytes(step_data_path(run_dir, iteration),
-                       save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+    atomic_write_bytes(
+        step_data_path(run_dir, iteration), save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    )
 
 
 def load_step_data(run_dir: str | Path, iteration: int) -> dict[str, np.ndarray] | None:
-    from safetensors.numpy import load_file
-
     p = step_data_path(run_dir, iteration)
     return load_file(str(p)) if p.exists() else None

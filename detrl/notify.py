@@ -23,8 +23,9 @@ def is_webhook(dest: str) -> bool:
     return dest.startswith(("http://", "https://"))
 
 
-def message(*, flow_run: str, state: str, state_message: str | None, ui_url: str | None,
-            result: dict[str, Any] | None) -> dict[str, Any]:
+def message(
+    *, flow_run: str, state: str, state_message: str | None, ui_url: str | None, result: dict[str, Any] | None
+) -> dict[str, Any]:
     """The payload: everything a reader needs without opening the UI."""
     result = result or {}
     verdict = result.get("verdict") or {}
@@ -42,20 +43,31 @@ def message(*, flow_run: str, state: str, state_message: str | None, ui_url: str
         lines.append(f"ledgers: {result['runs']}")
     if ui_url:
         lines.append(ui_url)
-    return {"subject": subject, "text": "\n".join(lines), "flow_run": flow_run, "state": state,
-            "message": state_message, "ui_url": ui_url, "verdict": verdict.get("status"),
-            "first_divergence": verdict.get("first"), "likely_cause": verdict.get("likely_cause"),
-            "runs": result.get("runs"), "profile": result.get("profile")}
+    return {
+        "subject": subject,
+        "text": "\n".join(lines),
+        "flow_run": flow_run,
+        "state": state,
+        "message": state_message,
+        "ui_url": ui_url,
+        "verdict": verdict.get("status"),
+        "first_divergence": verdict.get("first"),
+        "likely_cause": verdict.get("likely_cause"),
+        "runs": result.get("runs"),
+        "profile": result.get("profile"),
+    }
 
 
-def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: float = 10.0,
-              backoff: float = 1.0) -> int:
+def post_json(
+    url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: float = 10.0, backoff: float = 1.0
+) -> int:
     """POST `payload` as JSON; retries connection errors and 5xx with exponential backoff, not 4xx.
     Returns the HTTP status."""
     body = json.dumps(payload).encode()
     for attempt in range(attempts):
-        req = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "det-rl"})
+        req = urllib.request.Request(
+            url, data=body, method="POST", headers={"Content-Type": "application/json", "User-Agent": "det-rl"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status
@@ -65,5 +77,5 @@ def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: 
         except (urllib.error.URLError, OSError):
             if attempt == attempts - 1:
                 raise
-        time.sleep(backoff * 2 ** attempt)
+        time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on workers and CI
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+import matplotlib.pyplot as plt
 
-PANELS = (("mean_reward", "mean reward"), ("loss", "loss"), ("mean_response_len", "mean response length (tokens)"),
-          ("logprob_max_abs_diff", "trainer vs rollout log-prob max |diff|"))
+PANELS = (
+    ("mean_reward", "mean reward"),
+    ("loss", "loss"),
+    ("mean_response_len", "mean response length (tokens)"),
+    ("logprob_max_abs_diff", "trainer vs rollout log-prob max |diff|"),
+)
 
 
-def curves_png(runs: dict[str, Sequence[dict[str, Any]]], title: str = "") -> bytes:
+def curves_png(runs: Mapping[str, Sequence[dict[str, Any]]], title: str = "") -> bytes:
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
     styles = {"A": {"color": "tab:blue", "lw": 3, "alpha": 0.6}, "B": {"color": "tab:orange", "ls": "--", "lw": 1.5}}
     for ax, (key, label) in zip(axes.flat, PANELS):

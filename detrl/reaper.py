@@ -57,8 +57,9 @@ def watch(driver_pid: int, session_dir: str, interval: float = 1.0) -> int:
     known: dict[int, float] = {}
     while True:
         try:
-            driver_alive = driver.is_running() and driver.create_time() == born and \
-                driver.status() != psutil.STATUS_ZOMBIE
+            driver_alive = (
+                driver.is_running() and driver.create_time() == born and driver.status() != psutil.STATUS_ZOMBIE
+            )
         except psutil.NoSuchProcess:
             driver_alive = False
         if not driver_alive:
@@ -73,9 +74,13 @@ def watch(driver_pid: int, session_dir: str, interval: float = 1.0) -> int:
 
 def start(session_dir: str) -> subprocess.Popen:
     """Start the watcher for this process's Ray session; it outlives a SIGKILL of this process."""
-    return subprocess.Popen([sys.executable, "-m", "detrl.reaper", str(os.getpid()), session_dir],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "detrl.reaper", str(os.getpid()), session_dir],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ def _writable(p: Path) -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot write the run directory {p}: {exc.strerror or exc}; "
-                          "choose a writable --out") from None
+        raise ConfigError(
+            f"cannot write the run directory {p}: {exc.strerror or exc}; choose a writable --out"
+        ) from None
 
 
 def resume_mismatch(run_dir: Path, cfg: RunConfig) -> str | None:
@@ -34,8 +35,10 @@ def resume_mismatch(run_dir: Path, cfg: RunConfig) -> str | None:
     if header is None or header.get("config_hash") == cfg.config_hash():
         return None
     changed = dict_diff(semantic_part(header.get("config") or {}), cfg.semantic_dict())
-    return (f"{run_dir} was started with a different config ({'; '.join(changed[:5]) or 'the config hash differs'}); "
-            "resume it with the same profile and overrides as the run it continues")
+    return (
+        f"{run_dir} was started with a different config ({'; '.join(changed[:5]) or 'the config hash differs'}); "
+        "resume it with the same profile and overrides as the run it continues"
+    )
 
 
 def check_out_dir(path: str | Path, cfg: RunConfig | None = None, *, resume: bool = False) -> Path:
@@ -45,8 +48,10 @@ def check_out_dir(path: str | Path, cfg: RunConfig | None = None, *, resume: boo
     has_ledger = (p / LEDGER_FILE).exists()
     if resume:
         if not has_ledger:
-            raise ConfigError(f"--resume: {p} holds no {LEDGER_FILE}, so there is no run to continue; "
-                              "drop --resume to start a new run there")
+            raise ConfigError(
+                f"--resume: {p} holds no {LEDGER_FILE}, so there is no run to continue; "
+                "drop --resume to start a new run there"
+            )
         if cfg is not None and (why := resume_mismatch(p, cfg)):
             raise ConfigError(why)
         _writable(p)
@@ -54,14 +59,18 @@ def check_out_dir(path: str | Path, cfg: RunConfig | None = None, *, resume: boo
     if has_ledger:
         led = read_ledger(p)
         state = "a complete" if led.complete else f"an unfinished ({len(led.iterations)} iterations)"
-        raise ConfigError(f"{p} already holds {state} run ledger; choose a new --out directory "
-                          "(or --resume to continue an interrupted run from its last checkpoint)")
+        raise ConfigError(
+            f"{p} already holds {state} run ledger; choose a new --out directory "
+            "(or --resume to continue an interrupted run from its last checkpoint)"
+        )
     if p.is_dir():
         entries = sorted(x.name + ("/" if x.is_dir() else "") for x in p.iterdir())
         if entries:
             shown = ", ".join(entries[:6]) + (f" (+{len(entries) - 6} more)" if len(entries) > 6 else "")
-            raise ConfigError(f"--out {p} is not empty ({shown}); det-rl writes a run only into a new or empty "
-                              "directory, so nothing of another run is overwritten or mixed in: choose a new "
-                              "--out or empty this one")
+            raise ConfigError(
+                f"--out {p} is not empty ({shown}); det-rl writes a run only into a new or empty "
+                "directory, so nothing of another run is overwritten or mixed in: choose a new "
+                "--out or empty this one"
+            )
     _writable(p)
     return p

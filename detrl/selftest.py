@@ -5,7 +5,9 @@ vs computed fresh). Each mode reports "Unique samples: N"; N == 1 passes."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +37,6 @@ def _prompts(rng: np.random.Generator, n: int, lo: int, hi: int, vocab: int) -> 
 def vocab_bound(model_dir: str) -> int:
     """Token ids the self-test may draw: below the model's vocabulary (capped at 150000, the bound the
     Qwen2 profiles were measured with)."""
-    import json
-    from pathlib import Path
-
     return min(150000, int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]))
 
 
@@ -45,8 +44,9 @@ def _key(g: Any) -> tuple:
     return tuple(g.token_ids), np.asarray(g.logprobs, dtype=np.float64).tobytes()
 
 
-def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, temperature: float = 1.0,
-                     vocab: int = 150000) -> SelfTestResult:
+def batch_invariance(
+    engine: Any, *, quick: bool = True, seed: int = 1234, temperature: float = 1.0, vocab: int = 150000
+) -> SelfTestResult:
     rng = np.random.default_rng(seed)
     max_bs = 4 if quick else 16
     params = SamplingParams(max_new_tokens=8 if quick else 32, temperature=temperature)
@@ -64,7 +64,7 @@ def batch_invariance(engine: Any, *, quick: bool = True, seed: int = 1234, tempe
     res.unique["single"] = len(outs)
 
     outs = set()
-    for r in range(3 if quick else 8):  # mixed: different neighbours and prefix lengths, shuffled order
+    for _ in range(3 if quick else 8):  # mixed: different neighbours and prefix lengths, shuffled order
         neigh = _prompts(rng, int(rng.integers(1, max_bs)), 5, 200, vocab)
         batch = neigh + [target]
         order = rng.permutation(len(batch)).tolist()

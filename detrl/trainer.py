@@ -8,17 +8,25 @@ One process per rank (a Ray actor, or the caller's process in tests)."""
 from __future__ import annotations
 
 import contextlib
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from .convert import (ArchMeta, build_gpt_model, check_tensor_parallel, load_dist_checkpoint, megatron_to_hf,
-                      model_parallel, tp_partition_dim)
+from .config import RunConfig
 from .grpo import ppo_clip_token_loss
 from .ledger import tensor_digests
+from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
+from .megatron.model import build_gpt_model
+from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf, tp_partition_dim
+from .megatron.parallel import model_parallel
 
 
 @dataclass
@@ -30,39 +38,16 @@ class Sample:
 
 @dataclass
 class StepResult:
-    losses: list[float]          # one per optimizer update of the step
-    grad_norms: list[float]      # before clipping, one per update
-    logprobs: list[np.ndarray]   # trainer log-probs of each sample's response tokens (before the update)
+    losses: list[float]  # one per optimizer update of the step
+    grad_norms: list[float]  # before clipping, one per update
+    logprobs: list[np.ndarray]  # trainer log-probs of each sample's response tokens (before the update)
     tokens: int
 
 
-@dataclass
-class Perturbation:
-    """A planted divergence for tests of the verifier: flip one bit of one weight element."""
-
-    iteration: int
-    tensor: str
-    when: str = "before_step"   # "before_step" (before the iteration's sync) | "after_step"
-    index: int = 0
-    bit: int = 22               # fp32: the top mantissa bit
-
-    @classmethod
-    def parse(cls, text: str) -> Perturbation:
-        """'ITER:TENSOR[:before_step|after_step]', e.g. '1:decoder.layers.0.mlp.linear_fc2.weight'."""
-        from .config import ConfigError
-
-        parts = text.split(":")
-        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1]:
-            raise ConfigError(f"planted perturbation {text!r}: expected ITER:TENSOR[:before_step|after_step]")
-        when = parts[2] if len(parts) == 3 else "before_step"
-        if when not in ("before_step", "after_step"):
-            raise ConfigError(f"planted perturbation {text!r}: when must be before_step or after_step")
-        return cls(iteration=int(parts[0]), tensor=parts[1], when=when)
-
-
 class GRPOTrainer:
-    def __init__(self, cfg: Any, hf_dir: str, megatron_ckpt: str, *, rank: int = 0, world_size: int = 1,
-                 store: Any = None):
+    def __init__(
+        self, cfg: RunConfig, hf_dir: str, megatron_ckpt: str, *, rank: int = 0, world_size: int = 1, store: Any = None
+    ):
         self.cfg, self.hf_dir, self.ckpt = cfg, hf_dir, megatron_ckpt
         self.rank, self.world_size = rank, world_size
         self.tp = cfg.resources.tensor_parallel
@@ -72,9 +57,7 @@ class GRPOTrainer:
         self.dtype = cfg.train_dtype()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(model_parallel(rank, world_size, store=store, tp=self.tp,
-                                                 seed=cfg.seed))
-        from megatron.core import parallel_state as ps
+        self._stack.enter_context(model_parallel(rank, world_size, store=store, tp=self.tp, seed=cfg.seed))
 
         assert (ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()) == (self.dp_rank, self.tp_rank)
         self._dp_group, self._tp_group = ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()
@@ -94,16 +77,21 @@ class GRPOTrainer:
         self.master = [master[n] for n in self.names]
         self._copy_master_to_model()
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.master, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                           eps=t.adam_eps, weight_decay=t.weight_decay,
-                                           foreach=False, fused=False)
+        self.optimizer = torch.optim.AdamW(
+            self.master,
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+            foreach=False,
+            fused=False,
+        )
 
     # -- forward
     def _logprobs(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Log-probs of the response tokens, flat in sample order (sample 0's tokens, then 1's...).
         Only response positions reach the output layer: a forward pre-hook selects them from the
         decoder's hidden states, so the vocabulary projection skips the prompt positions."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         seqs = [s.prompt_ids + s.response_ids for s in samples]
         width = max(len(x) for x in seqs)
@@ -111,8 +99,9 @@ class GRPOTrainer:
         for r, seq in enumerate(seqs):
             tokens[r, : len(seq)] = torch.tensor(seq)
         # position t predicts token t+1: the response tokens are predicted at [p-1, p-1+n)
-        s_idx = torch.cat([torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids))
-                           for s in samples])
+        s_idx = torch.cat(
+            [torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)) for s in samples]
+        )
         b_idx = torch.cat([torch.full((len(s.response_ids),), r) for r, s in enumerate(samples)])
         labels = tokens[b_idx, s_idx + 1].to(self.device)[None]
         s_idx, b_idx, tokens = s_idx.to(self.device), b_idx.to(self.device), tokens.to(self.device)
@@ -136,12 +125,16 @@ class GRPOTrainer:
 
     # -- one GRPO update per call (or `updates_per_step` mini-batches)
     def train_step(self, samples: Sequence[Sample], global_tokens: Sequence[int]) -> StepResult:
-        """`samples`: this data-parallel rank's shard (the same on every TP rank of it), mini-batch after mini-batch. `global_tokens[u]`: response
-        tokens of mini-batch u over all ranks, the token-level mean's denominator."""
+        """`samples`: this data-parallel rank's shard (the same on every TP rank of it), mini-batch after
+        mini-batch. `global_tokens[u]`: response tokens of mini-batch u over all ranks, the token-level
+        mean's denominator."""
         cfg = self.cfg.train
         per_update = len(samples) // cfg.updates_per_step
-        micro = [(u, samples[u * per_update + i: u * per_update + min(i + cfg.micro_batch_size, per_update)])
-                 for u in range(cfg.updates_per_step) for i in range(0, per_update, cfg.micro_batch_size)]
+        micro = [
+            (u, samples[u * per_update + i : u * per_update + min(i + cfg.micro_batch_size, per_update)])
+            for u in range(cfg.updates_per_step)
+            for i in range(0, per_update, cfg.micro_batch_size)
+        ]
         logprobs_out: list[np.ndarray] = []
         old: list[torch.Tensor] = []
         if cfg.updates_per_step > 1:  # later mini-batches are off-policy: take all old log-probs first
@@ -165,8 +158,9 @@ class GRPOTrainer:
                 else:  # one update per rollout: the policy is the rollout's, ratio == 1
                     old_logp = logp.detach()
                     logprobs_out.extend(_rows(old_logp, batch))
-                adv = torch.tensor([s.advantage for s in batch for _ in s.response_ids], dtype=torch.float32,
-                                   device=self.device)
+                adv = torch.tensor(
+                    [s.advantage for s in batch for _ in s.response_ids], dtype=torch.float32, device=self.device
+                )
                 tok_loss = ppo_clip_token_loss(logp, old_logp, adv, cfg.eps_clip_low, cfg.eps_clip_high)
                 loss = tok_loss.sum() / float(global_tokens[u])
                 loss.backward()
@@ -178,8 +172,12 @@ class GRPOTrainer:
             self.optimizer.step()
             self._copy_master_to_model()
             losses.append(float(self._allreduce_scalar(loss_sum)))
-        return StepResult(losses=losses, grad_norms=norms, logprobs=logprobs_out,
-                          tokens=int(sum(len(s.response_ids) for s in samples)))
+        return StepResult(
+            losses=losses,
+            grad_norms=norms,
+            logprobs=logprobs_out,
+            tokens=int(sum(len(s.response_ids) for s in samples)),
+        )
 
     @torch.no_grad()
     def _copy_master_to_model(self) -> None:
@@ -189,24 +187,25 @@ class GRPOTrainer:
 
     # -- resumable checkpoints: fp32 master weights (torch_dist), optimizer state, RNG states
     def save_checkpoint(self, path: str) -> None:
-        import random
-
-        from .convert import save_dist_checkpoint
 
         save_dist_checkpoint(self.master_model, Path(path) / "weights")  # collective over the ranks
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
         torch.save(rng, Path(path) / f"rng_rank{self.rank}.pt")
         if self.dp_rank == 0:  # the optimizer is replicated over the data-parallel ranks
             torch.save(self.optimizer.state_dict(), Path(path) / f"optimizer_tp{self.tp_rank}.pt")
 
     def load_checkpoint(self, path: str) -> None:
-        import random
 
         load_dist_checkpoint(self.master_model, Path(path) / "weights")
         self._copy_master_to_model()
-        self.optimizer.load_state_dict(torch.load(Path(path) / f"optimizer_tp{self.tp_rank}.pt", map_location=self.device,
-                                                  weights_only=False))
+        self.optimizer.load_state_dict(
+            torch.load(Path(path) / f"optimizer_tp{self.tp_rank}.pt", map_location=self.device, weights_only=False)
+        )
         rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -225,7 +224,6 @@ class GRPOTrainer:
     def _allreduce_grads(self) -> None:
         if self.dp == 1:
             return
-        import torch.distributed as dist
 
         # One flat buffer in a fixed parameter order: with NCCL_ALGO=Ring the sum is reproducible.
         grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master]
@@ -233,13 +231,12 @@ class GRPOTrainer:
         dist.all_reduce(flat, group=self._dp_group)
         offset = 0
         for m, g in zip(self.master, grads):
-            m.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+            m.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
     def _allreduce_scalar(self, x: torch.Tensor) -> torch.Tensor:
         if self.dp == 1:
             return x
-        import torch.distributed as dist
 
         t = x.to(self.device)
         dist.all_reduce(t, group=self._dp_group)
@@ -249,7 +246,6 @@ class GRPOTrainer:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         if self.tp == 1:
             return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm, foreach=False))
-        import torch.distributed as dist
 
         # The global norm: squares of the TP-sharded grads summed over the TP group, the
         # replicated ones (norms) counted once.
@@ -277,7 +273,6 @@ class GRPOTrainer:
         rank calls it); None on TP ranks other than 0."""
         if self.tp == 1:
             return {n: p.detach() for n, p in zip(self.names, params)}
-        import torch.distributed as dist
 
         out = {}
         for n, p, dim in zip(self.names, params, self.split_dims):
@@ -316,8 +311,8 @@ class GRPOTrainer:
             return
         m = self.master[self.names.index(tensor)]
         flat = m.data.view(-1)
-        as_int = flat[index: index + 1].view(torch.int32)
-        as_int ^= (1 << bit)
+        as_int = flat[index : index + 1].view(torch.int32)
+        as_int ^= 1 << bit
         self._copy_master_to_model()
 
     def close(self) -> None:
@@ -327,4 +322,4 @@ class GRPOTrainer:
 def _rows(logp: torch.Tensor, samples: Sequence[Sample]) -> list[np.ndarray]:
     flat = logp.detach().float().cpu().numpy()
     bounds = np.cumsum([0] + [len(s.response_ids) for s in samples])
-    return [flat[bounds[i]:bounds[i + 1]].copy() for i in range(len(samples))]
+    return [flat[bounds[i] : bounds[i + 1]].copy() for i in range(len(samples))]

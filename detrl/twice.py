@@ -8,14 +8,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import torch
+
 from .config import ConfigError, RunConfig
 
 T = TypeVar("T")
 
 
 def local_gpus() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -24,17 +24,23 @@ def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
     mode, need = cfg.resources.twice, 2 * cfg.gpus_per_run
     if cfg.resources.ray_address:
         if mode == "auto":
-            return "sequential", ("auto does not size a Ray cluster; set resources.twice=side_by_side when it "
-                                  f"has {need} GPUs free")
+            return "sequential", (
+                f"auto does not size a Ray cluster; set resources.twice=side_by_side when it has {need} GPUs free"
+            )
         return mode, "as configured (Ray cluster)"
     if not cfg.on_gpu:
         # two CPU runs share the cores: side by side is no faster (benchmarks/twice.py) but is allowed
-        return ("sequential", "CPU run: both runs would share the same cores") if mode == "auto" else \
-            (mode, "as configured")
+        return (
+            ("sequential", "CPU run: both runs would share the same cores")
+            if mode == "auto"
+            else (mode, "as configured")
+        )
     have = local_gpus() if gpus is None else gpus
     if mode == "side_by_side" and have < need:
-        raise ConfigError(f"resources.twice=side_by_side needs {need} GPUs ({cfg.gpus_per_run} per run) but this "
-                          f"machine has {have}; use resources.twice=sequential (or auto)")
+        raise ConfigError(
+            f"resources.twice=side_by_side needs {need} GPUs ({cfg.gpus_per_run} per run) but this "
+            f"machine has {have}; use resources.twice=sequential (or auto)"
+        )
     if mode == "auto":
         if have >= need:
             return "side_by_side", f"{have} GPUs hold both runs ({cfg.gpus_per_run} each)"

@@ -9,11 +9,11 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from filelock import FileLock
 
@@ -129,17 +129,34 @@ def entry_stamp(entry: str | Path) -> str | None:
 def check_entry(entry: str | Path, sha256_now: str) -> None:
     recorded = entry_stamp(entry)
     if recorded is not None and recorded != sha256_now:
-        raise CacheError(f"cache entry {entry} does not match the hash recorded when it was written "
-                         f"(recorded {recorded[:16]}, now {sha256_now[:16]}): a file in it changed on disk; "
-                         + REFRESH_HINT)
+        raise CacheError(
+            f"cache entry {entry} does not match the hash recorded when it was written "
+            f"(recorded {recorded[:16]}, now {sha256_now[:16]}): a file in it changed on disk; " + REFRESH_HINT
+        )
 
 
 # ---------------------------------------------------------------- downloads
 
-_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutError",
-                   "TimeoutException", "NetworkError", "RemoteProtocolError", "ProtocolError", "ReadError",
-                   "ChunkedEncodingError", "ConnectionResetError", "ConnectionRefusedError", "IncompleteRead",
-                   "RemoteDisconnected", "MaxRetryError", "NewConnectionError"}
+_NETWORK_ERRORS = {
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutError",
+    "TimeoutException",
+    "NetworkError",
+    "RemoteProtocolError",
+    "ProtocolError",
+    "ReadError",
+    "ChunkedEncodingError",
+    "ConnectionResetError",
+    "ConnectionRefusedError",
+    "IncompleteRead",
+    "RemoteDisconnected",
+    "MaxRetryError",
+    "NewConnectionError",
+}
 
 
 def is_network_error(exc: BaseException) -> bool:
@@ -169,16 +186,19 @@ def retry_network(fn: Callable[[], T], what: str) -> T:
         except Exception as exc:
             if attempt == retries or not is_network_error(exc):
                 raise
-            delay = backoff * 4 ** attempt
-            logging.getLogger("detrl").warning(f"{what}: network error ({type(exc).__name__}); "
-                                               f"retry {attempt + 1}/{retries} in {delay:.1f} s")
+            delay = backoff * 4**attempt
+            logging.getLogger("detrl").warning(
+                f"{what}: network error ({type(exc).__name__}); retry {attempt + 1}/{retries} in {delay:.1f} s"
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-_DEFAULT_DIRS = {"cache": ("DETRL_CACHE", (".cache", "detrl")),
-                 "runs": ("DETRL_RUNS", (".detrl", "runs")),
-                 "golden": ("DETRL_GOLDEN", (".detrl", "golden"))}
+_DEFAULT_DIRS = {
+    "cache": ("DETRL_CACHE", (".cache", "detrl")),
+    "runs": ("DETRL_RUNS", (".detrl", "runs")),
+    "golden": ("DETRL_GOLDEN", (".detrl", "golden")),
+}
 
 
 def default_dir(kind: str) -> str:
@@ -189,9 +209,3 @@ def default_dir(kind: str) -> str:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -9,8 +9,9 @@ different artifacts (model, data, conversion), are different experiments: never 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence, Set
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def dict_diff(a: dict[str, Any], b: dict[str, Any], skip: set[str] = frozenset()) -> list[str]:
+def dict_diff(a: dict[str, Any], b: dict[str, Any], skip: Set[str] = frozenset()) -> list[str]:
     fa, fb = _flatten(a), _flatten(b)
     out = []
     for k in sorted(set(fa) | set(fb)):
@@ -102,9 +103,10 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
     """Refine a divergence with the per-step data both runs kept: sample, position, max |diff|."""
     it = div.iteration
+    assert it is not None, "only a divergence at an iteration is located"
     if div.phase in PER_TENSOR:
-        ta = dict(map(tuple, la.iterations[it]["tensors"][div.phase]))
-        tb = dict(map(tuple, lb.iterations[it]["tensors"][div.phase]))
+        ta: dict[str, str] = dict(map(tuple, la.iterations[it]["tensors"][div.phase]))
+        tb: dict[str, str] = dict(map(tuple, lb.iterations[it]["tensors"][div.phase]))
         order = [n for n, _ in la.iterations[it]["tensors"][div.phase]]
         order += [n for n in tb if n not in ta]
         div.tensors = [n for n in order if ta.get(n) != tb.get(n)]
@@ -121,8 +123,8 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
         starts_a = np.concatenate([[0], np.cumsum(la_len)])
         starts_b = np.concatenate([[0], np.cumsum(lb_len)])
         for s in range(min(len(la_len), len(lb_len))):
-            ra = x[starts_a[s]:starts_a[s + 1]]
-            rb = y[starts_b[s]:starts_b[s + 1]]
+            ra = x[starts_a[s] : starts_a[s + 1]]
+            rb = y[starts_b[s] : starts_b[s + 1]]
             pos = _first_difference(ra, rb)
             if pos is not None:
                 div.sample, div.position = s, pos
@@ -146,40 +148,52 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
 
 PHASE_CAUSE = {
     "policy_weights": "the policy entering this iteration differs: the trainer's weights changed between "
-                      "iterations (a bit flip, memory corruption, an out-of-band write) or the weight export "
-                      "is not deterministic",
+    "iterations (a bit flip, memory corruption, an out-of-band write) or the weight export "
+    "is not deterministic",
     "prompts": "the data order differs: a different seed or dataset content",
     "rollout_tokens": "the rollout engine is not deterministic for the same weights and prompts: check "
-                      "--enable-deterministic-inference, the attention backend (flashinfer/triton, not fa3), "
-                      "FA3 not installed, and per-sample sampling seeds",
+    "--enable-deterministic-inference, the attention backend (flashinfer/triton, not fa3), "
+    "FA3 not installed, and per-sample sampling seeds",
     "rollout_logprobs": "the engine sampled the same tokens with different log-probs: its kernels are not "
-                        "batch-invariant or the attention backend differs",
+    "batch-invariant or the attention backend differs",
     "rewards": "the reward function gave different rewards for the same tokens (non-deterministic reward)",
     "advantages": "advantages differ for the same rewards (non-deterministic normalization)",
     "trainer_logprobs": "the trainer's forward pass is not deterministic: check torch deterministic algorithms, "
-                        "CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0, FA3",
+    "CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0, FA3",
     "loss": "the loss differs for the same log-probs: a non-deterministic reduction",
     "grad_norm": "the backward pass is not deterministic (atomics in kernels, NCCL algorithm: NCCL_ALGO=Ring)",
     "weights": "the optimizer update differs for identical gradients, or a weight changed in memory after the step",
 }
 
 
-def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
-                 ha: dict[str, Any], hb: dict[str, Any], artifact_diff: Sequence[str] = ()) -> str:
+def likely_cause(
+    first: Divergence,
+    config_diff: list[str],
+    fp_diff: list[str],
+    ha: dict[str, Any],
+    hb: dict[str, Any],
+    artifact_diff: Sequence[str] = (),
+) -> str:
     reasons = []
     if artifact_diff:
-        reasons.append("the runs started from different artifacts (" + "; ".join(artifact_diff[:3]) + "): a cache "
-                       "entry changed or a hub revision moved; rebuild the cache (--refresh) or pin model.revision")
+        reasons.append(
+            "the runs started from different artifacts (" + "; ".join(artifact_diff[:3]) + "): a cache "
+            "entry changed or a hub revision moved; rebuild the cache (--refresh) or pin model.revision"
+        )
     if config_diff:
         reasons.append("the two runs were configured differently in semantic keys (" + "; ".join(config_diff[:4]) + ")")
     dets = [h.get("config", {}).get("determinism", {}) for h in (ha, hb)]
     if not all(d.get("enabled", True) for d in dets):
         if all(d.get("pin_seeds") for d in dets):
-            reasons.append("determinism was off (determinism.enabled=false) with the sampling seeds pinned: "
-                           "the engine's non-deterministic kernels (batch-variant reductions) made the runs differ")
+            reasons.append(
+                "determinism was off (determinism.enabled=false) with the sampling seeds pinned: "
+                "the engine's non-deterministic kernels (batch-variant reductions) made the runs differ"
+            )
         else:
-            reasons.append("determinism was off (determinism.enabled=false): unseeded sampling and "
-                           "non-deterministic kernels are expected to make runs differ")
+            reasons.append(
+                "determinism was off (determinism.enabled=false): unseeded sampling and "
+                "non-deterministic kernels are expected to make runs differ"
+            )
     versions = [d for d in fp_diff if ".versions." in d]
     if versions:
         reasons.append("library versions differ between the runs: " + "; ".join(versions[:4]))
@@ -189,22 +203,30 @@ def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
             if fp.get("fa3") and h.get("config", {}).get("determinism", {}).get("enabled", True):
                 fa3.append(f"{role} can import FA3 ({fp['fa3']})")
     if fa3:
-        reasons.append("FlashAttention-3 is installed (" + "; ".join(sorted(set(fa3))[:3]) +
-                       "): uninstall it (pip uninstall flash_attn_3) for deterministic runs")
+        reasons.append(
+            "FlashAttention-3 is installed ("
+            + "; ".join(sorted(set(fa3))[:3])
+            + "): uninstall it (pip uninstall flash_attn_3) for deterministic runs"
+        )
     env = [d for d in fp_diff if ".env." in d]
     if env:
         reasons.append("the determinism env differs between runs: " + "; ".join(env[:4]))
     hw = [d for d in fp_diff if any(k in d for k in (".gpu.", ".cudnn", ".driver", "cpu_capability", ".host"))]
     if hw:
-        reasons.append("the runs ran on different hardware or drivers (" + "; ".join(hw[:4]) +
-                       "): bitwise equality is only expected on the same stack")
+        reasons.append(
+            "the runs ran on different hardware or drivers ("
+            + "; ".join(hw[:4])
+            + "): bitwise equality is only expected on the same stack"
+        )
     other = [d for d in fp_diff if d not in versions + env + hw and ".fa3" not in d]
     if other and not reasons:
         reasons.append("the environments differ: " + "; ".join(other[:4]))
     phase_hint = PHASE_CAUSE.get(first.phase, "")
     if first.phase in ("rollout_tokens", "rollout_logprobs") and (first.iteration or 0) > 0:
-        phase_hint += " (iteration 0 matched: in the seed troubleshooting table, divergence after the first "\
-                      "iteration points to FA3 still installed or the engine not receiving identical weights)"
+        phase_hint += (
+            " (iteration 0 matched: in the seed troubleshooting table, divergence after the first "
+            "iteration points to FA3 still installed or the engine not receiving identical weights)"
+        )
     if first.phase in PER_TENSOR and first.tensors:
         phase_hint += f"; first tensor: {first.tensors[0]}"
     return "; ".join(reasons + [phase_hint]) if reasons else phase_hint
@@ -212,8 +234,15 @@ def likely_cause(first: Divergence, config_diff: list[str], fp_diff: list[str],
 
 # What each iteration's rollout looked like (recorded in its stats, not hashed): shown beside the
 # verdict, since a check proven only on batches that never shrink is weaker than it reads.
-SHAPE_KEYS = ("response_len_min", "response_len_median", "response_len_max", "eos_fraction",
-              "mean_reward", "nonzero_reward_fraction", "logprob_max_abs_diff")
+SHAPE_KEYS = (
+    "response_len_min",
+    "response_len_median",
+    "response_len_max",
+    "eos_fraction",
+    "mean_reward",
+    "nonzero_reward_fraction",
+    "logprob_max_abs_diff",
+)
 
 
 def rollout_shapes(ledger: Ledger) -> list[dict[str, float]]:
@@ -225,21 +254,6 @@ def rollout_shapes(ledger: Ledger) -> list[dict[str, float]]:
     return out
 
 
-def shape_lines(v: Verdict) -> list[str]:
-    """One line per run and iteration: lengths min/median/max, EOS-ended, reward, |lp diff|."""
-    lines = []
-    for run, rows in v.shape.items():
-        for i, r in enumerate(rows):
-            if len(r) < len(SHAPE_KEYS):
-                continue
-            lines.append(f"run {run} iteration {i}: response length {r['response_len_min']:.0f}/"
-                         f"{r['response_len_median']:.0f}/{r['response_len_max']:.0f} (min/median/max), "
-                         f"ended by EOS {r['eos_fraction']:.0%}, mean reward {r['mean_reward']:.3f}, "
-                         f"rewarded {r['nonzero_reward_fraction']:.0%}, trainer-vs-rollout logprob "
-                         f"max|diff| {r['logprob_max_abs_diff']:.3g}")
-    return lines
-
-
 # What identifies an artifact's content (its path may differ between machines and says nothing).
 ARTIFACT_KEYS = ("sha256", "hf_sha256", "revision", "rows", "converter_version", "dtype")
 
@@ -248,8 +262,13 @@ def artifact_diff(ha: dict[str, Any], hb: dict[str, Any]) -> list[str]:
     aa, ab = ha.get("artifacts", {}), hb.get("artifacts", {})
     out = []
     for name in sorted(set(aa) | set(ab)):
-        out += [f"{name}.{d}" for d in dict_diff({k: v for k, v in aa.get(name, {}).items() if k in ARTIFACT_KEYS},
-                                                 {k: v for k, v in ab.get(name, {}).items() if k in ARTIFACT_KEYS})]
+        out += [
+            f"{name}.{d}"
+            for d in dict_diff(
+                {k: v for k, v in aa.get(name, {}).items() if k in ARTIFACT_KEYS},
+                {k: v for k, v in ab.get(name, {}).items() if k in ARTIFACT_KEYS},
+            )
+        ]
     return out
 
 
@@ -278,18 +297,24 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
             v.first = Divergence(iteration=i, phase=differing[0], detail="", other_phases=differing[1:])
     if v.first is None and len(a.iterations) != len(b.iterations) and not v.problems:
         n = min(len(a.iterations), len(b.iterations))
-        v.first = Divergence(iteration=n, phase="iterations",
-                             detail=f"run A has {len(a.iterations)} iterations, run B {len(b.iterations)}")
+        v.first = Divergence(
+            iteration=n,
+            phase="iterations",
+            detail=f"run A has {len(a.iterations)} iterations, run B {len(b.iterations)}",
+        )
     if v.first is None and (v.artifact_diff or v.config_diff):
         what = "artifacts" if v.artifact_diff else "config"
-        v.first = Divergence(iteration=None, phase=what, detail="every recorded hash matches, but the runs are "
-                             "different experiments: " + "; ".join((v.artifact_diff or v.config_diff)[:4]))
+        v.first = Divergence(
+            iteration=None,
+            phase=what,
+            detail="every recorded hash matches, but the runs are "
+            "different experiments: " + "; ".join((v.artifact_diff or v.config_diff)[:4]),
+        )
     if v.first is not None and v.first.iteration is not None and v.first.phase != "iterations":
         _locate(v.first, a, b)
         v.first.context = _first_token_context(v.first, a, b)
     if v.first is not None:
-        v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header,
-                                      v.artifact_diff)
+        v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header, v.artifact_diff)
     if v.problems:
         v.status = "incomplete"
     elif v.first is not None:
@@ -297,8 +322,12 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
     return v
 
 
-TOKEN_PHASES = {"rollout_tokens": "rollout_tokens", "rollout_logprobs": "rollout_tokens",
-                "trainer_logprobs": "rollout_tokens", "prompts": "prompts"}
+TOKEN_PHASES = {
+    "rollout_tokens": "rollout_tokens",
+    "rollout_logprobs": "rollout_tokens",
+    "trainer_logprobs": "rollout_tokens",
+    "prompts": "prompts",
+}
 
 
 def _first_token_context(first: Divergence, a: Ledger, b: Ledger) -> dict[str, Any] | None:
@@ -319,7 +348,7 @@ def token_context(div: Divergence, a: Ledger, b: Ledger, window: int = 6) -> dic
     """The token ids of A and B around the first differing position of the first differing sample,
     decoded one by one with run A's tokenizer when it is still on this machine."""
     key = TOKEN_PHASES.get(div.phase)
-    if key is None or div.sample is None or div.position is None:
+    if key is None or div.iteration is None or div.sample is None or div.position is None:
         return None
     da, db = load_step_data(a.run_dir, div.iteration), load_step_data(b.run_dir, div.iteration)
     if da is None or db is None:
@@ -331,11 +360,11 @@ def token_context(div: Divergence, a: Ledger, b: Ledger, window: int = 6) -> dic
         if div.sample >= len(lens):
             ctx[run] = []
             continue
-        start = int(lens[:div.sample].sum())
-        row = d[key][start:start + int(lens[div.sample])]
-        ctx[run] = [int(t) for t in row[lo:div.position + window + 1]]
+        start = int(lens[: div.sample].sum())
+        row = d[key][start : start + int(lens[div.sample])]
+        ctx[run] = [int(t) for t in row[lo : div.position + window + 1]]
         if div.phase != key and div.phase in d:  # log-prob phases: the values at the differing token
-            values = d[div.phase][start:start + int(lens[div.sample])]
+            values = d[div.phase][start : start + int(lens[div.sample])]
             if div.position < len(values):
                 ctx[f"{run}_value"] = float(values[div.position])
     tok = _tokenizer(a)
@@ -353,107 +382,9 @@ def _tokenizer(led: Ledger) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - the checkpoint was moved or this machine lacks it: ids only
+    except Exception:
         return None
-
-
-def context_lines(ctx: dict[str, Any] | None) -> list[str]:
-    if not ctx:
-        return []
-    rel = ctx["position"] - ctx["from"]
-    out = [f"{ctx['phase']} first differ at sample {ctx['sample']}, token position {ctx['position']} "
-           "(the differing token in brackets):"]
-    for run in ("a", "b"):
-        toks = ctx.get(f"{run}_text") or [str(t) for t in ctx[run]]
-        shown = [repr(t) if i != rel else f"[{t!r}]" for i, t in enumerate(toks)]
-        value = f" ({ctx['phase']} there: {ctx[run + '_value']!r})" if f"{run}_value" in ctx else ""
-        out.append(f"run {run.upper()} tokens {ctx['from']}..: {' '.join(shown)}{value}")
-    return out
-
-
-def verdict_summary(v: Verdict) -> dict[str, Any]:
-    """The few fields an alert or a CI log needs, as plain JSON."""
-    first = None
-    if v.first is not None:
-        first = f"{v.first.where()}: {v.first.detail}"
-        if v.first.tensors:
-            first += f" (first tensor {v.first.tensors[0]})"
-    return {"status": v.status, "exit_code": v.exit_code, "iterations": list(v.iterations), "first": first,
-            "likely_cause": v.likely_cause, "problems": v.problems[:3], "semantic_config_diff": v.config_diff[:8],
-            "artifact_diff": v.artifact_diff[:8], "environment_diff": v.fingerprint_diff[:8],
-            "context": context_lines(v.first.context if v.first else None)}
 
 
 def verify(dir_a: str, dir_b: str) -> Verdict:
     return compare(read_ledger(dir_a), read_ledger(dir_b))
-
-
-# ---------------------------------------------------------------- presentation
-
-def _divergence_lines(v: Verdict) -> list[str]:
-    d = v.first
-    if d is None:
-        return []
-    lines = [f"first divergence: {'iteration %d, phase ' % d.iteration if d.iteration is not None else ''}"
-             f"{d.phase}: {d.detail}"]
-    if d.tensors:
-        shown = ", ".join(d.tensors[:8]) + (f" (+{len(d.tensors) - 8} more)" if len(d.tensors) > 8 else "")
-        lines.append(f"tensors that differ: {shown}")
-    lines += context_lines(d.context)
-    if d.other_phases:
-        lines.append(f"also differing in that iteration: {', '.join(d.other_phases)}")
-    if v.likely_cause:
-        lines.append(f"likely cause: {v.likely_cause}")
-    return lines
-
-
-def _head(v: Verdict) -> str:
-    if v.status == "identical" and v.config_diff_other:
-        keys = ", ".join(d.split(": ", 1)[0] for d in v.config_diff_other)
-        return f"IDENTICAL (configs differ only in non-semantic keys: {keys})"
-    return HEAD[v.status]
-
-
-def _difference_lines(v: Verdict) -> list[tuple[str, list[str]]]:
-    """(title, lines) of what differs besides the hashes, semantic first."""
-    return [(t, d) for t, d in (("Artifact differences", v.artifact_diff),
-                                ("Semantic config differences", v.config_diff),
-                                ("Non-semantic config differences (cannot change results)", v.config_diff_other),
-                                ("Environment differences", v.fingerprint_diff)) if d]
-
-
-def format_text(v: Verdict) -> str:
-    lines = [f"{_head(v)}: {v.a} vs {v.b} ({v.iterations[0]} and {v.iterations[1]} iterations)"]
-    if v.status == "identical":
-        lines.append(f"all {v.iterations[0]} iterations match in every phase ({', '.join(PHASES)})")
-    lines += [f"problem: {p}" for p in v.problems]
-    for title, diff in _difference_lines(v)[:2] if v.status == "diverged" else []:
-        lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
-    lines += _divergence_lines(v)
-    for title, diff in _difference_lines(v)[2 if v.status == "diverged" else 0:]:
-        lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
-    shape = shape_lines(v)
-    if shape:
-        lines += ["rollout shape:"] + [f"  {x}" for x in shape]
-    return "\n".join(lines)
-
-
-def format_markdown(v: Verdict) -> str:
-    # no emoji or block glyphs: a browser without those fonts shows boxes (seen in Prefect's UI)
-    out = [f"# Reproducibility verdict: **{_head(v)}**", ""]
-    out.append(f"- run A: `{v.a}` ({v.iterations[0]} iterations)")
-    out.append(f"- run B: `{v.b}` ({v.iterations[1]} iterations)")
-    out.append("")
-    if v.status == "identical":
-        out.append(f"Every phase of every iteration matched bit for bit: {', '.join(PHASES)}.")
-    for p in v.problems:
-        out.append(f"- **problem:** {p}")
-    if v.first is not None:
-        out += ["## First divergence", ""]
-        out += [f"- {line}" for line in _divergence_lines(v)]
-    for title, diff in _difference_lines(v):
-        out += ["", f"## {title}", ""] + [f"- `{d}`" for d in diff[:20]]
-    shape = shape_lines(v)
-    if shape:
-        out += ["", "## Rollout shape", ""] + [f"- {x}" for x in shape]
-    return "\n".join(out) + "\n"

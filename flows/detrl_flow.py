@@ -3,6 +3,7 @@ run loop B -> verify. Ends Failed when the two runs differ, and then notifies (`
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -10,20 +11,20 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.futures import wait
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Failed, State
 
-from detrl import quiet, twice
-from detrl.config import PROFILES
+from detrl import twice
+from detrl.cli import config_arguments
+from detrl.config import PROFILES, RunConfig
+from detrl.report import verdict_summary
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
-from detrl.verify import verdict_summary
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
-from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
 from tasks.notify import notify_hook
+from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
 from tasks.verify import verify_runs
 
-quiet.install()
 Profile = Literal[("auto", *PROFILES)]  # type: ignore[valid-type]
 FLOW_TIMEOUT_S = 6 * 3600  # a backstop: every task has a limit scaled to its config (RunConfig.run_timeout)
 
@@ -34,8 +35,15 @@ def _run_name() -> str:
     return f"{p.get('profile', 'auto')}-seed{'default' if seed is None else seed}-{time.strftime('%m%d-%H%M%S')}"
 
 
-@flow(name="det-rl", log_prints=True, flow_run_name=_run_name, timeout_seconds=FLOW_TIMEOUT_S,
-      on_failure=[notify_hook], on_crashed=[notify_hook], on_completion=[notify_hook])
+@flow(
+    name="det-rl",
+    log_prints=True,
+    flow_run_name=_run_name,
+    timeout_seconds=FLOW_TIMEOUT_S,
+    on_failure=[notify_hook],
+    on_crashed=[notify_hook],
+    on_completion=[notify_hook],
+)
 def detrl_flow(
     profile: Profile = "auto",
     seed: int | None = None,
@@ -44,6 +52,7 @@ def detrl_flow(
     samples_per_prompt: int | None = None,
     max_new_tokens: int | None = None,
     determinism: bool = True,
+    config_file: str | None = None,
     overrides: list[str] = [],  # noqa: B006 - Prefect shows parameters, never mutates them
     plant: list[str] = [],  # noqa: B006
     notify: str | None = None,
@@ -53,7 +62,7 @@ def detrl_flow(
     runs_dir: str | None = None,
     golden_store: str | None = None,
     update_golden: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Run the GRPO loop twice from the same config and verify that every step is bit-wise identical.
 
     Args:
@@ -64,6 +73,7 @@ def detrl_flow(
         samples_per_prompt: GRPO group size; empty keeps the profile's.
         max_new_tokens: Longest response; empty keeps the profile's.
         determinism: Off runs production kernels and unseeded sampling: the runs are expected to differ.
+        config_file: A YAML file of config keys, applied after the profile (as `detrl --config`).
         overrides: Config keys as KEY=VALUE, e.g. `rollout.temperature=0.7` (see `detrl profiles --show NAME`).
         plant: Bit flips in run B as ITER:TENSOR, to prove the check catches them (the run then fails).
         notify: Where to send a failure: a webhook URL (JSON POST) or a Prefect notification block as
@@ -75,39 +85,39 @@ def detrl_flow(
         golden_store: Known-good ledgers per config and hardware; empty uses $DETRL_GOLDEN or ~/.detrl/golden.
         update_golden: Make this run the known-good ledger of its config.
     """
-    typed = {"train.steps": steps, "rollout.prompts_per_step": prompts_per_step,
-             "rollout.samples_per_prompt": samples_per_prompt, "rollout.max_new_tokens": max_new_tokens,
-             "determinism.enabled": determinism}
-    cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides)
+    typed = {
+        "train.steps": steps,
+        "rollout.prompts_per_step": prompts_per_step,
+        "rollout.samples_per_prompt": samples_per_prompt,
+        "rollout.max_new_tokens": max_new_tokens,
+        "determinism.enabled": determinism,
+    }
+    cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides, config_file)
     out = Path(runs_dir or default_dir("runs"))
     out = check_out_dir(out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
     preflight.with_options(timeout_seconds=cfg.startup_timeout())(cfg)
     cache = cache_dir or default_dir("cache")
 
-    model = download_model.with_options(refresh_cache=refresh)(cfg, cache, refresh)
-    data = download_dataset.with_options(refresh_cache=refresh)(cfg, cache, refresh)
-    megatron = convert_checkpoint.with_options(refresh_cache=refresh)(model, cache, refresh)
-    loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
+    model = download_model(cfg, cache, refresh)
+    data = download_dataset(cfg, cache, refresh)
+    megatron = convert_checkpoint(model, cache, refresh)
     mode, why = twice.choose(cfg)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
     start = time.monotonic()
-    if mode == "side_by_side":  # each run's workers take their own GPUs; the task runner's threads overlap them
-        runs = [loop.submit(cfg, str(out / f"run_{x.lower()}"), model, data, megatron, x, p)
-                for x, p in (("A", []), ("B", plant))]
-        wait(runs)
-        run_a, run_b = (f.result() for f in runs)
-    else:
-        run_a = loop(cfg, str(out / "run_a"), model, data, megatron, "A", [])
-        run_b = loop(cfg, str(out / "run_b"), model, data, megatron, "B", plant)
-    runs_s = time.monotonic() - start
+    run_a, run_b = _run_twice(mode, cfg, out, (model, data, megatron), plant)
     verdict = verify_runs(run_a, run_b)
 
-    result = {"status": verdict.status, "runs": str(out), "profile": cfg.profile, "verdict": verdict_summary(verdict),
-              "twice": mode, "runs_wall_s": round(runs_s, 1)}
+    result = {
+        "status": verdict.status,
+        "runs": str(out),
+        "profile": cfg.profile,
+        "verdict": verdict_summary(verdict),
+        "twice": mode,
+        "runs_wall_s": round(time.monotonic() - start, 1),
+    }
     if verdict.status != "identical":
         where = f" at {verdict.first.where()}" if verdict.first else ""
-        return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}",
-                      data=result)
+        return Failed(message=f"runs {verdict.status}{where}: {verdict.likely_cause or verdict.problems}", data=result)
     gold = golden_check(run_a, golden_store or default_dir("golden"), update_golden)
     result["golden"] = gold.status
     if not gold.ok:
@@ -115,23 +125,40 @@ def detrl_flow(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def _run_twice(mode: str, cfg: RunConfig, out: Path, arts: tuple[Any, Any, Any], plant: list[str]) -> tuple[str, str]:
+    loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
+    runs: list[tuple[str, Path, list[str]]] = [("A", out / "run_a", []), ("B", out / "run_b", plant)]
+    if mode != "side_by_side":
+        return loop(cfg, str(runs[0][1]), *arts, "A", []), loop(cfg, str(runs[1][1]), *arts, "B", plant)
+    # each run's workers take their own GPUs; the task runner's threads overlap the two
+    futures = [loop.submit(cfg, str(d), *arts, label, p) for label, d, p in runs]
+    wait(futures)
+    return futures[0].result(), futures[1].result()
 
-    ap = argparse.ArgumentParser(description="Run the det-rl flow once (ephemeral Prefect unless PREFECT_API_URL is set)")
-    ap.add_argument("--profile", default="auto", choices=["auto", *PROFILES])
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--plant", action="append", default=[], metavar="ITER:TENSOR")
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.detrl_flow`: the flow once, with the `detrl` CLI's config arguments."""
+    ap = argparse.ArgumentParser(
+        description="Run the det-rl flow once (ephemeral Prefect unless PREFECT_API_URL is set)"
+    )
+    config_arguments(ap)
     a = ap.parse_args(argv)
-    state = detrl_flow(profile=a.profile, seed=a.seed, steps=a.steps, overrides=a.overrides, plant=a.plant,
-                       return_state=True)
+    state = detrl_flow(
+        profile=a.profile or "auto",
+        config_file=a.config,
+        seed=a.seed,
+        overrides=a.overrides,
+        plant=a.plant,
+        cache_dir=a.cache,
+        refresh=a.refresh,
+        return_state=True,
+    )
     result = state.result(raise_on_failure=False)
     data = result if isinstance(result, dict) else (state.data if isinstance(state.data, dict) else {})
     print(f"\ndet-rl: {state.name}: {state.message or data.get('status', '')}")
     if data.get("runs"):
-        print(f"det-rl: ledgers in {data['runs']}; compare again with: detrl verify {data['runs']}/run_a {data['runs']}/run_b")
+        runs = data["runs"]
+        print(f"det-rl: ledgers in {runs}; compare again with: detrl verify {runs}/run_a {runs}/run_b")
     return 0 if state.is_completed() else 1
 
 

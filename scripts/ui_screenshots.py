@@ -2,7 +2,7 @@
 tiny-cpu (identical; a planted bit flip), and take headless Chromium screenshots of both flow runs
 and their verdict and plot artifacts.
 
-    .venv/bin/pip install playwright && apt-get install chromium   # once
+    .venv/bin/pip install -e ".[ui]" && apt-get install chromium   # once
     .venv/bin/python scripts/ui_screenshots.py --out docs/screenshots
 
 Chromium is Debian's (/usr/bin/chromium, or --chromium PATH); playwright only drives it."""
@@ -24,8 +24,16 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _port() -> int:
@@ -61,12 +69,28 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="detrl-ui-"))
     port = _port()
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "DETRL_CACHE": str(tmp / "cache"), "DETRL_RUNS": str(tmp / "runs"), "DETRL_GOLDEN": str(tmp / "golden"),
-           "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "DETRL_CACHE": str(tmp / "cache"),
+        "DETRL_RUNS": str(tmp / "runs"),
+        "DETRL_GOLDEN": str(tmp / "golden"),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    procs = [
+        subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=open(tmp / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
     try:
         for _ in range(180):
             try:
@@ -74,13 +98,26 @@ def main() -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        cli = lambda *args: subprocess.run([*PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                           check=True)
+        cli = lambda *args: subprocess.run(
+            [*PREFECT, *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cli("work-pool", "create", "detrl-process", "--type", "process")
         cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "gsm8k")
-        procs.append(subprocess.Popen([*PREFECT, "worker", "start", "--pool", "detrl-process"], env=env, cwd=ROOT,
-                                      stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [*PREFECT, "worker", "start", "--pool", "detrl-process"],
+                env=env,
+                cwd=ROOT,
+                stdout=open(tmp / "worker.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         runs = {}
         for label, params in (("identical", []), ("planted", ['plant=["1:decoder.layers.1.mlp.linear_fc2.weight"]'])):
             args = ["deployment", "run", "det-rl/gsm8k", "--param", "profile=tiny-cpu", "--param", "steps=2"]

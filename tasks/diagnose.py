@@ -17,8 +17,9 @@ def preflight(cfg: RunConfig) -> None:
     get_run_logger().info("preflight checks:\n" + report.table())
     create_table_artifact(report.rows(), key="detrl-preflight", description="preflight checks on every worker")
     if not report.ok:
-        raise DeterminismError("preflight failed:\n" + "\n".join(
-            f"{c.where}: {c.name}: {c.detail} -> {c.fix}" for c in report.failures()))
+        raise DeterminismError(
+            "preflight failed:\n" + "\n".join(f"{c.where}: {c.name}: {c.detail} -> {c.fix}" for c in report.failures())
+        )
 
 
 @task(name="golden-check", cache_policy=NO_CACHE)

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from detrl.config import RunConfig
+from detrl.config import ConfigError, Perturbation, RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
-from detrl.loop import Artifacts, progress_line, run
+from detrl.determinism import DeterminismError
+from detrl.loop import Artifacts, run
 from detrl.models import ModelArtifact
-from detrl.trainer import Perturbation
+from detrl.records import progress_line
+from detrl.workers import PhaseTimeout, RunError
 
 
 def _worker_crash(task: Any, task_run: Any, state: Any) -> bool:
     """Retry (and so resume from the last checkpoint) when a worker died, not on bad input nor on a
     phase that hung (a second hang would only hold the nightly slot longer)."""
-    from detrl.config import ConfigError
-    from detrl.determinism import DeterminismError
-    from detrl.loop import RunError
-    from detrl.workers import PhaseTimeout
-
     try:
         state.result()
     except (ConfigError, DeterminismError, RunError, PhaseTimeout):
@@ -33,21 +31,42 @@ def _worker_crash(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="run-loop", cache_policy=NO_CACHE, task_run_name="run-loop-{label}", retries=1,
-      retry_delay_seconds=5, retry_condition_fn=_worker_crash)
-def run_loop(cfg: RunConfig, run_dir: str, model: ModelArtifact, data: DatasetArtifact,
-             megatron: ConvertedArtifact, label: str, plant: list[str]) -> str:
+@task(
+    name="run-loop",
+    cache_policy=NO_CACHE,
+    task_run_name="run-loop-{label}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_worker_crash,
+)
+def run_loop(
+    cfg: RunConfig,
+    run_dir: str,
+    model: ModelArtifact,
+    data: DatasetArtifact,
+    megatron: ConvertedArtifact,
+    label: str,
+    plant: list[str],
+) -> str:
     log = get_run_logger()
     steps = cfg.train.steps
-    progress = create_progress_artifact(progress=0.0, key=f"detrl-progress-{label.lower()}",
-                                        description=f"run {label}: iterations done, of {steps}")
+    progress: UUID = create_progress_artifact(  # type: ignore[assignment] # sync in a sync task
+        progress=0.0, key=f"detrl-progress-{label.lower()}", description=f"run {label}: iterations done, of {steps}"
+    )
 
     def report(it: int, n: int, stats: dict[str, Any]) -> None:
         log.info(f"run {label}: iteration {it + 1}/{n}: {progress_line(stats)}")
         update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
 
     # resume=True: a retry after a worker crash continues from the run's last checkpoint
-    summary = run(cfg, run_dir, Artifacts(model, data, megatron), resume=True, restart_without_checkpoint=True,
-                  perturbations=[Perturbation.parse(p) for p in plant], progress=report)
+    summary = run(
+        cfg,
+        run_dir,
+        Artifacts(model, data, megatron),
+        resume=True,
+        restart_without_checkpoint=True,
+        perturbations=[Perturbation.parse(p) for p in plant],
+        progress=report,
+    )
     log.info(f"run {label}: {summary.iterations} iterations in {summary.wall_s:.1f}s -> {run_dir}/ledger.jsonl")
     return run_dir

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -20,11 +21,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def detrl(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process (`env`: extra variables)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "detrl", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "detrl", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 def _cuda() -> bool:

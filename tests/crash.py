@@ -12,8 +12,9 @@ from pathlib import Path
 from detrl.ledger import read_ledger
 
 
-def kill_trainer_when(root: Path, pattern: str, iterations: int, stop: threading.Event | None = None,
-                      timeout: float = 600, rank: int = 0) -> bool:
+def kill_trainer_when(
+    root: Path, pattern: str, iterations: int, stop: threading.Event | None = None, timeout: float = 600, rank: int = 0
+) -> bool:
     """SIGKILL trainer `rank` of the run whose ledger matches `pattern` under `root`, once that ledger
     holds `iterations` iteration records. Returns whether it killed it."""
     deadline = time.time() + timeout

@@ -7,13 +7,22 @@ import pytest
 from conftest import ROOT, detrl
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "--profile", "tiny-cpu", "--out", "x", "--set", "rollout.temprature=1"], "did you mean 'rollout.temperature'"),
-    (["run", "--profile", "nope", "--out", "x"], "unknown profile 'nope'"),
-    (["run", "--profile", "gsm8k-qwen2.5-0.5b", "--out", "x", "--set", "resources.num_gpus=0"], "backends.rollout=hf"),
-    (["run", "--out", "x"], "give --profile NAME or --config FILE"),
-    (["run", "--profile", "tiny-cpu", "--out", "x", "--plant", "one:two"], "ITER:TENSOR"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["run", "--profile", "tiny-cpu", "--out", "x", "--set", "rollout.temprature=1"],
+            "did you mean 'rollout.temperature'",
+        ),
+        (["run", "--profile", "nope", "--out", "x"], "unknown profile 'nope'"),
+        (
+            ["run", "--profile", "gsm8k-qwen2.5-0.5b", "--out", "x", "--set", "resources.num_gpus=0"],
+            "backends.rollout=hf",
+        ),
+        (["run", "--out", "x"], "give --profile NAME or --config FILE"),
+        (["run", "--profile", "tiny-cpu", "--out", "x", "--plant", "one:two"], "ITER:TENSOR"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
     r = detrl(*args, "--cache", str(tmp_path))
     assert r.returncode == 2, r.stderr
@@ -22,8 +31,19 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
 
 
 def test_unreachable_model_fails_before_any_work(tmp_path):
-    r = detrl("run", "--profile", "tiny-cpu", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c"),
-              "--set", "model.source=hub", "--set", "model.name=nobody/nothing")
+    r = detrl(
+        "run",
+        "--profile",
+        "tiny-cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache",
+        str(tmp_path / "c"),
+        "--set",
+        "model.source=hub",
+        "--set",
+        "model.name=nobody/nothing",
+    )
     assert r.returncode == 2 and "could not download model 'nobody/nothing'" in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "c" / "megatron").exists()
 
@@ -31,9 +51,20 @@ def test_unreachable_model_fails_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_path, runs):
     out = tmp_path / "rep"
-    r = detrl("reproduce", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(tmp_path / "c"),
-              "--plant", "2:decoder.layers.0.mlp.linear_fc1.weight", "--set", "resources.twice=side_by_side",
-              "--json")
+    r = detrl(
+        "reproduce",
+        "--profile",
+        "tiny-cpu",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "c"),
+        "--plant",
+        "2:decoder.layers.0.mlp.linear_fc1.weight",
+        "--set",
+        "resources.twice=side_by_side",
+        "--json",
+    )
     assert r.returncode == 1 and "{" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     assert "runs A and B: side by side" in r.stdout
     # runs that overlapped in time record what a sequential pair (the `runs` fixture) records
@@ -41,13 +72,28 @@ def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_pat
 
     assert verify(str(out / "run_a"), str(runs / "a")).status == "identical"
     seq = verify(str(runs / "a"), str(out / "run_b"))
-    assert seq.status == "diverged" and seq.first.where() == verify(str(out / "run_a"), str(out / "run_b")).first.where()
+    assert (
+        seq.status == "diverged" and seq.first.where() == verify(str(out / "run_a"), str(out / "run_b")).first.where()
+    )
     # a clean log: progress, not library noise (detrl/quiet.py), and nothing else warned either
-    lines = (r.stdout[:r.stdout.index("{")] + r.stderr).splitlines()
-    assert not [x for x in lines if any(n in x for n in ("Apex", "Transformer Engine", "ShardedTensor",
-                                                         "Token authentication", "past_key_values",
-                                                         "Warning", "warnings.warn"))], lines
-    verdict = json.loads(r.stdout[r.stdout.index("{"):])
+    lines = (r.stdout[: r.stdout.index("{")] + r.stderr).splitlines()
+    assert not [
+        x
+        for x in lines
+        if any(
+            n in x
+            for n in (
+                "Apex",
+                "Transformer Engine",
+                "ShardedTensor",
+                "Token authentication",
+                "past_key_values",
+                "Warning",
+                "warnings.warn",
+            )
+        )
+    ], lines
+    verdict = json.loads(r.stdout[r.stdout.index("{") :])
     assert verdict["status"] == "diverged"
     assert verdict["first"]["iteration"] == 2 and verdict["first"]["phase"] == "policy_weights"
     # element 0 of Megatron's fused fc1 lies in its gate half
@@ -68,13 +114,17 @@ def _out_dirs(tmp_path):
     (stale / "steps" / "iter_00007").mkdir(parents=True)
     (stale / "config.json").write_text("{}")
     (tmp_path / "afile").write_text("x")
-    return {"complete": (write(tmp_path / "complete", records()), "already holds a complete run ledger"),
-            "unfinished": (write(tmp_path / "unfinished", records()[:-1]),
-                           "already holds an unfinished (2 iterations) run ledger"),
-            "not empty": (stale, "is not empty (config.json, steps/)"),
-            "not a directory": (tmp_path / "afile" / "out", "cannot write the run directory"),
-            "read-only": ("/sys/detrl-out", "cannot write the run directory"),
-            "a file": (tmp_path / "afile", "is a file, not a directory")}
+    return {
+        "complete": (write(tmp_path / "complete", records()), "already holds a complete run ledger"),
+        "unfinished": (
+            write(tmp_path / "unfinished", records()[:-1]),
+            "already holds an unfinished (2 iterations) run ledger",
+        ),
+        "not empty": (stale, "is not empty (config.json, steps/)"),
+        "not a directory": (tmp_path / "afile" / "out", "cannot write the run directory"),
+        "read-only": ("/sys/detrl-out", "cannot write the run directory"),
+        "a file": (tmp_path / "afile", "is a file, not a directory"),
+    }
 
 
 @pytest.mark.parametrize("command", ["run", "reproduce"])
@@ -92,16 +142,32 @@ def test_out_is_checked_before_any_work_and_never_clobbered(tmp_path, capsys, co
 
 
 def test_resume_needs_a_ledger_of_the_same_config(tmp_path, capsys):
-    from detrl.cli import main
     from test_ledger import records, write
 
+    from detrl.cli import main
+
     (tmp_path / "empty").mkdir()
-    code = main(["run", "--profile", "tiny-cpu", "--out", str(tmp_path / "empty"), "--resume",
-                 "--cache", str(tmp_path / "c")])
+    code = main(
+        ["run", "--profile", "tiny-cpu", "--out", str(tmp_path / "empty"), "--resume", "--cache", str(tmp_path / "c")]
+    )
     assert code == 2 and "holds no ledger.jsonl, so there is no run to continue" in capsys.readouterr().err
     run = write(tmp_path / "run", records()[:-1])
-    code = main(["run", "--profile", "tiny-cpu", "--out", str(run), "--resume", "--cache", str(tmp_path / "c"),
-                 "--set", "train.lr=0.5", "--set", "checkpoint.keep=4"])
+    code = main(
+        [
+            "run",
+            "--profile",
+            "tiny-cpu",
+            "--out",
+            str(run),
+            "--resume",
+            "--cache",
+            str(tmp_path / "c"),
+            "--set",
+            "train.lr=0.5",
+            "--set",
+            "checkpoint.keep=4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "different config (train.lr: 0.001 -> 0.5)" in err, err
     assert not (tmp_path / "c").exists()

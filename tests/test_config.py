@@ -17,8 +17,11 @@ def test_reference_profile_mirrors_the_miles_recipe():
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.max_new_tokens == 1024
     assert (cfg.train.eps_clip_low, cfg.train.eps_clip_high, cfg.train.lr) == (0.2, 0.28, 1e-6)
     assert cfg.backends.rollout == "sglang" and cfg.determinism.enabled
-    assert cfg.determinism.env == {"NCCL_ALGO": "Ring", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
-                                   "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert cfg.determinism.env == {
+        "NCCL_ALGO": "Ring",
+        "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
 
 
 def test_unknown_key_is_named_with_a_suggestion():
@@ -33,14 +36,17 @@ def test_unknown_top_level_key_in_file(tmp_path):
         load_config("tiny-cpu", config_file=f)
 
 
-@pytest.mark.parametrize("override,where", [
-    ("rollout.temperature=-1", "rollout.temperature"),
-    ("rollout.top_p=1.5", "rollout.top_p"),
-    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
-    ("train.steps=0", "train.steps"),
-    ("train.lr=abc", "train.lr"),
-    ("backends.rollout=vllm", "backends.rollout"),
-])
+@pytest.mark.parametrize(
+    "override,where",
+    [
+        ("rollout.temperature=-1", "rollout.temperature"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+        ("train.steps=0", "train.steps"),
+        ("train.lr=abc", "train.lr"),
+        ("backends.rollout=vllm", "backends.rollout"),
+    ],
+)
 def test_out_of_range_values_are_rejected_with_the_key(override, where):
     with pytest.raises(ConfigError) as err:
         load_config("tiny-cpu", overrides=[override])
@@ -53,8 +59,9 @@ def test_gpu_backend_without_gpus_is_rejected_with_the_fix():
 
 
 def test_overrides_apply_typed_values_and_seed():
-    cfg = load_config("tiny-cpu", overrides=["train.lr=1e-5", "rollout.max_new_tokens=7",
-                                             "determinism.env.NCCL_DEBUG=1"], seed=9)
+    cfg = load_config(
+        "tiny-cpu", overrides=["train.lr=1e-5", "rollout.max_new_tokens=7", "determinism.env.NCCL_DEBUG=1"], seed=9
+    )
     assert cfg.train.lr == 1e-5 and cfg.rollout.max_new_tokens == 7 and cfg.seed == 9
     assert cfg.determinism.env["NCCL_DEBUG"] == "1"
 
@@ -70,7 +77,10 @@ def test_ray_address_comes_from_the_config_else_ray_address_env_else_a_fresh_loc
     assert load_config("tiny-cpu").resources.ray_address is None
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert load_config("tiny-cpu").resources.ray_address == "10.0.0.1:6379"
-    assert load_config("tiny-cpu", overrides=["resources.ray_address=10.0.0.2:6379"]).resources.ray_address == "10.0.0.2:6379"
+    assert (
+        load_config("tiny-cpu", overrides=["resources.ray_address=10.0.0.2:6379"]).resources.ray_address
+        == "10.0.0.2:6379"
+    )
 
 
 def test_bad_override_syntax_and_unknown_profile():

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from detrl.config import RandomModelSpec
-from detrl.convert import (ArchMeta, build_gpt_model, convert_cached, hf_to_megatron, load_dist_checkpoint,
-                           load_hf_state, load_state_exact, megatron_to_hf, model_parallel)
+from detrl.convert import convert_cached
+from detrl.megatron.checkpoint import load_dist_checkpoint, load_hf_state
+from detrl.megatron.model import build_gpt_model, load_state_exact
+from detrl.megatron.names import ArchMeta, hf_to_megatron, megatron_to_hf
+from detrl.megatron.parallel import model_parallel
 from detrl.models import fetch_model, write_random_qwen2
 
 
@@ -79,19 +82,32 @@ def test_round_trip_in_bf16(tmp_path):
 
 
 def test_interleaving_is_per_query_group():
-    meta = ArchMeta.from_hf_dict({"model_type": "qwen2", "num_hidden_layers": 1, "hidden_size": 8,
-                                  "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 8,
-                                  "vocab_size": 16, "tie_word_embeddings": True})
+    meta = ArchMeta.from_hf_dict(
+        {
+            "model_type": "qwen2",
+            "num_hidden_layers": 1,
+            "hidden_size": 8,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 8,
+            "vocab_size": 16,
+            "tie_word_embeddings": True,
+        }
+    )
     d = meta.head_dim  # 2
-    hf = {"model.embed_tokens.weight": torch.zeros(16, 8), "model.norm.weight": torch.ones(8),
-          "model.layers.0.self_attn.q_proj.weight": torch.arange(8.)[:, None].expand(8, 8).clone(),
-          "model.layers.0.self_attn.k_proj.weight": 100 + torch.arange(4.)[:, None].expand(4, 8).clone(),
-          "model.layers.0.self_attn.v_proj.weight": 200 + torch.arange(4.)[:, None].expand(4, 8).clone(),
-          "model.layers.0.self_attn.o_proj.weight": torch.zeros(8, 8),
-          "model.layers.0.input_layernorm.weight": torch.ones(8),
-          "model.layers.0.post_attention_layernorm.weight": torch.ones(8),
-          "model.layers.0.mlp.gate_proj.weight": torch.zeros(8, 8), "model.layers.0.mlp.up_proj.weight": torch.ones(8, 8),
-          "model.layers.0.mlp.down_proj.weight": torch.zeros(8, 8)}
+    hf = {
+        "model.embed_tokens.weight": torch.zeros(16, 8),
+        "model.norm.weight": torch.ones(8),
+        "model.layers.0.self_attn.q_proj.weight": torch.arange(8.0)[:, None].expand(8, 8).clone(),
+        "model.layers.0.self_attn.k_proj.weight": 100 + torch.arange(4.0)[:, None].expand(4, 8).clone(),
+        "model.layers.0.self_attn.v_proj.weight": 200 + torch.arange(4.0)[:, None].expand(4, 8).clone(),
+        "model.layers.0.self_attn.o_proj.weight": torch.zeros(8, 8),
+        "model.layers.0.input_layernorm.weight": torch.ones(8),
+        "model.layers.0.post_attention_layernorm.weight": torch.ones(8),
+        "model.layers.0.mlp.gate_proj.weight": torch.zeros(8, 8),
+        "model.layers.0.mlp.up_proj.weight": torch.ones(8, 8),
+        "model.layers.0.mlp.down_proj.weight": torch.zeros(8, 8),
+    }
     for n in ("q", "k", "v"):
         hf[f"model.layers.0.self_attn.{n}_proj.bias"] = hf[f"model.layers.0.self_attn.{n}_proj.weight"][:, 0].clone()
     rows = hf_to_megatron(hf, meta)["decoder.layers.0.self_attention.linear_qkv.weight"][:, 0].tolist()

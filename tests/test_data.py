@@ -2,11 +2,23 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from detrl.config import DataConfig
-from detrl.data import (DataError, PromptSet, extract_answer, extract_gold, fetch_dataset, gsm8k_reward,
-                        hash_reward, normalize_number, read_dataset, sample_seed)
-from conftest import FIXTURES
+from detrl.data import (
+    DataError,
+    PromptSet,
+    extract_answer,
+    extract_gold,
+    fetch_dataset,
+    gsm8k_reward,
+    hash_reward,
+    normalize_number,
+    read_dataset,
+    sample_seed,
+)
 
 ROWS = [json.loads(line) for line in (FIXTURES / "gsm8k_rows.jsonl").read_text().splitlines()]
 
@@ -20,18 +32,21 @@ def test_gold_answers_of_real_gsm8k_rows():
     assert sum(gsm8k_reward(ROWS[0]["answer"], r["answer"]) for r in ROWS) < len(ROWS) / 4
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("So she pays $1,234.50 in total.\n#### 1234.5", "1234.5"),
-    ("#### $18", "18"),
-    ("#### 18.00", "18"),
-    ("#### -3", "-3"),
-    ("The final answer is \\boxed{1,000}.", "1000"),
-    ("\\boxed{\\frac{1}{2}} no wait \\boxed{42}", "42"),
-    ("The answer is 7 apples.", "7"),
-    ("First 3 then 4 then 12 dollars", "12"),
-    ("#### 15 cookies", "15"),
-    ("no digits here", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("So she pays $1,234.50 in total.\n#### 1234.5", "1234.5"),
+        ("#### $18", "18"),
+        ("#### 18.00", "18"),
+        ("#### -3", "-3"),
+        ("The final answer is \\boxed{1,000}.", "1000"),
+        ("\\boxed{\\frac{1}{2}} no wait \\boxed{42}", "42"),
+        ("The answer is 7 apples.", "7"),
+        ("First 3 then 4 then 12 dollars", "12"),
+        ("#### 15 cookies", "15"),
+        ("no digits here", None),
+    ],
+)
 def test_answer_extraction(text, expected):
     assert extract_answer(text) == expected
 
@@ -75,7 +90,7 @@ def test_prompts_use_the_chat_template(artifacts):
     ps = PromptSet(read_dataset(artifacts.data)[:2], tok, DataConfig(source="builtin", name="gsm8k-sample"), 0)
     text = tok.decode(ps.prompts[0])
     assert text.startswith("<|im_start|>") and text.rstrip().endswith("<|im_start|>assistant")
-    assert '####' in text
+    assert "####" in text
 
 
 def test_sample_seeds_are_distinct_per_sample_and_iteration():
@@ -110,7 +125,8 @@ def test_hub_code_path_reads_a_dataset_repo_layout(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS[30:]), repo / "main" / "test-00000-of-00001.parquet")
     (repo / "README.md").write_text(
         "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
-        "  - split: test\n    path: main/test-*\n---\n")
+        "  - split: test\n    path: main/test-*\n---\n"
+    )
     art = fetch_dataset(DataConfig(source="hub", name=str(repo), subset="main", split="train"), tmp_path / "c")
     assert art.rows == 30
     assert read_dataset(art)[0]["answer"] == ROWS[0]["answer"]
@@ -121,11 +137,14 @@ def test_hub_failure_is_clear(tmp_path):
         fetch_dataset(DataConfig(source="hub", name="nobody/no-such-dataset"), tmp_path)
 
 
-@pytest.mark.parametrize("rows,match", [
-    ([{"question": "q", "solution": "x"}], "lack field"),
-    ([{"question": "q", "answer": "no final number"}], "no final '#### <number>'"),
-    ([], "no rows"),
-])
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"question": "q", "solution": "x"}], "lack field"),
+        ([{"question": "q", "answer": "no final number"}], "no final '#### <number>'"),
+        ([], "no rows"),
+    ],
+)
 def test_bad_datasets_fail_early(tmp_path, rows, match):
     f = tmp_path / "bad.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -152,8 +171,6 @@ def test_hash_reward_uses_int64_tokens():
 
 # ---------------------------------------------------------------- the reward on any text
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 GOLD = "She sold 3 + 4 = 7 apples.\n#### 7"
 
@@ -165,22 +182,25 @@ def test_reward_of_any_text_is_zero_or_one(response):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(min_value=-10**60, max_value=10**60), st.text(max_size=200))
+@given(st.integers(min_value=-(10**60), max_value=10**60), st.text(max_size=200))
 def test_reward_pays_exactly_the_gold_number(n, prefix):
     gold = f"...\n#### {n}"
     assert gsm8k_reward(f"{prefix}\n#### {n}", gold) == 1.0
     assert gsm8k_reward(f"{prefix}\n#### {n + 1}", gold) == 0.0
 
 
-@pytest.mark.parametrize("response", [
-    "The answer is " + "9" * 29,                           # 29 digits: crashed decimal's 28-digit context
-    "#### " + "1234567890" * 10,                           # 100 digits after ####
-    "1," * 50_000 + "1",                                   # a temperature-1 run of "1,1,1,..."
-    "\\boxed{" + "1," * 20_000 + "}",
-    "-" * 100_000 + "7",
-    "answer is " * 20_000,
-    "$" * 50_000 + "7.000000000000000000000000000000000001",
-])
+@pytest.mark.parametrize(
+    "response",
+    [
+        "The answer is " + "9" * 29,  # 29 digits: crashed decimal's 28-digit context
+        "#### " + "1234567890" * 10,  # 100 digits after ####
+        "1," * 50_000 + "1",  # a temperature-1 run of "1,1,1,..."
+        "\\boxed{" + "1," * 20_000 + "}",
+        "-" * 100_000 + "7",
+        "answer is " * 20_000,
+        "$" * 50_000 + "7.000000000000000000000000000000000001",
+    ],
+)
 def test_reward_survives_pathological_model_output(response):
     assert gsm8k_reward(response, GOLD) in (0.0, 1.0)
     assert gsm8k_reward(response, "#### " + "9" * 29) in (0.0, 1.0)

@@ -17,9 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import free_port
 from crash import kill_trainer_when
-
-from detrl.util import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -84,14 +83,27 @@ def prefect_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage"),
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-           "DETRL_CACHE": str(tmp / "cache"), "DETRL_RUNS": str(tmp / "runs"), "DETRL_GOLDEN": str(tmp / "golden"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage"),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+        "DETRL_CACHE": str(tmp / "cache"),
+        "DETRL_RUNS": str(tmp / "runs"),
+        "DETRL_GOLDEN": str(tmp / "golden"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     procs = []
-    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(tmp / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     procs.append(server)
     try:
         deadline = time.time() + 180
@@ -111,14 +123,28 @@ def prefect_env(tmp_path_factory):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         receiver = Receiver()
         procs.append(receiver)
-        r = subprocess.run([sys.executable, "-c", "from prefect.blocks.notifications import "
-                            "CustomWebhookNotificationBlock as B; B(name='ops', url=%r, json_data="
-                            "{'text': '{{body}}', 'subject': '{{subject}}'}).save('ops')" % receiver.url],
-                           env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from prefect.blocks.notifications import "
+                "CustomWebhookNotificationBlock as B; B(name='ops', url=" + repr(receiver.url) + ", json_data="
+                "{'text': '{{body}}', 'subject': '{{subject}}'}).save('ops')",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "detrl-process"], env=env, cwd=ROOT,
-                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", "detrl-process"],
+            env=env,
+            cwd=ROOT,
+            stdout=open(tmp / "worker.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(worker)
         yield {"env": env, "api": api, "run": run, "tmp": tmp, "receiver": receiver, "block": "custom-webhook/ops"}
     finally:
@@ -157,8 +183,11 @@ def _running_name(ctx, run_id: str, timeout: float = 300) -> str:
 
 
 def _artifacts(ctx, run_id: str) -> dict:
-    res = httpx.post(f"{ctx['api']}/artifacts/filter",
-                     json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 100}, timeout=10)
+    res = httpx.post(
+        f"{ctx['api']}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 100},
+        timeout=10,
+    )
     res.raise_for_status()
     return {a["key"]: a for a in res.json() if a.get("key")}
 
@@ -179,32 +208,60 @@ def test_deployment_is_registered_with_its_nightly_schedule(prefect_env):
 def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(prefect_env):
     """The nightly path end to end: a trainer is SIGKILLed mid run A, Prefect retries the task, the run
     resumes from its checkpoint, and the verdict is still IDENTICAL with every artifact in place."""
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=3", 'overrides=["checkpoint.every=1"]',
-                             f"notify={prefect_env['block']}", "notify_on_success=true")
+    run_id = _deployment_run(
+        prefect_env,
+        "profile=tiny-cpu",
+        "steps=3",
+        'overrides=["checkpoint.every=1"]',
+        f"notify={prefect_env['block']}",
+        "notify_on_success=true",
+    )
     name = _running_name(prefect_env, run_id)  # the flow names its run when it starts (profile, seed, time)
     assert re.fullmatch(r"tiny-cpu-seeddefault-\d{4}-\d{6}", name), name
     killed = kill_trainer_when(prefect_env["tmp"] / "runs", f"*-{name}/run_a/ledger.jsonl", iterations=2)
     fr = _wait(prefect_env, run_id)
     assert killed, "the trainer was never killed"
     assert fr["state"]["type"] == "COMPLETED", fr["state"]
-    tasks = httpx.post(f"{prefect_env['api']}/task_runs/filter",
-                       json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    tasks = httpx.post(
+        f"{prefect_env['api']}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50},
+        timeout=10,
+    ).json()
     attempts = {t["name"]: t["run_count"] for t in tasks}
     assert attempts["run-loop-A"] == 2 and attempts["run-loop-B"] == 1, attempts
     run_a = next((prefect_env["tmp"] / "runs").glob(f"*-{name}/run_a"))
     assert json.loads((run_a / "resumes.jsonl").read_text().splitlines()[0])["from_checkpoint"] >= 0
 
     arts = _artifacts(prefect_env, run_id)
-    assert {"detrl-verdict", "detrl-phases", "detrl-curves", "detrl-plot",
-            "detrl-progress-a", "detrl-progress-b", "detrl-preflight"} <= set(arts)
+    assert {
+        "detrl-verdict",
+        "detrl-phases",
+        "detrl-curves",
+        "detrl-plot",
+        "detrl-progress-a",
+        "detrl-progress-b",
+        "detrl-preflight",
+    } <= set(arts)
     assert "IDENTICAL" in arts["detrl-verdict"]["data"]
-    phases = json.loads(arts["detrl-phases"]["data"]) if isinstance(arts["detrl-phases"]["data"], str) \
+    phases = (
+        json.loads(arts["detrl-phases"]["data"])
+        if isinstance(arts["detrl-phases"]["data"], str)
         else arts["detrl-phases"]["data"]
+    )
     assert len(phases) == 3 and all(v == "match" for row in phases for k, v in row.items() if k != "iteration")
-    curves = json.loads(arts["detrl-curves"]["data"]) if isinstance(arts["detrl-curves"]["data"], str) \
+    curves = (
+        json.loads(arts["detrl-curves"]["data"])
+        if isinstance(arts["detrl-curves"]["data"], str)
         else arts["detrl-curves"]["data"]
-    assert len(curves) == 6 and {"response_len_min", "response_len_median", "response_len_max", "eos_fraction",
-                                 "nonzero_reward_fraction", "logprob_max_abs_diff"} <= set(curves[0])
+    )
+    assert len(curves) == 6 and {
+        "response_len_min",
+        "response_len_median",
+        "response_len_max",
+        "eos_fraction",
+        "nonzero_reward_fraction",
+        "logprob_max_abs_diff",
+    } <= set(curves[0])
     assert "## Rollout shape" in arts["detrl-verdict"]["data"]
     verdict = arts["detrl-verdict"]["data"]
     assert f"- run A: `{(run_a / 'ledger.jsonl').resolve()}`" in verdict and "file://" not in verdict
@@ -220,14 +277,23 @@ def test_deployment_run_survives_a_worker_crash_and_completes_with_its_verdict(p
 def test_a_planted_divergence_fails_the_run_is_named_and_alerts_the_webhook(prefect_env):
     tensor = "decoder.layers.1.mlp.linear_fc2.weight"
     hook = prefect_env["receiver"].url
-    run_id = _deployment_run(prefect_env, "profile=tiny-cpu", "steps=2", f'plant=["1:{tensor}"]', f"notify={hook}",
-                             'overrides=["resources.twice=side_by_side"]')
+    run_id = _deployment_run(
+        prefect_env,
+        "profile=tiny-cpu",
+        "steps=2",
+        f'plant=["1:{tensor}"]',
+        f"notify={hook}",
+        'overrides=["resources.twice=side_by_side"]',
+    )
     fr = _wait(prefect_env, run_id)
     assert fr["state"]["type"] == "FAILED", fr["state"]
     assert "diverged at iteration 1, policy_weights" in fr["state"]["message"]
     # side by side: run B started before run A ended
-    tasks = httpx.post(f"{prefect_env['api']}/task_runs/filter",
-                       json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    tasks = httpx.post(
+        f"{prefect_env['api']}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50},
+        timeout=10,
+    ).json()
     loops = {t["name"]: t for t in tasks if t["name"].startswith("run-loop-")}
     assert loops["run-loop-B"]["start_time"] < loops["run-loop-A"]["end_time"], loops
     arts = _artifacts(prefect_env, run_id)
@@ -248,7 +314,10 @@ def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect
     run_id = _deployment_run(prefect_env)  # the deployment's own parameters: the GPU reference run
     fr = _wait(prefect_env, run_id, timeout=300)
     assert fr["state"]["type"] == "FAILED"
-    runs = httpx.post(f"{prefect_env['api']}/task_runs/filter",
-                      json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50}, timeout=10).json()
+    runs = httpx.post(
+        f"{prefect_env['api']}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50},
+        timeout=10,
+    ).json()
     assert [t["name"].rsplit("-", 1)[0] for t in runs] == ["resolve-config"]  # nothing ran after it
     assert "needs 1 GPU(s)" in fr["state"]["message"] or "needs 1 GPU(s)" in json.dumps(runs)

@@ -28,7 +28,9 @@ def test_preflight_passes_on_every_worker(ray_session):
 
 
 def test_preflight_names_a_missing_env_var_and_its_fix(ray_session):
-    report = doctor.run(load_config("tiny-cpu", overrides=["resources.worker_env.trainer.CUBLAS_WORKSPACE_CONFIG=null"]))
+    report = doctor.run(
+        load_config("tiny-cpu", overrides=["resources.worker_env.trainer.CUBLAS_WORKSPACE_CONFIG=null"])
+    )
     assert not report.ok
     bad = report.failures()
     assert [(c.where, c.name) for c in bad] == [("trainer0", "determinism env")]
@@ -72,8 +74,9 @@ def _plant(src, dst, *, iteration, phase, version=None):
 
 
 def test_a_changed_library_version_is_named_as_the_likely_cause(runs, tmp_path):
-    b = _plant(runs / "b", tmp_path / "b", iteration=1, phase="rollout_logprobs",
-               version=("rollout", "transformers", "9.9.9"))
+    b = _plant(
+        runs / "b", tmp_path / "b", iteration=1, phase="rollout_logprobs", version=("rollout", "transformers", "9.9.9")
+    )
     v = verify(str(runs / "a"), str(b))
     assert (v.first.iteration, v.first.phase) == (1, "rollout_logprobs")
     assert "rollout.versions.transformers" in v.likely_cause and "9.9.9" in v.likely_cause
@@ -84,8 +87,9 @@ def test_golden_ledger_recorded_matched_and_drift_named(runs, tmp_path):
     store = tmp_path / "golden"
     assert golden.check(runs / "a", store).status == "recorded"
     assert golden.check(runs / "b", store).status == "matches"
-    drift = _plant(runs / "b", tmp_path / "drift", iteration=2, phase="weights",
-                   version=("trainer0", "torch", "9.9.9+drift"))
+    drift = _plant(
+        runs / "b", tmp_path / "drift", iteration=2, phase="weights", version=("trainer0", "torch", "9.9.9+drift")
+    )
     res = golden.check(drift, store)
     assert res.status == "differs" and not res.ok
     assert res.verdict.first.iteration == 2 and res.verdict.first.phase == "weights"

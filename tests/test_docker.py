@@ -12,8 +12,9 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
 
 def _hadolint() -> str | None:
-    return shutil.which("hadolint") or (str(Path(sys.executable).parent / "hadolint")
-                                        if (Path(sys.executable).parent / "hadolint").exists() else None)
+    return shutil.which("hadolint") or (
+        str(Path(sys.executable).parent / "hadolint") if (Path(sys.executable).parent / "hadolint").exists() else None
+    )
 
 
 def test_dockerfile_passes_hadolint():

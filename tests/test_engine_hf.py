@@ -83,7 +83,7 @@ def test_logprobs_are_those_of_the_sampled_tokens(engine):
 
 
 def test_update_weights_and_proof(artifacts):
-    from detrl.convert import load_hf_state
+    from detrl.megatron.checkpoint import load_hf_state
 
     eng = HFEngine(artifacts.model.path, HFEngineConfig())
     state = load_hf_state(artifacts.model.path)

@@ -10,19 +10,36 @@ from detrl.rollout import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-SMALL = ["model.source=random", "model.random.hidden_size=896", "model.random.num_layers=4",
-         "model.random.num_attention_heads=14", "model.random.num_key_value_heads=2",
-         "model.random.intermediate_size=4864", "model.random.dtype=bfloat16",
-         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=48",
-         "train.steps=2", "train.micro_batch_size=8", "rollout.sglang.mem_fraction_static=0.3"]
+SMALL = [
+    "model.source=random",
+    "model.random.hidden_size=896",
+    "model.random.num_layers=4",
+    "model.random.num_attention_heads=14",
+    "model.random.num_key_value_heads=2",
+    "model.random.intermediate_size=4864",
+    "model.random.dtype=bfloat16",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "rollout.max_new_tokens=48",
+    "train.steps=2",
+    "train.micro_batch_size=8",
+    "rollout.sglang.mem_fraction_static=0.3",
+]
 
 
 @pytest.fixture(scope="module")
 def gpu_model(tmp_path_factory):
     from detrl.models import write_random_qwen2
 
-    spec = RandomModelSpec(hidden_size=896, num_layers=4, num_attention_heads=14, num_key_value_heads=2,
-                           intermediate_size=4864, dtype="bfloat16", seed=0)
+    spec = RandomModelSpec(
+        hidden_size=896,
+        num_layers=4,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        dtype="bfloat16",
+        seed=0,
+    )
     return str(write_random_qwen2(spec, tmp_path_factory.mktemp("m") / "qwen", device="cuda"))
 
 
@@ -61,7 +78,7 @@ def test_seed_semantics(engine):
 
 
 def test_weight_sync_is_proven_bitwise(engine, gpu_model):
-    from detrl.convert import load_hf_state
+    from detrl.megatron.checkpoint import load_hf_state
 
     state = load_hf_state(gpu_model)
     assert engine.verify_weights(state) == []
@@ -114,8 +131,9 @@ def test_tensor_parallel_2_on_two_gpus_twice_identical(tmp_path, gpu_cache):
     from detrl.loop import prepare, run
     from detrl.verify import verify
 
-    cfg = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*LAYOUT, "resources.trainer_ranks=2",
-                                                             "resources.tensor_parallel=2"])
+    cfg = load_config(
+        "gsm8k-qwen2.5-0.5b-smoke", overrides=[*LAYOUT, "resources.trainer_ranks=2", "resources.tensor_parallel=2"]
+    )
     arts = prepare(cfg, gpu_cache)
     for name in ("a", "b"):
         run(cfg, tmp_path / name, arts)
@@ -124,7 +142,10 @@ def test_tensor_parallel_2_on_two_gpus_twice_identical(tmp_path, gpu_cache):
     header = read_ledger(tmp_path / "a").header
     assert header["fingerprints"]["trainer1"]["layout"] == {"dp": 1, "tp": 2, "pp": 1}
     assert header["fingerprints"]["trainer1"]["env"]["NCCL_ALGO"] == "Ring"
-    assert header["placement"]["trainer0"]["cuda_visible_devices"] != header["placement"]["trainer1"]["cuda_visible_devices"]
+    assert (
+        header["placement"]["trainer0"]["cuda_visible_devices"]
+        != header["placement"]["trainer1"]["cuda_visible_devices"]
+    )
 
 
 @two_gpus

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)"),
+]
 
 
 def _rank(rank: int, world: int, port_q, port: int | None, out_q) -> None:
@@ -17,7 +19,7 @@ def _rank(rank: int, world: int, port_q, port: int | None, out_q) -> None:
 
     import torch.distributed as dist
 
-    from detrl.convert import tcp_store
+    from detrl.megatron.parallel import tcp_store
 
     os.environ["NCCL_ALGO"] = "Ring"
     torch.cuda.set_device(rank)
@@ -26,8 +28,7 @@ def _rank(rank: int, world: int, port_q, port: int | None, out_q) -> None:
         port_q.put(store.port)
     else:
         store = tcp_store("127.0.0.1", port, world, is_master=False)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(1 << 20, generator=g).cuda()
     dist.all_reduce(x)

@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import detrl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detrl.config import NON_SEMANTIC, load_config
 from detrl.ledger import LEDGER_FILE, LEDGER_VERSION, PHASES, combine, read_ledger
-from detrl.verify import compare, format_text, verify
-
-from conftest import detrl
+from detrl.report import format_text
+from detrl.verify import compare, verify
 
 
 def _hex(text: str) -> str:
@@ -27,23 +27,53 @@ def _hex(text: str) -> str:
 
 def records(n_iter: int = 2, **config_overrides) -> list[dict]:
     cfg = load_config("tiny-cpu", overrides=[f"{k}={v}" for k, v in config_overrides.items()])
-    header = {"kind": "header", "version": LEDGER_VERSION, "run_id": "r" * 32, "detrl": "0.1.0", "profile": "tiny-cpu",
-              "config": cfg.recorded_dict(), "config_hash": cfg.config_hash(),
-              "artifacts": {"model": {"sha256": _hex("model")}, "data": {"sha256": _hex("data")},
-                            "megatron": {"hf_sha256": _hex("model")}},
-              "engine": {"backend": "hf"}, "selftest": {"passed": True}, "prompts_available": 64,
-              "prompts_dropped": 0, "fingerprints": {"driver": {"python": "3.11"}},
-              "placement": {"trainer0": "node"}, "started_at": "2026-11-24T00:00:00Z"}
+    header = {
+        "kind": "header",
+        "version": LEDGER_VERSION,
+        "run_id": "r" * 32,
+        "detrl": "0.1.0",
+        "profile": "tiny-cpu",
+        "config": cfg.recorded_dict(),
+        "config_hash": cfg.config_hash(),
+        "artifacts": {
+            "model": {"sha256": _hex("model")},
+            "data": {"sha256": _hex("data")},
+            "megatron": {"hf_sha256": _hex("model")},
+        },
+        "engine": {"backend": "hf"},
+        "selftest": {"passed": True},
+        "prompts_available": 64,
+        "prompts_dropped": 0,
+        "fingerprints": {"driver": {"python": "3.11"}},
+        "placement": {"trainer0": "node"},
+        "started_at": "2026-11-24T00:00:00Z",
+    }
     out = [header]
     for i in range(n_iter):
-        tensors = {p: [[f"layer{k}.weight", f"xxh3_128:{_hex(f'{p}{i}{k}')[:32]}"] for k in range(3)]
-                   for p in ("policy_weights", "weights")}
+        tensors = {
+            p: [[f"layer{k}.weight", f"xxh3_128:{_hex(f'{p}{i}{k}')[:32]}"] for k in range(3)]
+            for p in ("policy_weights", "weights")
+        }
         hashes = {p: _hex(f"{p}{i}") for p in PHASES}
         hashes.update({p: combine(dict(tensors[p])) for p in tensors})
-        out.append({"kind": "iteration", "iteration": i, "hashes": hashes, "tensors": tensors,
-                    "stats": {"loss": 0.5, "mean_reward": 0.25, "step_s": 1.0}})
-    out.append({"kind": "complete", "iterations": n_iter, "final_weights": out[-1]["hashes"]["weights"],
-                "wall_s": 3.5, "finished_at": "2026-11-24T00:01:00Z"})
+        out.append(
+            {
+                "kind": "iteration",
+                "iteration": i,
+                "hashes": hashes,
+                "tensors": tensors,
+                "stats": {"loss": 0.5, "mean_reward": 0.25, "step_s": 1.0},
+            }
+        )
+    out.append(
+        {
+            "kind": "complete",
+            "iterations": n_iter,
+            "final_weights": out[-1]["hashes"]["weights"],
+            "wall_s": 3.5,
+            "finished_at": "2026-11-24T00:01:00Z",
+        }
+    )
     return out
 
 
@@ -120,7 +150,11 @@ STRUCTURAL = {
     "config is a string": (_config_str, ":1:", "config: Input should be a valid dictionary (got 'tiny')"),
     "combined weight hash not of its tensors": (_combined_mismatch, ":2:", "hashes.weights is not the combined"),
     "second header": (_second_header, ":3:", "a second header"),
-    "iteration number as a string": (_iteration_as_string, ":3:", "iteration: Input should be a valid integer (got '1')"),
+    "iteration number as a string": (
+        _iteration_as_string,
+        ":3:",
+        "iteration: Input should be a valid integer (got '1')",
+    ),
     "config edited under its hash": (_config_changed_under_its_hash, ":1:", "config_hash does not match"),
     "final weights not the last iteration's": (_final_weights_wrong, ":4:", "final_weights"),
     "a record that is not an object": (_not_an_object, ":3:", "must be a JSON object, got int 5"),
@@ -191,16 +225,27 @@ def structural_edit(draw):
             old = recs[i]
             for k in path:
                 old = old[k]
-            value = draw(st.sampled_from([w for w in WRONG if type(w) is not type(old) and
-                                          not (path[-1] == "selftest" and w is None) and
-                                          not (isinstance(old, float) and type(w) is int)]))
+            value = draw(
+                st.sampled_from(
+                    [
+                        w
+                        for w in WRONG
+                        if type(w) is not type(old)
+                        and not (path[-1] == "selftest" and w is None)
+                        and not (isinstance(old, float) and type(w) is int)
+                    ]
+                )
+            )
         _set(recs[i], path, value)
         return recs, None
     if kind == "duplicate":
-        return recs[:i + 1] + [copy.deepcopy(recs[i])] + recs[i + 1:], None
+        return recs[: i + 1] + [copy.deepcopy(recs[i])] + recs[i + 1 :], None
     if kind == "move":
-        j = draw(st.integers(0, len(recs) - 1).filter(lambda j: recs[j]["kind"] != recs[i]["kind"]
-                                                      or recs[j].get("iteration") != recs[i].get("iteration")))
+        j = draw(
+            st.integers(0, len(recs) - 1).filter(
+                lambda j: recs[j]["kind"] != recs[i]["kind"] or recs[j].get("iteration") != recs[i].get("iteration")
+            )
+        )
         recs.insert(j, recs.pop(i))
         return recs, None
     if kind == "append":
@@ -234,13 +279,18 @@ def test_a_consistent_hash_change_is_a_divergence_not_a_schema_error(tmp_path):
 
 # ---------------------------------------------------------------- semantic and non-semantic config keys
 
+
 def test_non_semantic_keys_exist_and_do_not_change_the_config_hash():
     base = load_config("tiny-cpu")
     flat = json.dumps(base.model_dump(mode="json"))
     for key in NON_SEMANTIC:
         assert key.rsplit(".", 1)[-1] in flat, key
-    assert base.config_hash() == load_config("tiny-cpu", overrides=["checkpoint.keep=5", "checkpoint.every=1",
-                                                                    "ledger.keep_step_data=false"]).config_hash()
+    assert (
+        base.config_hash()
+        == load_config(
+            "tiny-cpu", overrides=["checkpoint.keep=5", "checkpoint.every=1", "ledger.keep_step_data=false"]
+        ).config_hash()
+    )
     assert base.config_hash() != load_config("tiny-cpu", overrides=["resources.cpu_threads=2"]).config_hash()
 
 

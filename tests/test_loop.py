@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from detrl.config import ConfigError, load_config
+from detrl.config import ConfigError, Perturbation, load_config
 from detrl.determinism import DeterminismError
 from detrl.ledger import read_ledger
 from detrl.loop import run
-from detrl.trainer import Perturbation
-from detrl.verify import format_text, verify
+from detrl.report import format_text
+from detrl.verify import verify
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,25 @@ def test_weights_change_at_every_step(runs):
 
 def test_ledger_records_every_phase_and_the_environment(runs):
     led = read_ledger(runs / "a")
-    assert set(led.iterations[0]["hashes"]) == {"policy_weights", "prompts", "rollout_tokens", "rollout_logprobs",
-                                                "rewards", "advantages", "trainer_logprobs", "loss", "grad_norm",
-                                                "weights"}
+    assert set(led.iterations[0]["hashes"]) == {
+        "policy_weights",
+        "prompts",
+        "rollout_tokens",
+        "rollout_logprobs",
+        "rewards",
+        "advantages",
+        "trainer_logprobs",
+        "loss",
+        "grad_norm",
+        "weights",
+    }
     fps = led.header["fingerprints"]
     assert {"driver", "trainer0", "rollout"} <= set(fps)
-    assert fps["rollout"]["env"] == {"NCCL_ALGO": "Ring", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
-                                     "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert fps["rollout"]["env"] == {
+        "NCCL_ALGO": "Ring",
+        "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
     assert fps["trainer0"]["deterministic_algorithms"] is True
     assert (runs / "a" / "fingerprint.json").exists() and (runs / "a" / "steps" / "iter_00002.safetensors").exists()
 
@@ -65,12 +77,19 @@ def test_a_different_sampling_seed_is_caught_at_the_rollout(runs, artifacts):
     assert (v.first.sample, v.first.position) == (0, 0)
     ctx = v.first.context  # decoded with the run's own tokenizer, the differing token first
     assert ctx["a"][0] != ctx["b"][0] and len(ctx["a_text"]) == len(ctx["a"]) == 7
-    assert format_text(v).splitlines()[2].startswith("rollout_tokens first differ at sample 0, token position 0")
+    lines = format_text(v).splitlines()
+    # the semantic config difference is named before the divergence it explains
+    assert lines[1] == "semantic config differences: rollout.seed: None -> 123"
+    assert lines[3].startswith("rollout_tokens first differ at sample 0, token position 0")
 
 
 def test_one_flipped_bit_before_iteration_k_is_caught_at_k_with_its_tensor(runs, tiny_cfg, artifacts):
-    run(tiny_cfg, runs / "flip", artifacts,
-        perturbations=[Perturbation(iteration=1, tensor="decoder.layers.1.mlp.linear_fc2.weight")])
+    run(
+        tiny_cfg,
+        runs / "flip",
+        artifacts,
+        perturbations=[Perturbation(iteration=1, tensor="decoder.layers.1.mlp.linear_fc2.weight")],
+    )
     v = verify(str(runs / "a"), str(runs / "flip"))
     assert v.status == "diverged"
     assert (v.first.iteration, v.first.phase) == (1, "policy_weights")
@@ -79,9 +98,14 @@ def test_one_flipped_bit_before_iteration_k_is_caught_at_k_with_its_tensor(runs,
 
 
 def test_a_flip_after_the_optimizer_step_is_caught_in_the_weights(runs, tiny_cfg, artifacts):
-    run(tiny_cfg, runs / "flip_after", artifacts,
-        perturbations=[Perturbation(iteration=2, tensor="decoder.layers.0.self_attention.linear_qkv.bias",
-                                    when="after_step")])
+    run(
+        tiny_cfg,
+        runs / "flip_after",
+        artifacts,
+        perturbations=[
+            Perturbation(iteration=2, tensor="decoder.layers.0.self_attention.linear_qkv.bias", when="after_step")
+        ],
+    )
     v = verify(str(runs / "a"), str(runs / "flip_after"))
     assert (v.first.iteration, v.first.phase) == (2, "weights")
     assert v.first.tensors == ["decoder.layers.0.self_attention.linear_qkv.bias"]

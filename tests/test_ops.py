@@ -5,8 +5,6 @@ against their recorded hash, and known third-party noise stays out of the log.""
 from __future__ import annotations
 
 import http.server
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,7 +31,9 @@ def _session_processes(driver_pid: int) -> dict[int, str]:
     found = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any("session_" in c and (c.rstrip("/").endswith(tag) or f"{tag}/" in c) for c in p.info["cmdline"] or []):
+            if any(
+                "session_" in c and (c.rstrip("/").endswith(tag) or f"{tag}/" in c) for c in p.info["cmdline"] or []
+            ):
                 for q in [p, *p.children(recursive=True)]:
                     found[q.pid] = " ".join(q.cmdline())[:60]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -54,10 +54,28 @@ def _alive(pids) -> list[int]:
 
 def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
     out = tmp_path / "hung"
-    p = subprocess.Popen([sys.executable, "-m", "detrl", "run", "--profile", "tiny-cpu", "--out", str(out),
-                          "--cache", str(tmp_path / "c"), "--set", "timeouts.phase_s=3",
-                          "--set", "resources.worker_env.rollout.DETRL_HANG=generate"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detrl",
+            "run",
+            "--profile",
+            "tiny-cpu",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "c"),
+            "--set",
+            "timeouts.phase_s=3",
+            "--set",
+            "resources.worker_env.rollout.DETRL_HANG=generate",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: dict[int, str] = {}
     while p.poll() is None:  # record the run's processes while it lives
         seen.update(_session_processes(p.pid))
@@ -72,9 +90,23 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
 
 def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "detrl", "run", "--profile", "tiny-cpu", "--out", str(out),
-                          "--cache", str(tmp_path / "c")], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detrl",
+            "run",
+            "--profile",
+            "tiny-cpu",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     seen: dict[int, str] = {}
     while time.time() < deadline:
@@ -96,8 +128,10 @@ def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
 
 # ---------------------------------------------------------------- downloads
 
+
 class _Hub(http.server.BaseHTTPRequestHandler):
     """A stand-in for the hub's HTTP endpoint (HF_ENDPOINT): answers every request with one status."""
+
     status = 503
     hits: list[str] = []
 
@@ -126,11 +160,17 @@ def hub(monkeypatch):
 def _run_against(tmp_path, hub, status: int, sets: list[str], tag: str) -> tuple[int, str]:
     """`detrl run` against a hub answering `status`: (requests for the repo, stderr)."""
     _Hub.status, _Hub.hits = status, []
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_HUB_OFFLINE": "0",
-           "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "DETRL_DOWNLOAD_RETRIES": "2",
-           "DETRL_DOWNLOAD_BACKOFF_S": "0.2"}
-    r = detrl("run", "--profile", "tiny-cpu", "--out", str(tmp_path / tag), "--cache", str(tmp_path / "c"),
-              *sets, env=env)
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}",
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf"),
+        "DETRL_DOWNLOAD_RETRIES": "2",
+        "DETRL_DOWNLOAD_BACKOFF_S": "0.2",
+    }
+    r = detrl(
+        "run", "--profile", "tiny-cpu", "--out", str(tmp_path / tag), "--cache", str(tmp_path / "c"), *sets, env=env
+    )
     assert r.returncode == 2 and "nobody/nothing" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / tag).exists()
     return len([h for h in _Hub.hits if "nobody/nothing" in h]), r.stderr
@@ -173,6 +213,7 @@ def test_network_errors_are_told_from_bad_input():
 
 # ---------------------------------------------------------------- cache entries
 
+
 def _flip_byte(path: Path, offset: int = -5) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
@@ -184,7 +225,9 @@ def test_a_changed_cache_entry_is_named_with_the_fix_and_refresh_rebuilds_it(tmp
     arts = prepare(cfg, tmp_path)
     weights = next(Path(arts.model.path).glob("*.safetensors"))
     _flip_byte(weights)
-    with pytest.raises(CacheError, match=r"cache entry .*tiny-qwen2-random.* does not match the hash recorded .*--refresh"):
+    with pytest.raises(
+        CacheError, match=r"cache entry .*tiny-qwen2-random.* does not match the hash recorded .*--refresh"
+    ):
         prepare(cfg, tmp_path)
     again = prepare(cfg, tmp_path, refresh=True)
     assert again.model.sha256 == arts.model.sha256 and again.megatron == arts.megatron
@@ -208,12 +251,13 @@ def test_the_cli_refuses_a_changed_cache_entry_with_exit_2(tmp_path):
 
 # ---------------------------------------------------------------- log noise
 
+
 def test_known_noise_is_filtered_and_real_warnings_are_kept():
     quiet.install()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet._installed = False
         quiet.install()
-        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning)
-        warnings.warn("something a user must see", UserWarning)
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning, stacklevel=1)
+        warnings.warn("something a user must see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something a user must see"]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from detrl.config import ConfigError, load_config
+from detrl.config import ConfigError, Perturbation, load_config
 from detrl.ledger import read_ledger
 from detrl.loop import run
-from detrl.trainer import Perturbation
 from detrl.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -50,7 +49,9 @@ def test_tensor_parallel_shards_gather_to_the_single_rank_model(tp_runs, runs):
 def test_a_flip_in_a_tensor_parallel_shard_is_caught_with_its_hf_name(tp_runs, artifacts):
     # fc1 holds [gate; up] on each rank: element 0 of the gathered tensor is gate_proj's
     cfg = load_config("tiny-cpu", overrides=TP2)
-    run(cfg, tp_runs / "flip", artifacts, perturbations=[Perturbation.parse("1:decoder.layers.0.mlp.linear_fc1.weight")])
+    run(
+        cfg, tp_runs / "flip", artifacts, perturbations=[Perturbation.parse("1:decoder.layers.0.mlp.linear_fc1.weight")]
+    )
     v = verify(str(tp_runs / "a"), str(tp_runs / "flip"))
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (1, "policy_weights")
     assert v.first.tensors == ["model.layers.0.mlp.gate_proj.weight"]
@@ -59,8 +60,10 @@ def test_a_flip_in_a_tensor_parallel_shard_is_caught_with_its_hf_name(tp_runs, a
 def test_tensor_parallel_must_divide_ranks_and_the_model(tmp_path, artifacts):
     with pytest.raises(ConfigError, match="must divide resources.trainer_ranks=3"):
         load_config("tiny-cpu", overrides=["resources.trainer_ranks=3", "resources.tensor_parallel=2"])
-    cfg = load_config("tiny-cpu", overrides=["resources.trainer_ranks=3", "resources.tensor_parallel=3",
-                                             "rollout.samples_per_prompt=3"])
+    cfg = load_config(
+        "tiny-cpu",
+        overrides=["resources.trainer_ranks=3", "resources.tensor_parallel=3", "rollout.samples_per_prompt=3"],
+    )
     with pytest.raises(ConfigError, match=r"tensor_parallel=3 must divide the model's attention heads"):
         run(cfg, tmp_path / "r", artifacts)
     assert not (tmp_path / "r").exists()  # refused before any worker started or file was written
@@ -74,14 +77,27 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
 
     dp2 = ["train.steps=2", "resources.trainer_ranks=2"]
     run(load_config("tiny-cpu", overrides=dp2), tmp_path / "local", artifacts)
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20})
+    cluster = Cluster(
+        initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20}
+    )
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        cmd = [sys.executable, "-m", "detrl", "run", "--profile", "tiny-cpu", "--cache", str(cache_dir),
-               "--out", str(tmp_path / "cluster"), *[x for kv in dp2 for x in ("--set", kv)],
-               "--set", f"resources.ray_address={cluster.address}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "detrl",
+            "run",
+            "--profile",
+            "tiny-cpu",
+            "--cache",
+            str(cache_dir),
+            "--out",
+            str(tmp_path / "cluster"),
+            *[x for kv in dp2 for x in ("--set", kv)],
+            "--set",
+            f"resources.ray_address={cluster.address}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:

@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import detrl
 from crash import kill_trainer_when
+from ray.exceptions import RayError
 
+from detrl.checkpoints import latest_checkpoint
 from detrl.config import ConfigError, load_config
 from detrl.ledger import read_ledger
-from detrl.loop import latest_checkpoint, run
+from detrl.loop import run
 from detrl.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         killed = pool.submit(kill_trainer_when, crashed, "ledger.jsonl", 2, done)
-        with pytest.raises(Exception):
+        with pytest.raises(RayError):  # the killed trainer's actor died
             run(cfg, crashed, artifacts)
         done.set()
         assert killed.result(), "the trainer was never killed"
@@ -39,8 +41,16 @@ def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
     assert not part.complete and 2 <= len(part.iterations) < 4
     ckpt = latest_checkpoint(crashed)
     assert ckpt is not None and ckpt.iteration >= 0
-    args = ["run", "--profile", "tiny-cpu", *(a for kv in SETS for a in ("--set", kv)), "--out", str(crashed),
-            "--cache", str(cache_dir)]
+    args = [
+        "run",
+        "--profile",
+        "tiny-cpu",
+        *(a for kv in SETS for a in ("--set", kv)),
+        "--out",
+        str(crashed),
+        "--cache",
+        str(cache_dir),
+    ]
     refused = detrl(*args)  # never overwritten without asking; exit 2 (bad input, before any work), not 1
     assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr[-3000:]
     cli = detrl(*args, "--resume")
@@ -85,6 +95,18 @@ def test_resume_without_checkpoints_refuses_and_keeps_the_ledger(tmp_path, runs,
     assert not (d / "checkpoints" / ".iter_00001.half").exists()
 
     # another config: the message names the semantic keys that changed (checkpoint.every is not one)
-    r = detrl("run", "--profile", "tiny-cpu", "--out", str(d), "--cache", str(cache_dir), "--resume",
-              "--set", "checkpoint.every=1", "--set", "rollout.temperature=0.5")
+    r = detrl(
+        "run",
+        "--profile",
+        "tiny-cpu",
+        "--out",
+        str(d),
+        "--cache",
+        str(cache_dir),
+        "--resume",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "rollout.temperature=0.5",
+    )
     assert r.returncode == 2 and "different config (rollout.temperature: 1.0 -> 0.5)" in r.stderr, r.stderr[-2000:]

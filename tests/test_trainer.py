@@ -10,7 +10,7 @@ from detrl.trainer import GRPOTrainer, Sample
 
 def test_group_advantages():
     adv = group_advantages([1, 0, 0, 1, 1, 1, 1, 1], 4)
-    r = torch.tensor([1, 0, 0, 1.])
+    r = torch.tensor([1, 0, 0, 1.0])
     assert torch.allclose(adv[:4], (r - 0.5) / (r.std() + 1e-6))
     assert torch.equal(adv[4:], torch.zeros(4))  # a group that agrees teaches nothing
     with pytest.raises(ValueError):
@@ -23,7 +23,7 @@ def test_ppo_clip_is_asymmetric():
     pos = ppo_clip_token_loss(logp, old, torch.ones(3), 0.2, 0.28)
     assert torch.allclose(pos, -torch.tensor([0.5, 1.0, 1.28]))  # ratio clipped at 1 + eps_high for A > 0
     neg = ppo_clip_token_loss(logp, old, -torch.ones(3), 0.2, 0.28)
-    assert torch.allclose(neg, torch.tensor([0.8, 1.0, 2.0]))   # pessimistic: clipped at 1 - eps_low
+    assert torch.allclose(neg, torch.tensor([0.8, 1.0, 2.0]))  # pessimistic: clipped at 1 - eps_low
 
 
 def _samples(n=8):

@@ -4,10 +4,13 @@ it holds. `make_engine` picks one by `backends.rollout`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
+
+from ..config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -21,14 +24,15 @@ class SamplingParams:
 @dataclass
 class Generation:
     token_ids: list[int]
-    logprobs: list[float]        # log-prob of each sampled token under the temperature-scaled distribution
+    logprobs: list[float]  # log-prob of each sampled token under the temperature-scaled distribution
     finish_reason: str = "length"  # "stop" | "length"
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
-                 params: SamplingParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, params: SamplingParams
+    ) -> list[Generation]:
         """`seeds[i]` fixes sample i's draws: the draw at a position depends only on (seed, position).
         None: unseeded sampling (production mode, not reproducible)."""
 
@@ -45,7 +49,8 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(cfg: Any, model_dir: str) -> RolloutEngine:
+def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
+    # each backend imports on use: sglang is optional (GPU hosts only)
     if cfg.backends.rollout == "hf":
         from .hf import HFEngine
 
@@ -53,6 +58,10 @@ def make_engine(cfg: Any, model_dir: str) -> RolloutEngine:
     if cfg.backends.rollout == "sglang":
         from .sglang import SGLangEngine
 
-        return SGLangEngine(model_dir, cfg.rollout.sglang, deterministic=cfg.determinism.enabled,
-                            seed=cfg.seed if cfg.pins_seeds else None)
+        return SGLangEngine(
+            model_dir,
+            cfg.rollout.sglang,
+            deterministic=cfg.determinism.enabled,
+            seed=cfg.seed if cfg.pins_seeds else None,
+        )
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

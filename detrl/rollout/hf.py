@@ -11,10 +11,12 @@ batch-variant; the self-test shows it.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from ..config import HFEngineConfig
 from . import Generation, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -31,8 +33,9 @@ def noise_seed(seed: int, position: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-def sample_token(logits: torch.Tensor, seed: int | None, position: int, temperature: float,
-                 top_p: float) -> tuple[int, float]:
+def sample_token(
+    logits: torch.Tensor, seed: int | None, position: int, temperature: float, top_p: float
+) -> tuple[int, float]:
     """Gumbel-max over the (top-p truncated) temperature-scaled distribution, noise in float64 from a
     generator seeded by (seed, position). Returns the token and its log-prob before truncation."""
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
@@ -43,25 +46,29 @@ def sample_token(logits: torch.Tensor, seed: int | None, position: int, temperat
         cut = (torch.cumsum(probs, 0) - probs) > top_p
         score[order[cut]] = float("-inf")
     gen = torch.Generator().manual_seed(
-        noise_seed(seed, position) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        noise_seed(seed, position) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    )
     u = torch.rand(score.shape, generator=gen, dtype=torch.float64)
     token = int(torch.argmax(score - torch.log(-torch.log(u))))
     return token, float(logp[token])
 
 
 class HFEngine:
-    def __init__(self, model_dir: str, cfg: Any, *, deterministic: bool = True, device: str = "cpu"):
+    def __init__(self, model_dir: str, cfg: HFEngineConfig, *, deterministic: bool = True, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.deterministic, self.device = cfg, deterministic, device
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
+        self.model = model.to(device).eval()  # type: ignore[arg-type]
         self.model.requires_grad_(False)
 
     # -- generation
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
-                 params: SamplingParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, params: SamplingParams
+    ) -> list[Generation]:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         seeds_: Sequence[int | None] = seeds if seeds is not None else [None] * len(prompts)
@@ -82,19 +89,19 @@ class HFEngine:
                 break
             if i + 1 == params.max_new_tokens:
                 break
-            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past,
-                             use_cache=True)
+            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past, use_cache=True)
             past = out.past_key_values
         return Generation(tokens, logps, reason)
 
-    def _generate_padded(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None],
-                         params: SamplingParams) -> list[Generation]:
+    def _generate_padded(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None], params: SamplingParams
+    ) -> list[Generation]:
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, width), dtype=torch.long, device=self.device)
         mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
         for r, p in enumerate(prompts):  # left padding
-            ids[r, width - len(p):] = torch.tensor(list(p))
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(list(p))
+            mask[r, width - len(p) :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
@@ -105,8 +112,9 @@ class HFEngine:
             for r in range(n):
                 if done[r]:
                     continue
-                tok, lp = sample_token(out.logits[r, -1], seeds[r], len(prompts[r]) + i, params.temperature,
-                                       params.top_p)
+                tok, lp = sample_token(
+                    out.logits[r, -1], seeds[r], len(prompts[r]) + i, params.temperature, params.top_p
+                )
                 gens[r].token_ids.append(tok)
                 gens[r].logprobs.append(lp)
                 nxt[r, 0] = tok
@@ -116,8 +124,7 @@ class HFEngine:
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=self.device)], 1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past,
-                             use_cache=True)
+            out = self.model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
             past = out.past_key_values
         return gens
 
@@ -143,9 +150,14 @@ class HFEngine:
         return bad + [f"{n} (unknown to the engine)" for n in named_tensors if n not in params]
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "hf", "dtype": "float32", "batching": self.cfg.batching,
-                "attn_implementation": self.cfg.attn_implementation, "device": self.device,
-                "deterministic": self.deterministic}
+        return {
+            "backend": "hf",
+            "dtype": "float32",
+            "batching": self.cfg.batching,
+            "attn_implementation": self.cfg.attn_implementation,
+            "device": self.device,
+            "deterministic": self.deterministic,
+        }
 
     def shutdown(self) -> None:
         self.model = None

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from ..config import SGLangConfig
 from . import Generation, SamplingParams
 
-_FUSED = (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-          ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+_FUSED = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
 
 
 def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,17 +48,21 @@ def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SGLangEngine:
-    def __init__(self, model_dir: str, cfg: Any, *, deterministic: bool = True, seed: int | None = 0):
+    def __init__(self, model_dir: str, cfg: SGLangConfig, *, deterministic: bool = True, seed: int | None = 0):
         import sglang as sgl
 
         self.cfg, self.deterministic = cfg, deterministic
         kwargs: dict[str, Any] = dict(
-            model_path=model_dir, attention_backend=cfg.attention_backend, dtype=cfg.dtype,
-            enable_deterministic_inference=deterministic, mem_fraction_static=cfg.mem_fraction_static,
+            model_path=model_dir,
+            attention_backend=cfg.attention_backend,
+            dtype=cfg.dtype,
+            enable_deterministic_inference=deterministic,
+            mem_fraction_static=cfg.mem_fraction_static,
             # seed None (production mode) seeds the engine's sampler from OS entropy: a pinned seed
             # alone made a fixed offline batch reproduce even without deterministic kernels (H100)
             random_seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 2,
-            skip_tokenizer_init=True, log_level=cfg.log_level,
+            skip_tokenizer_init=True,
+            log_level=cfg.log_level,
             # prefill CUDA graphs were not part of the verified setup; decode graphs are
             disable_prefill_cuda_graph=True,
         )
@@ -66,19 +74,28 @@ class SGLangEngine:
             kwargs["disable_radix_cache"] = cfg.disable_radix_cache
         self.engine = sgl.Engine(**kwargs)
 
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
-                 params: SamplingParams) -> list[Generation]:
-        base = {"temperature": params.temperature, "top_p": params.top_p,
-                "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids)}
+    def generate(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, params: SamplingParams
+    ) -> list[Generation]:
+        base = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_new_tokens": params.max_new_tokens,
+            "stop_token_ids": list(params.stop_token_ids),
+        }
         sp = [dict(base, sampling_seed=int(s)) for s in seeds] if seeds is not None else [dict(base) for _ in prompts]
         outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sp, return_logprob=True)
         gens = []
         for o in outs:
             meta = o["meta_info"]
             reason = (meta.get("finish_reason") or {}).get("type", "length")
-            gens.append(Generation(token_ids=list(o["output_ids"]),
-                                   logprobs=[float(x[0]) for x in meta["output_token_logprobs"]],
-                                   finish_reason="stop" if reason in ("stop", "matched") else "length"))
+            gens.append(
+                Generation(
+                    token_ids=list(o["output_ids"]),
+                    logprobs=[float(x[0]) for x in meta["output_token_logprobs"]],
+                    finish_reason="stop" if reason in ("stop", "matched") else "length",
+                )
+            )
         return gens
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
@@ -94,7 +111,8 @@ class SGLangEngine:
 
         tm = self.engine.tokenizer_manager
         ok, message, ranks, _ = self.engine.loop.run_until_complete(
-            tm.check_weights(CheckWeightsReqInput(action="checksum"), None))
+            tm.check_weights(CheckWeightsReqInput(action="checksum"), None)
+        )
         if not ok or not ranks:
             raise RuntimeError(f"SGLang weight checksum failed: {message}")
         return dict(ranks[0]["checksums"])
@@ -104,19 +122,26 @@ class SGLangEngine:
         from sglang.srt.managers.mm_utils import tensor_hash
 
         held = self.checksums()
-        expected = {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}"
-                    for n, t in sglang_layout(named_tensors).items()}
+        expected = {
+            n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named_tensors).items()
+        }
         bad = [n for n in expected if held.get(n) != expected[n]]
-        return bad + [f"{n} (held by the engine, not covered by the trainer's tensors)" for n in held
-                      if n not in expected]
+        return bad + [
+            f"{n} (held by the engine, not covered by the trainer's tensors)" for n in held if n not in expected
+        ]
 
     def info(self) -> dict[str, Any]:
         import importlib.metadata
 
-        return {"backend": "sglang", "sglang": importlib.metadata.version("sglang"), "dtype": self.cfg.dtype,
-                "attention_backend": self.cfg.attention_backend, "deterministic": self.deterministic,
-                "mem_fraction_static": self.cfg.mem_fraction_static,
-                "disable_radix_cache": self.cfg.disable_radix_cache}
+        return {
+            "backend": "sglang",
+            "sglang": importlib.metadata.version("sglang"),
+            "dtype": self.cfg.dtype,
+            "attention_backend": self.cfg.attention_backend,
+            "deterministic": self.deterministic,
+            "mem_fraction_static": self.cfg.mem_fraction_static,
+            "disable_radix_cache": self.cfg.disable_radix_cache,
+        }
 
     def shutdown(self) -> None:
         if self.engine is not None:

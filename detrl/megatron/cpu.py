@@ -32,8 +32,8 @@ def install() -> bool:
         return True
     from megatron.core.tensor_parallel import random as mrandom
 
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    torch.cuda.synchronize = lambda *args, **kwargs: None
 
     class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
         def add(self, name, seed):

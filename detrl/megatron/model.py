@@ -1,0 +1,79 @@
+"""The Megatron-core GPTModel of an HF Qwen2 / Llama config, with fusions off."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from . import cpu
+from .names import ArchMeta
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(
+    m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1
+) -> TransformerConfig:
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.num_kv_heads,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        params_dtype=DTYPES[dtype],
+        use_cpu_initialization=on_cpu,
+        perform_initialization=False,
+        # fused kernels come from CUDA extensions (absent on CPU, and a source of variance on GPU)
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deterministic_mode=deterministic,
+        tensor_model_parallel_size=tp,
+    )
+
+
+def build_gpt_model(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1) -> GPTModel:
+    cpu.install()
+    model = GPTModel(
+        config=transformer_config(m, dtype, deterministic=deterministic, tp=tp),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(m.rope_theta),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+    )
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_state_exact(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model` (dtype-converting), failing on any missing or unexpected key."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, t in own.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{name}: shape {tuple(src.shape)} != model {tuple(t.shape)}")
+            t.copy_(src.to(t.dtype))
