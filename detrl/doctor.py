@@ -91,48 +91,7 @@ def driver_checks(cfg: RunConfig) -> list[Check]:
 
 def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
     """Run inside a worker process."""
-    out = []
-    if cfg.determinism.enabled:
-        problems = env_problems(read_env(cfg.determinism.env), cfg.determinism.env, role)
-        out.append(
-            Check(
-                role,
-                "determinism env",
-                not problems,
-                "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
-                "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
-                "that drops it, or export it on every node of the cluster",
-            )
-        )
-        fa3 = fa3_importable()
-        out.append(
-            Check(
-                role,
-                "FlashAttention-3 absent",
-                fa3 is None,
-                f"importable as {fa3!r}" if fa3 else "not importable",
-                "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)",
-            )
-        )
-        try:
-            dev = "cuda" if cfg.on_gpu and torch.cuda.is_available() else "cpu"
-            torch.use_deterministic_algorithms(True)
-            x = torch.randn(64, 64, device=dev, requires_grad=True)
-            idx = torch.arange(32, device=dev) % 7
-            (x @ x)[idx].sum().backward()  # matmul (cuBLAS workspace) and indexing backward
-            out.append(Check(role, "deterministic algorithms", True, f"enabled and exercised on {dev}"))
-        except Exception as exc:
-            out.append(
-                Check(
-                    role,
-                    "deterministic algorithms",
-                    False,
-                    f"{type(exc).__name__}: {str(exc)[:200]}",
-                    "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the worker env",
-                )
-            )
-        if role == "rollout":
-            out.append(_engine_check(cfg))
+    out = _determinism_checks(role, cfg) if cfg.determinism.enabled else []
     if cfg.on_gpu:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         out.append(
@@ -155,6 +114,51 @@ def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
                 "NCCL_ALGO=Ring on every rank: other algorithms sum in a topology-dependent order",
             )
         )
+    return out
+
+
+def _determinism_checks(role: str, cfg: RunConfig) -> list[Check]:
+    out = []
+    problems = env_problems(read_env(cfg.determinism.env), cfg.determinism.env, role)
+    out.append(
+        Check(
+            role,
+            "determinism env",
+            not problems,
+            "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
+            "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
+            "that drops it, or export it on every node of the cluster",
+        )
+    )
+    fa3 = fa3_importable()
+    out.append(
+        Check(
+            role,
+            "FlashAttention-3 absent",
+            fa3 is None,
+            f"importable as {fa3!r}" if fa3 else "not importable",
+            "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)",
+        )
+    )
+    try:
+        dev = "cuda" if cfg.on_gpu and torch.cuda.is_available() else "cpu"
+        torch.use_deterministic_algorithms(True)
+        x = torch.randn(64, 64, device=dev, requires_grad=True)
+        idx = torch.arange(32, device=dev) % 7
+        (x @ x)[idx].sum().backward()  # matmul (cuBLAS workspace) and indexing backward
+        out.append(Check(role, "deterministic algorithms", True, f"enabled and exercised on {dev}"))
+    except Exception as exc:
+        out.append(
+            Check(
+                role,
+                "deterministic algorithms",
+                False,
+                f"{type(exc).__name__}: {str(exc)[:200]}",
+                "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the worker env",
+            )
+        )
+    if role == "rollout":
+        out.append(_engine_check(cfg))
     return out
 
 

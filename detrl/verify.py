@@ -174,6 +174,15 @@ def likely_cause(
     hb: dict[str, Any],
     artifact_diff: Sequence[str] = (),
 ) -> str:
+    reasons = _setup_reasons(config_diff, artifact_diff, ha, hb) + _environment_reasons(fp_diff, ha, hb)
+    hint = _phase_hint(first)
+    return "; ".join(reasons + [hint]) if reasons else hint
+
+
+def _setup_reasons(
+    config_diff: list[str], artifact_diff: Sequence[str], ha: dict[str, Any], hb: dict[str, Any]
+) -> list[str]:
+    """What the runs were given: artifacts, semantic config, determinism off."""
     reasons = []
     if artifact_diff:
         reasons.append(
@@ -194,6 +203,12 @@ def likely_cause(
                 "determinism was off (determinism.enabled=false): unseeded sampling and "
                 "non-deterministic kernels are expected to make runs differ"
             )
+    return reasons
+
+
+def _environment_reasons(fp_diff: list[str], ha: dict[str, Any], hb: dict[str, Any]) -> list[str]:
+    """Where the runs ran: library versions, FA3, the determinism env, hardware and drivers."""
+    reasons = []
     versions = [d for d in fp_diff if ".versions." in d]
     if versions:
         reasons.append("library versions differ between the runs: " + "; ".join(versions[:4]))
@@ -221,15 +236,19 @@ def likely_cause(
     other = [d for d in fp_diff if d not in versions + env + hw and ".fa3" not in d]
     if other and not reasons:
         reasons.append("the environments differ: " + "; ".join(other[:4]))
-    phase_hint = PHASE_CAUSE.get(first.phase, "")
+    return reasons
+
+
+def _phase_hint(first: Divergence) -> str:
+    hint = PHASE_CAUSE.get(first.phase, "")
     if first.phase in ("rollout_tokens", "rollout_logprobs") and (first.iteration or 0) > 0:
-        phase_hint += (
+        hint += (
             " (iteration 0 matched: in the seed troubleshooting table, divergence after the first "
             "iteration points to FA3 still installed or the engine not receiving identical weights)"
         )
     if first.phase in PER_TENSOR and first.tensors:
-        phase_hint += f"; first tensor: {first.tensors[0]}"
-    return "; ".join(reasons + [phase_hint]) if reasons else phase_hint
+        hint += f"; first tensor: {first.tensors[0]}"
+    return hint
 
 
 # What each iteration's rollout looked like (recorded in its stats, not hashed): shown beside the
