@@ -176,7 +176,13 @@ class TrainConfig(_Strict):
     eps_clip_low: float = Field(0.2, ge=0, le=1)
     eps_clip_high: float = Field(0.28, ge=0, le=10)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="samples per micro-batch (unless micro_batch_tokens)")
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="micro-batches by padded tokens instead: an update's samples sorted by length, "
+        "then grouped while count x longest stays within this budget (less padding, larger batches on a GPU)",
+    )
     updates_per_step: int = Field(1, ge=1, description="optimizer steps per rollout batch (mini-batches)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 

@@ -36,6 +36,7 @@ class Artifacts:
     model: ModelArtifact
     data: DatasetArtifact
     megatron: ConvertedArtifact
+    compile_cache: str | None = None  # Triton, Inductor and flashinfer JIT caches of the workers
 
 
 @dataclass
@@ -52,7 +53,12 @@ def prepare(cfg: RunConfig, cache_dir: str | Path, *, refresh: bool = False) -> 
     cache entry checked against its recorded hash (`refresh`: rebuilt instead)."""
     model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu", refresh=refresh)
     data = fetch_dataset(cfg.data, cache_dir, refresh=refresh)
-    return Artifacts(model, data, convert_cached(model, cache_dir, refresh=refresh))
+    megatron = convert_cached(model, cache_dir, refresh=refresh)
+    return Artifacts(model, data, megatron, compile_cache=compile_cache_dir(cache_dir))
+
+
+def compile_cache_dir(cache_dir: str | Path) -> str:
+    return str(Path(cache_dir) / "compile")
 
 
 def run(
@@ -79,7 +85,8 @@ def run(
     step = Step(cfg, artifacts, perturbations)
     summary = RunSummary(str(run_dir), start.iteration, 0.0, "")
 
-    with Workers(cfg, artifacts.model.path, str(Path(artifacts.megatron.path) / "weights")) as w:
+    ckpt = str(Path(artifacts.megatron.path) / "weights")
+    with Workers(cfg, artifacts.model.path, ckpt, compile_cache=artifacts.compile_cache) as w:
         header = records.header(cfg, artifacts, w, w.selftest(), step.prompts)
         if start.checkpoint is None:
             _write_run_files(run_dir, cfg, header)

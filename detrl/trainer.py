@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .grpo import ppo_clip_token_loss
 from .ledger import tensor_digests
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
@@ -129,20 +129,16 @@ class GRPOTrainer:
         mini-batch. `global_tokens[u]`: response tokens of mini-batch u over all ranks, the token-level
         mean's denominator."""
         cfg = self.cfg.train
-        per_update = len(samples) // cfg.updates_per_step
-        micro = [
-            (u, samples[u * per_update + i : u * per_update + min(i + cfg.micro_batch_size, per_update)])
-            for u in range(cfg.updates_per_step)
-            for i in range(0, per_update, cfg.micro_batch_size)
-        ]
-        logprobs_out: list[np.ndarray] = []
+        micro = [(u, [samples[i] for i in idx]) for u, idx in micro_batches(samples, cfg)]
+        order = [i for _, idx in micro_batches(samples, cfg) for i in idx]  # sample index of each output row
+        rows: list[np.ndarray] = []
         old: list[torch.Tensor] = []
         if cfg.updates_per_step > 1:  # later mini-batches are off-policy: take all old log-probs first
             with torch.no_grad():
                 for _, batch in micro:
                     logp = self._logprobs(batch)
                     old.append(logp)
-                    logprobs_out.extend(_rows(logp, batch))
+                    rows.extend(_rows(logp, batch))
         losses, norms = [], []
         for u in range(cfg.updates_per_step):
             self.optimizer.zero_grad(set_to_none=True)
@@ -157,7 +153,7 @@ class GRPOTrainer:
                     old_logp = old[k]
                 else:  # one update per rollout: the policy is the rollout's, ratio == 1
                     old_logp = logp.detach()
-                    logprobs_out.extend(_rows(old_logp, batch))
+                    rows.extend(_rows(old_logp, batch))
                 adv = torch.tensor(
                     [s.advantage for s in batch for _ in s.response_ids], dtype=torch.float32, device=self.device
                 )
@@ -172,6 +168,9 @@ class GRPOTrainer:
             self.optimizer.step()
             self._copy_master_to_model()
             losses.append(float(self._allreduce_scalar(loss_sum)))
+        logprobs_out: list[np.ndarray] = [np.zeros(0)] * len(samples)
+        for i, row in zip(order, rows):
+            logprobs_out[i] = row
         return StepResult(
             losses=losses,
             grad_norms=norms,
@@ -317,6 +316,28 @@ class GRPOTrainer:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def micro_batches(samples: Sequence[Sample], cfg: TrainConfig) -> list[tuple[int, list[int]]]:
+    """(update, sample indices) of each micro-batch, update after update. By count (micro_batch_size,
+    in data order) or by padded tokens (micro_batch_tokens: the update's samples sorted by length, ties
+    by position, grouped while count x longest fits). Either way a pure function of the lengths."""
+    per_update = len(samples) // cfg.updates_per_step
+    out: list[tuple[int, list[int]]] = []
+    for u in range(cfg.updates_per_step):
+        idx = list(range(u * per_update, (u + 1) * per_update))
+        if cfg.micro_batch_tokens is None:
+            out += [(u, idx[i : i + cfg.micro_batch_size]) for i in range(0, per_update, cfg.micro_batch_size)]
+            continue
+        length = {i: len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in idx}
+        group: list[int] = []
+        for i in sorted(idx, key=lambda i: (length[i], i)):
+            if group and (len(group) + 1) * length[i] > cfg.micro_batch_tokens:
+                out.append((u, group))
+                group = []
+            group.append(i)
+        out.append((u, group))
+    return out
 
 
 def _rows(logp: torch.Tensor, samples: Sequence[Sample]) -> list[np.ndarray]:

@@ -45,6 +45,8 @@ PASSTHROUGH_ENV = (
     "NCCL_DEBUG",
     "CUDA_DEVICE_MAX_CONNECTIONS",
     "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "FLASHINFER_WORKSPACE_BASE",
 )
 # Fault injection for the timeout tests: a worker whose env has DETRL_HANG=<method> sleeps in that
 # method until it is killed (set it through resources.worker_env).
@@ -63,7 +65,18 @@ class PhaseTimeout(RuntimeError):
     """A phase did not finish in time (a hung engine, NCCL collective or worker); the run is stopped."""
 
 
-def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
+# The JIT caches a worker fills (Triton kernels, torch inductor, flashinfer's compiled ops), kept under
+# the det-rl cache so run B, the next nightly and the Docker volume start warm. A compiled kernel is
+# the same code whether built now or loaded: a warm cache changes no bit (cold and warm ledgers are
+# compared in benchmarks/results).
+COMPILE_CACHE_ENV = {
+    "TRITON_CACHE_DIR": "triton",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+}
+
+
+def runtime_env(cfg: RunConfig, role: str, compile_cache: str | None = None) -> dict[str, Any]:
     env: dict[str, str] = {
         "PYTHONHASHSEED": "0",
         "TOKENIZERS_PARALLELISM": "false",
@@ -75,7 +88,9 @@ def runtime_env(cfg: RunConfig, role: str) -> dict[str, Any]:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # fewer fragments beside SGLang
     if cfg.on_gpu and role == "trainer" and cfg.resources.tensor_parallel > 1:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron: TP's async all-reduce is queued before the wgrad GEMM
-    for key in PASSTHROUGH_ENV:
+    if compile_cache:
+        env.update({key: str(Path(compile_cache) / sub) for key, sub in COMPILE_CACHE_ENV.items()})
+    for key in PASSTHROUGH_ENV:  # the user's own settings win over ours
         if key in os.environ:
             env[key] = os.environ[key]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -283,9 +298,12 @@ class Workers:
     """The actors of one run, `trainers` (one per rank) and `rollout`, and what the loop asks of them
     as a group. Every call waits with its phase's time limit (`wait`)."""
 
-    def __init__(self, cfg: RunConfig, model_dir: str, ckpt_dir: str, *, setup: bool = True):
+    def __init__(
+        self, cfg: RunConfig, model_dir: str, ckpt_dir: str, *, setup: bool = True, compile_cache: str | None = None
+    ):
         """`setup=False`: start the actors with their env and resources but load nothing (preflight)."""
         self.cfg, self.model_dir, self.ckpt_dir, self.setup = cfg, model_dir, ckpt_dir, setup
+        self.compile_cache = compile_cache
         self.trainers: list[Any] = []
         self.rollout: Any = None
         self.fingerprints: dict[str, Any] = {}
@@ -422,7 +440,7 @@ class Workers:
         cfg_json = json.dumps(cfg.model_dump(mode="json"))
         world = res.trainer_ranks
         trainer_cls, rollout_cls = ray.remote(TrainerWorker), ray.remote(RolloutWorker)
-        t_env, r_env = runtime_env(cfg, "trainer"), runtime_env(cfg, "rollout")
+        t_env, r_env = (runtime_env(cfg, role, self.compile_cache) for role in ("trainer", "rollout"))
         args = (cfg_json, self.model_dir, self.ckpt_dir)
         if not cfg.on_gpu and not res.ray_address:
             # num_cpus=0: long-lived actors that size their own threads; a 1-core host still fits both

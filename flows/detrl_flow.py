@@ -104,7 +104,7 @@ def detrl_flow(
     mode, why = twice.choose(cfg)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
     start = time.monotonic()
-    run_a, run_b = _run_twice(mode, cfg, out, (model, data, megatron), plant)
+    run_a, run_b = _run_twice(mode, cfg, out, (model, data, megatron), plant, cache)
     verdict = verify_runs(run_a, run_b)
 
     result = {
@@ -125,13 +125,16 @@ def detrl_flow(
     return result
 
 
-def _run_twice(mode: str, cfg: RunConfig, out: Path, arts: tuple[Any, Any, Any], plant: list[str]) -> tuple[str, str]:
+def _run_twice(
+    mode: str, cfg: RunConfig, out: Path, arts: tuple[Any, Any, Any], plant: list[str], cache: str
+) -> tuple[str, str]:
     loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
     runs: list[tuple[str, Path, list[str]]] = [("A", out / "run_a", []), ("B", out / "run_b", plant)]
     if mode != "side_by_side":
-        return loop(cfg, str(runs[0][1]), *arts, "A", []), loop(cfg, str(runs[1][1]), *arts, "B", plant)
+        done = [loop(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
+        return done[0], done[1]
     # each run's workers take their own GPUs; the task runner's threads overlap the two
-    futures = [loop.submit(cfg, str(d), *arts, label, p) for label, d, p in runs]
+    futures = [loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
     wait(futures)
     return futures[0].result(), futures[1].result()
 

@@ -13,7 +13,7 @@ from detrl.config import ConfigError, Perturbation, RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
 from detrl.determinism import DeterminismError
-from detrl.loop import Artifacts, run
+from detrl.loop import Artifacts, compile_cache_dir, run
 from detrl.models import ModelArtifact
 from detrl.records import progress_line
 from detrl.workers import PhaseTimeout, RunError
@@ -47,6 +47,7 @@ def run_loop(
     megatron: ConvertedArtifact,
     label: str,
     plant: list[str],
+    cache_dir: str | None = None,
 ) -> str:
     log = get_run_logger()
     steps = cfg.train.steps
@@ -62,7 +63,7 @@ def run_loop(
     summary = run(
         cfg,
         run_dir,
-        Artifacts(model, data, megatron),
+        Artifacts(model, data, megatron, compile_cache=compile_cache_dir(cache_dir) if cache_dir else None),
         resume=True,
         restart_without_checkpoint=True,
         perturbations=[Perturbation.parse(p) for p in plant],

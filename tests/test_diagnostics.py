@@ -117,3 +117,19 @@ def test_selftest_catches_a_batch_variant_engine(artifacts):
     bad = batch_invariance(HFEngine(artifacts.model.path, HFEngineConfig(batching="padded")))
     assert not bad.passed and bad.unique["single"] > 1
     assert any("Unique samples" in line and "FAIL" in line for line in bad.lines())
+
+
+def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypatch):
+    from detrl.loop import compile_cache_dir
+    from detrl.workers import runtime_env
+
+    cfg = load_config("tiny-cpu")
+    cc = compile_cache_dir(tmp_path)
+    for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE"):
+        monkeypatch.delenv(key, raising=False)
+    env = runtime_env(cfg, "rollout", cc)["env_vars"]
+    assert env["TRITON_CACHE_DIR"] == f"{tmp_path}/compile/triton"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == f"{tmp_path}/compile/inductor"
+    assert env["FLASHINFER_WORKSPACE_BASE"] == f"{tmp_path}/compile/flashinfer"
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # a user's own setting wins
+    assert runtime_env(cfg, "trainer", cc)["env_vars"]["TRITON_CACHE_DIR"] == "/elsewhere"

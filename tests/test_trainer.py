@@ -113,3 +113,38 @@ def test_bit_flip_changes_one_tensor(trainer):
     trainer.flip_bit("decoder.layers.1.mlp.linear_fc2.weight", 3, 22)
     after = trainer.weight_hashes()
     assert [n for n in before if before[n] != after[n]] == ["decoder.layers.1.mlp.linear_fc2.weight"]
+
+
+def test_token_budget_micro_batches_group_by_length_and_keep_sample_order():
+    from detrl.config import TrainConfig
+    from detrl.trainer import micro_batches
+
+    lengths = [30, 5, 12, 5, 40, 7, 9, 3]
+    samples = [Sample([1] * 2, [2] * (n - 2), 0.0) for n in lengths]
+    by_count = micro_batches(samples, TrainConfig(micro_batch_size=3))
+    assert by_count == [(0, [0, 1, 2]), (0, [3, 4, 5]), (0, [6, 7])]
+    groups = micro_batches(samples, TrainConfig(micro_batch_tokens=40, updates_per_step=2))
+    # each update apart; within it shortest first, ties by position, count x longest <= 40
+    assert groups == [(0, [1, 3, 2]), (0, [0]), (1, [7, 5, 6]), (1, [4])]
+    assert all(len(g) * max(lengths[i] for i in g) <= 40 for _, g in groups)
+
+
+def test_token_budget_micro_batches_change_only_the_summation_order(tiny_cfg, artifacts):
+    """Same samples, grouped by length: log-probs per sample come back in sample order and equal the
+    count-grouped ones to float precision; the loss and update agree to rounding, and a rerun is bitwise."""
+    from pathlib import Path
+
+    ckpt = str(Path(artifacts.megatron.path) / "weights")
+    s = _samples(8)
+    tokens = [sum(len(x.response_ids) for x in s)]
+    out = {}
+    for name, update in (("count", {}), ("tokens", {"micro_batch_tokens": 64}), ("again", {"micro_batch_tokens": 64})):
+        cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update=update)})
+        t = GRPOTrainer(cfg, artifacts.model.path, ckpt)
+        out[name] = (t.train_step(s, tokens), combine(t.weight_hashes()))
+        t.close()
+    (count, w_count), (tok, w_tok), (again, w_again) = out["count"], out["tokens"], out["again"]
+    assert [len(x) for x in tok.logprobs] == [len(x.response_ids) for x in s]
+    assert max(abs(a - b).max() for a, b in zip(count.logprobs, tok.logprobs)) < 1e-5
+    assert abs(count.losses[0] - tok.losses[0]) < 1e-6
+    assert w_tok == w_again and all((a == b).all() for a, b in zip(tok.logprobs, again.logprobs))
