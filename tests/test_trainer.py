@@ -143,7 +143,7 @@ def test_token_budget_micro_batches_change_only_the_summation_order(tiny_cfg, ar
         t = GRPOTrainer(cfg, artifacts.model.path, ckpt)
         out[name] = (t.train_step(s, tokens), combine(t.weight_hashes()))
         t.close()
-    (count, w_count), (tok, w_tok), (again, w_again) = out["count"], out["tokens"], out["again"]
+    (count, _), (tok, w_tok), (again, w_again) = out["count"], out["tokens"], out["again"]
     assert [len(x) for x in tok.logprobs] == [len(x.response_ids) for x in s]
     assert max(abs(a - b).max() for a, b in zip(count.logprobs, tok.logprobs)) < 1e-5
     assert abs(count.losses[0] - tok.losses[0]) < 1e-6
