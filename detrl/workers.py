@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -48,9 +49,20 @@ PASSTHROUGH_ENV = (
     "TORCHINDUCTOR_CACHE_DIR",
     "FLASHINFER_WORKSPACE_BASE",
 )
-# Fault injection for the timeout tests: a worker whose env has DETRL_HANG=<method> sleeps in that
-# method until it is killed (set it through resources.worker_env).
-HANG_ENV = "DETRL_HANG"
+# Fault injection for the tests (set through resources.worker_env): a worker whose env has
+# DETRL_HANG=<method> sleeps in that method until it is killed; DETRL_CRASH=<method> prints a message
+# and exits there, as an engine that refuses to start does.
+HANG_ENV, CRASH_ENV = "DETRL_HANG", "DETRL_CRASH"
+# What an engine's own start-up error says -> the fix
+DEATH_HINTS = (
+    (
+        ("KV cache", "mem-fraction-static", "mem_fraction_static", "out of memory", "OutOfMemory"),
+        "the GPU memory did not fit: another process (a second run on the same GPU?) held part of it, or "
+        "rollout.sglang.mem_fraction_static is too low for the weights; run the two runs one after the other "
+        "(resources.twice=sequential) or change mem_fraction_static",
+    ),
+    (("No module named",), "a package is missing in the worker's environment: install it on every node"),
+)
 
 
 class RunError(RuntimeError):
@@ -59,6 +71,10 @@ class RunError(RuntimeError):
 
 class WeightSyncError(RunError):
     """The engine does not hold exactly the weights the trainer sent."""
+
+
+class WorkerStartError(RunError):
+    """A worker (most often the rollout engine) died while starting; the message is its own."""
 
 
 class PhaseTimeout(RuntimeError):
@@ -127,6 +143,35 @@ def _maybe_hang(method: str) -> None:
     if os.environ.get(HANG_ENV) == method:
         while True:
             time.sleep(3600)
+    if os.environ.get(CRASH_ENV) == method:
+        print(f"RuntimeError: injected crash in {method} ({CRASH_ENV})", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def worker_log_tail(pid: int | None, lines: int = 12) -> tuple[str | None, list[str]]:
+    """The end of a local worker's stderr log (Ray's session logs), where an engine that died while
+    starting leaves its own message. (None, []) when it is not on this machine."""
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the log dir
+    if pid is None or node is None:
+        return None, []
+    files = sorted(Path(node.get_logs_dir_path()).glob(f"worker-*-{pid}.err"))
+    if not files:
+        return None, []
+    text = files[-1].read_text(errors="replace").splitlines()
+    useful = [x for x in text if x.strip() and not x.startswith(("  warnings.warn", "[rank"))]
+    return str(files[-1]), useful[-lines:]
+
+
+def death_report(role: str, phase: str, pid: int | None) -> str:
+    path, tail = worker_log_tail(pid)
+    errors = [x for x in tail if "Error" in x or "error" in x] or tail[-3:]
+    msg = f"the {role} worker died during {phase}"
+    if errors:
+        msg += ": " + " | ".join(x.strip() for x in errors[-3:])
+    fixes = [fix for keys, fix in DEATH_HINTS if any(k in x for x in tail for k in keys)]
+    if fixes:
+        msg += ". Fix: " + "; ".join(fixes)
+    return msg + (f" (its log: {path})" if path else " (its log is on the node that ran it)")
 
 
 class TrainerWorker:
@@ -209,6 +254,7 @@ class RolloutWorker:
         return _process_info("rollout")
 
     def setup(self) -> dict[str, Any]:
+        _maybe_hang("setup")
         _need_paths(self.model_dir)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         self.engine = make_engine(self.cfg, self.model_dir)
@@ -321,6 +367,13 @@ class Workers:
         limit = self.cfg.startup_timeout() if iteration is None else self.cfg.phase_timeout()
         try:
             return ray.get(refs, timeout=limit)
+        except RayActorError as exc:
+            role = self._role_of(exc)
+            report = death_report(role, phase, self.placement.get(role, {}).get("pid"))
+            if iteration is None:  # start-up: a retry would meet the same refusal
+                raise WorkerStartError(f"start-up: {report}") from exc
+            exc.add_note(report)  # mid-run: stays retriable (the run resumes from its checkpoint)
+            raise
         except GetTimeoutError:
             self._hung = True
             where = "start-up" if iteration is None else f"iteration {iteration}"
@@ -330,6 +383,13 @@ class Workers:
                 "engine, NCCL collective or worker is the usual cause. The run's workers were "
                 f"stopped; raise {key} if the phase is only slow"
             ) from None
+
+    def _role_of(self, exc: RayActorError) -> str:
+        dead = getattr(exc, "actor_id", None)
+        for role, actor in [("rollout", self.rollout)] + [(f"trainer{r}", t) for r, t in enumerate(self.trainers)]:
+            if actor is not None and dead is not None and actor._actor_id.hex() == dead:
+                return role
+        return "rollout" if self.rollout is not None and dead is None else "a"
 
     def selftest(self) -> dict[str, Any] | None:
         """The engine's batch-invariance self-test (determinism on); fails the run when it is not."""

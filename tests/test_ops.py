@@ -52,6 +52,25 @@ def _alive(pids) -> list[int]:
     return out
 
 
+def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp_path):
+    """Not a bare ActorDiedError: the worker's last error lines from its log, and no retry."""
+    r = detrl(
+        "run",
+        "--profile",
+        "tiny-cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache",
+        str(tmp_path / "c"),
+        "--set",
+        "resources.worker_env.rollout.DETRL_CRASH=setup",
+    )
+    assert r.returncode == 3, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
+    assert line and "start-up: the rollout worker died during worker start: " in line[0], r.stderr[-3000:]
+    assert "RuntimeError: injected crash in setup (DETRL_CRASH)" in line[0] and "(its log: " in line[0]
+
+
 def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
     out = tmp_path / "hung"
     p = subprocess.Popen(
