@@ -166,6 +166,8 @@ def is_network_error(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if type(e).__name__ == "OfflineModeIsEnabled" or "OfflineModeIsEnabled" in str(e):
+            return False  # offline on purpose (HF_HUB_OFFLINE): waiting will not bring the network back
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(status, int):
             return status >= 500 or status == 429

@@ -280,3 +280,23 @@ def test_known_noise_is_filtered_and_real_warnings_are_kept():
         warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning, stacklevel=1)
         warnings.warn("something a user must see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something a user must see"]
+
+
+def test_offline_mode_is_not_retried(monkeypatch):
+    """HF_HUB_OFFLINE is a choice, not an outage: the hub's OfflineModeIsEnabled fails at once."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from detrl.util import is_network_error, retry_network
+
+    monkeypatch.setenv("DETRL_DOWNLOAD_BACKOFF_S", "0")
+    calls = []
+
+    def offline():
+        calls.append(1)
+        raise ConnectionError("Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled)")
+
+    with pytest.raises(ConnectionError):
+        retry_network(offline, "download")
+    assert calls == [1]
+    assert not is_network_error(OfflineModeIsEnabled("offline mode is enabled"))
+    assert is_network_error(ConnectionError("connection refused"))
