@@ -4,6 +4,7 @@ with a sequential pair in the tests and on the GPU, benchmarks/results/)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -29,12 +30,14 @@ def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
             )
         return mode, "as configured (Ray cluster)"
     if not cfg.on_gpu:
-        # two CPU runs share the cores: side by side is no faster (benchmarks/twice.py) but is allowed
-        return (
-            ("sequential", "CPU run: both runs would share the same cores")
-            if mode == "auto"
-            else (mode, "as configured")
-        )
+        if mode != "auto":
+            return mode, "as configured"
+        # a run keeps one phase busy at a time (rollout, then train) on cpu_threads per rank, so two runs
+        # overlap well: measured 1.35x (tiny-cpu) and 1.19x (smollm2-cpu) faster on 2 cores (README)
+        cores, busy = os.cpu_count() or 1, cfg.resources.trainer_ranks * cfg.resources.cpu_threads
+        if cores >= 2 * busy:
+            return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"
+        return "sequential", f"{cores} CPU core(s): one run at a time"
     have = local_gpus() if gpus is None else gpus
     if mode == "side_by_side" and have < need:
         raise ConfigError(

@@ -101,7 +101,12 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
     forced = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.twice=side_by_side"])
     with pytest.raises(ConfigError, match="needs 2 GPUs .* this machine has 1; use resources.twice=sequential"):
         choose(forced, gpus=1)
-    assert choose(load_config("tiny-cpu"))[0] == "sequential"
+    import os
+
+    cores = os.cpu_count() or 1
+    assert choose(load_config("tiny-cpu"))[0] == ("side_by_side" if cores >= 2 else "sequential")
+    busy = load_config("tiny-cpu", overrides=[f"resources.cpu_threads={cores}"])
+    assert choose(busy)[0] == "sequential"
     assert choose(load_config("tiny-cpu", overrides=["resources.twice=side_by_side"]))[0] == "side_by_side"
     cluster = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.ray_address=10.0.0.1:6379"])
     assert choose(cluster, gpus=0)[0] == "sequential"
