@@ -99,6 +99,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import format_text
     from .rundir import check_out_dir
     from .verify import verify
+    from .workers import shared_ray
 
     cfg = _load(args)
     plants = _plants(args.plant)
@@ -110,6 +111,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         lambda: run(cfg, out / "run_a", arts, progress=_progress("run A")),
         lambda: run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")),
         mode,
+        hold=shared_ray(cfg),
     )
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
     print(verdict.to_json() if args.json else format_text(verdict))

@@ -6,6 +6,7 @@ theirs, is still shown."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 
@@ -41,6 +42,8 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    # progress bars of loading and writing weights: a line of noise per worker in a log (set it to 0 to see them)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category, pattern in WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{pattern}", category=category)
     for name, pattern in LOG_LINES:

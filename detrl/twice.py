@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 
@@ -51,11 +52,14 @@ def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
     return mode, "as configured"
 
 
-def run_both(run_a: Callable[[], T], run_b: Callable[[], T], mode: str) -> tuple[T, T]:
-    """Run both; side by side, both finish (or fail) before an error of either is raised."""
+def run_both(
+    run_a: Callable[[], T], run_b: Callable[[], T], mode: str, hold: AbstractContextManager[Any] | None = None
+) -> tuple[T, T]:
+    """Run both; side by side, both finish (or fail) before an error of either is raised. `hold` is
+    entered around side-by-side runs (workers.shared_ray: their Ray, started in this thread)."""
     if mode != "side_by_side":
         return run_a(), run_b()
-    with ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
+    with hold or nullcontext(), ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
         fa, fb = pool.submit(run_a), pool.submit(run_b)
         errors = [f.exception() for f in (fa, fb)]
     for err in errors:

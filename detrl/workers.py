@@ -5,6 +5,7 @@ model is loaded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,18 @@ def ensure_ray(cfg: RunConfig) -> bool:
         if node is not None:
             reaper.start(node.get_session_dir_path())
     return True
+
+
+@contextlib.contextmanager
+def shared_ray(cfg: RunConfig) -> Iterator[None]:
+    """Hold this process's Ray for runs started in other threads (side by side): Ray is started here,
+    in the calling (main) thread, where it can install its signal handlers."""
+    started = ensure_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            release_ray()
 
 
 def release_ray() -> None:

@@ -19,6 +19,7 @@ from detrl.config import PROFILES, RunConfig
 from detrl.report import verdict_summary
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
+from detrl.workers import shared_ray
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.notify import notify_hook
@@ -133,9 +134,12 @@ def _run_twice(
     if mode != "side_by_side":
         done = [loop(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
         return done[0], done[1]
-    # each run's workers take their own GPUs; the task runner's threads overlap the two
-    futures = [loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
-    wait(futures)
+    # each run's workers take their own GPUs (or cores); the task runner's threads overlap the two. No
+    # Prefect timeout here: in a worker thread it cannot interrupt a blocking call; the runs' own phase
+    # timeouts (timeouts.*) stop a hung phase and name it. Ray starts in this thread (signal handlers).
+    with shared_ray(cfg):
+        futures = [run_loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
+        wait(futures)
     return futures[0].result(), futures[1].result()
 
 
