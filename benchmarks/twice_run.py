@@ -1,5 +1,5 @@
-"""Wall time of the whole twice-run (two loop runs + verify) and the cost of hashing as a fraction of
-step time, measured in one process on this machine.
+"""Wall time of the whole twice-run (two loop runs + verify), one after the other and side by side, and
+the cost of hashing as a fraction of step time, measured in one process on this machine.
 
     python benchmarks/twice_run.py [--profile tiny-cpu] [--cache DIR] [--out DIR]
 """
@@ -46,42 +46,50 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args()
 
+    from detrl import twice
     from detrl.config import load_config
     from detrl.ledger import read_ledger
     from detrl.loop import prepare, run
     from detrl.verify import verify
+    from detrl.workers import shared_ray
 
     cfg = load_config(a.profile, overrides=a.overrides)
     out = Path(a.out or tempfile.mkdtemp(prefix="detrl-bench-"))
     t0 = time.perf_counter()
     arts = prepare(cfg, a.cache)
     t_prep = time.perf_counter() - t0
-    walls = []
-    for name in ("run_a", "run_b"):
+    walls: dict[str, float] = {}
+    for mode in ("sequential", "side_by_side"):  # both schedules in one invocation: their ratio
+        d = out / mode
         t = time.perf_counter()
-        run(cfg, out / name, arts)
-        walls.append(time.perf_counter() - t)
+        twice.run_both(
+            lambda d=d: run(cfg, d / "run_a", arts), lambda d=d: run(cfg, d / "run_b", arts), mode, hold=shared_ray(cfg)
+        )
+        walls[mode] = time.perf_counter() - t
     t = time.perf_counter()
-    verdict = verify(str(out / "run_a"), str(out / "run_b"))
-    t_verify = time.perf_counter() - t
-    steps = [it["stats"]["step_s"] for n in ("run_a", "run_b") for it in read_ledger(out / n).iterations]
+    verdicts = {m: verify(str(out / m / "run_a"), str(out / m / "run_b")).status for m in walls}
+    verdicts["across"] = verify(str(out / "sequential" / "run_a"), str(out / "side_by_side" / "run_b")).status
+    t_verify = (time.perf_counter() - t) / 3
+    steps = [it["stats"]["step_s"] for n in ("run_a", "run_b") for it in read_ledger(out / "sequential" / n).iterations]
     hash_s = hashing_cost_per_step(arts, cfg)
     step = statistics.median(steps)
     result = {
         "profile": a.profile,
-        "verdict": verdict.status,
+        "verdicts": verdicts,
         "prepare_s": round(t_prep, 2),
-        "run_a_s": round(walls[0], 2),
-        "run_b_s": round(walls[1], 2),
+        "twice_run_s": {m: round(w + t_verify, 2) for m, w in walls.items()},
+        "side_by_side_speedup": round(walls["sequential"] / walls["side_by_side"], 3),
         "verify_s": round(t_verify, 3),
-        "twice_run_s": round(sum(walls) + t_verify, 2),
         "median_step_s": round(step, 3),
         "hash_per_step_s": round(hash_s, 4),
         "hash_fraction_of_step": round(hash_s / step, 4),
     }
-    print(f"profile {a.profile}: verdict {verdict.status}")
+    print(f"profile {a.profile}: verdicts {verdicts}")
     print(f"prepare (download/generate + convert, cached after the first time): {t_prep:.2f}s")
-    print(f"run A {walls[0]:.2f}s, run B {walls[1]:.2f}s, verify {t_verify:.3f}s -> twice-run {result['twice_run_s']}s")
+    print(
+        f"twice-run: sequential {result['twice_run_s']['sequential']}s, side by side "
+        f"{result['twice_run_s']['side_by_side']}s ({result['side_by_side_speedup']}x)"
+    )
     print(f"median step {step:.3f}s; hashing per step {hash_s * 1000:.1f} ms = {100 * hash_s / step:.2f}% of a step")
     print(json.dumps(result))
 
