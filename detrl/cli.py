@@ -49,8 +49,6 @@ def config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, *, check: bool = True):
-    from .doctor import check_resources
-
     if args.profile is None and args.config is None:
         raise ConfigError("give --profile NAME or --config FILE (profiles: auto, " + ", ".join(PROFILES) + ")")
     profile = args.profile
@@ -59,6 +57,8 @@ def _load(args: argparse.Namespace, *, check: bool = True):
         print(f"profile auto -> {profile} ({why})", flush=True)
     cfg = load_config(profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
     if check:
+        from .doctor import check_resources
+
         check_resources(cfg)
     return cfg
 
@@ -77,11 +77,10 @@ def _progress(label: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg, plants = _load(args), _plants(args.plant)  # bad input is refused before the heavy imports
     from .loop import prepare, run
     from .rundir import check_out_dir
 
-    cfg = _load(args)
-    plants = _plants(args.plant)
     check_out_dir(args.out, cfg, resume=args.resume)
     arts = prepare(cfg, args.cache, refresh=args.refresh)
     summary = run(
@@ -95,14 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    cfg, plants = _load(args), _plants(args.plant)
     from .loop import prepare, run
     from .report import format_text
     from .rundir import check_out_dir
     from .verify import verify
     from .workers import shared_ray
 
-    cfg = _load(args)
-    plants = _plants(args.plant)
     out = check_out_dir(args.out)
     mode, why = twice.choose(cfg)
     arts = prepare(cfg, args.cache, refresh=args.refresh)
