@@ -12,9 +12,8 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .ledger import LEDGER_FILE, Ledger, read_ledger
 from .megatron.checkpoint import checkpoint_complete
-from .records import now
 from .rundir import check_out_dir, resume_mismatch
-from .util import atomic_dir
+from .util import atomic_dir, utc_stamp
 
 CKPT_DIR = "checkpoints"
 
@@ -57,7 +56,7 @@ def save(workers: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
                     "iteration": it,
                     "ledger_bytes": (run_dir / LEDGER_FILE).stat().st_size,
                     "config_hash": cfg.config_hash(),
-                    "saved_at": now(),
+                    "saved_at": utc_stamp(),
                 }
             )
         )

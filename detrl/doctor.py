@@ -55,7 +55,7 @@ def check_resources(cfg: RunConfig) -> None:
     check_source(cfg.model)
     if not cfg.on_gpu or cfg.resources.ray_address:
         return
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = twice.local_gpus()
     twice.choose(cfg, have)  # side_by_side without GPUs for both runs fails here, before any work
     if have < cfg.resources.num_gpus:
         raise ConfigError(
@@ -93,7 +93,7 @@ def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
     """Run inside a worker process."""
     out = _determinism_checks(role, cfg) if cfg.determinism.enabled else []
     if cfg.on_gpu:
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n = twice.local_gpus()
         out.append(
             Check(
                 role,

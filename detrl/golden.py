@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .ledger import LEDGER_FILE, STEP_DIR, read_ledger
-from .util import atomic_dir, default_dir
+from .util import atomic_dir, default_dir, utc_stamp
 from .verify import Verdict, compare, dict_diff
 
 
@@ -82,7 +81,7 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
             (tmp / "golden.json").write_text(
                 json.dumps(
                     {
-                        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "recorded_at": utc_stamp(),
                         "source": str(run_dir),
                         "config_hash": run.header["config_hash"],
                         "hardware": hardware_class(run.header),

@@ -3,10 +3,10 @@ verify reads to locate a divergence."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -16,10 +16,7 @@ from .config import RunConfig
 from .determinism import fingerprint
 from .ledger import LEDGER_VERSION, array_sha256, combine, ragged, ragged_sha256
 from .rollout import Generation
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+from .util import utc_stamp
 
 
 def header(
@@ -44,7 +41,7 @@ def header(
         "prompts_dropped": prompts.dropped,
         "fingerprints": {"driver": fingerprint("driver"), **workers.fingerprints},
         "placement": workers.placement,
-        "started_at": now(),
+        "started_at": utc_stamp(),
     }
 
 
@@ -64,8 +61,8 @@ class StepData:
     weights: dict[str, str]  # digests of the trainer's weights after the step
     times: dict[str, float]
 
-    @property
-    def rollout_logprobs(self) -> list[np.ndarray]:
+    @cached_property
+    def rollout_logprobs(self) -> list[np.ndarray]:  # hashed and saved: converted once
         return [np.asarray(g.logprobs, dtype=np.float32) for g in self.gens]
 
 
@@ -108,7 +105,7 @@ def completion(cfg: RunConfig, final_weights: str, wall_s: float) -> dict[str, A
         "iterations": cfg.train.steps,
         "final_weights": final_weights,
         "wall_s": wall_s,
-        "finished_at": now(),
+        "finished_at": utc_stamp(),
     }
 
 

@@ -129,8 +129,9 @@ class GRPOTrainer:
         mini-batch. `global_tokens[u]`: response tokens of mini-batch u over all ranks, the token-level
         mean's denominator."""
         cfg = self.cfg.train
-        micro = [(u, [samples[i] for i in idx]) for u, idx in micro_batches(samples, cfg)]
-        order = [i for _, idx in micro_batches(samples, cfg) for i in idx]  # sample index of each output row
+        groups = micro_batches(samples, cfg)
+        micro = [(u, [samples[i] for i in idx]) for u, idx in groups]
+        order = [i for _, idx in groups for i in idx]  # sample index of each output row
         rows: list[np.ndarray] = []
         old: list[torch.Tensor] = []
         if cfg.updates_per_step > 1:  # later mini-batches are off-policy: take all old log-probs first

@@ -196,6 +196,11 @@ def retry_network(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
+def utc_stamp() -> str:
+    """Now, as the ledger, checkpoints and golden records write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 _DEFAULT_DIRS = {
     "cache": ("DETRL_CACHE", (".cache", "detrl")),
     "runs": ("DETRL_RUNS", (".detrl", "runs")),

@@ -163,10 +163,10 @@ def worker_log_tail(pid: int | None, lines: int = 12) -> tuple[str | None, list[
     return str(files[-1]), useful[-lines:]
 
 
-def death_report(role: str, phase: str, pid: int | None) -> str:
+def death_report(role: str | None, phase: str, pid: int | None) -> str:
     path, tail = worker_log_tail(pid)
     errors = [x for x in tail if "Error" in x or "error" in x] or tail[-3:]
-    msg = f"the {role} worker died during {phase}"
+    msg = f"{f'the {role}' if role else 'a'} worker died during {phase}"
     if errors:
         msg += ": " + " | ".join(x.strip() for x in errors[-3:])
     fixes = [fix for keys, fix in DEATH_HINTS if any(k in x for x in tail for k in keys)]
@@ -382,7 +382,8 @@ class Workers:
             return ray.get(refs, timeout=limit)
         except RayActorError as exc:
             role = self._role_of(exc)
-            report = death_report(role, phase, self.placement.get(role, {}).get("pid"))
+            pid = self.placement.get(role, {}).get("pid") if role else None
+            report = death_report(role, phase, pid)
             if iteration is None:  # start-up: a retry would meet the same refusal
                 raise WorkerStartError(f"start-up: {report}") from exc
             exc.add_note(report)  # mid-run: stays retriable (the run resumes from its checkpoint)
@@ -397,12 +398,12 @@ class Workers:
                 f"stopped; raise {key} if the phase is only slow"
             ) from None
 
-    def _role_of(self, exc: RayActorError) -> str:
+    def _role_of(self, exc: RayActorError) -> str | None:
         dead = getattr(exc, "actor_id", None)
         for role, actor in [("rollout", self.rollout)] + [(f"trainer{r}", t) for r, t in enumerate(self.trainers)]:
-            if actor is not None and dead is not None and actor._actor_id.hex() == dead:
+            if actor is not None and actor._actor_id.hex() == dead:
                 return role
-        return "rollout" if self.rollout is not None and dead is None else "a"
+        return None
 
     def selftest(self) -> dict[str, Any] | None:
         """The engine's batch-invariance self-test (determinism on); fails the run when it is not."""

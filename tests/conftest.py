@@ -27,12 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def detrl_cmd(*args: str) -> list[str]:
+    """The CLI's command line, as `detrl` runs it (for a Popen the test watches)."""
+    return [sys.executable, "-m", "detrl", *args]
+
+
 def detrl(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process (`env`: extra variables)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "detrl", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
-    )
+    return subprocess.run(detrl_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def _cuda() -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.server
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, detrl
+from conftest import ROOT, detrl, detrl_cmd
 
 from detrl import quiet
 from detrl.config import load_config
@@ -74,10 +73,7 @@ def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp
 def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
     out = tmp_path / "hung"
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "detrl",
+        detrl_cmd(
             "run",
             "--profile",
             "tiny-cpu",
@@ -89,7 +85,7 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
             "timeouts.phase_s=3",
             "--set",
             "resources.worker_env.rollout.DETRL_HANG=generate",
-        ],
+        ),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -110,10 +106,7 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
 def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
     out = tmp_path / "killed"
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "detrl",
+        detrl_cmd(
             "run",
             "--profile",
             "tiny-cpu",
@@ -121,7 +114,7 @@ def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
             str(out),
             "--cache",
             str(tmp_path / "c"),
-        ],
+        ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

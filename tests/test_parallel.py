@@ -3,10 +3,10 @@ Ray nodes reached by address. Each layout is run and verified like the single-ra
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import detrl_cmd
 from safetensors.numpy import load_file
 
 from detrl.config import ConfigError, Perturbation, load_config
@@ -83,10 +83,7 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        cmd = [
-            sys.executable,
-            "-m",
-            "detrl",
+        cmd = detrl_cmd(
             "run",
             "--profile",
             "tiny-cpu",
@@ -97,7 +94,7 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
             *[x for kv in dp2 for x in ("--set", kv)],
             "--set",
             f"resources.ray_address={cluster.address}",
-        ]
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
