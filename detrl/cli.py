@@ -102,12 +102,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .workers import shared_ray
 
     out = check_out_dir(args.out)
-    mode, why = twice.choose(cfg)
+    twice.choose(cfg)  # a schedule this machine cannot hold stops here, before any download
     arts = prepare(cfg, args.cache, refresh=args.refresh)
+    mode, why = twice.choose(cfg, model_dir=arts.model.path)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+    rcfg = twice.run_config(cfg, mode)
     twice.run_both(
-        lambda: run(cfg, out / "run_a", arts, progress=_progress("run A")),
-        lambda: run(cfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")),
+        lambda: run(rcfg, out / "run_a", arts, progress=_progress("run A")),
+        lambda: run(rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")),
         mode,
         hold=shared_ray(cfg),
     )

@@ -145,6 +145,11 @@ class SGLangConfig(_Strict):
     disable_radix_cache: bool | None = Field(None, description="None: let SGLang decide per backend")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     log_level: str = "warning"
+    weight_sync: Literal["auto", "ipc", "object_store"] = Field(
+        "auto",
+        description="how the trainer's weights reach the engine: ipc hands over a CUDA IPC handle (trainer "
+        "and engine on one GPU), object_store copies them through Ray; auto: ipc when colocated",
+    )
 
 
 class HFEngineConfig(_Strict):
@@ -223,8 +228,16 @@ class ResourcesConfig(_Strict):
     )
     twice: Literal["auto", "sequential", "side_by_side"] = Field(
         "auto",
-        description="how `reproduce` and the flow schedule runs A and B: side_by_side gives each run its "
-        "own GPUs at once; auto picks it when this machine has GPUs for both runs",
+        description="how `reproduce` and the flow schedule runs A and B: side_by_side runs both at once, "
+        "each on its own GPUs, or on one GPU shared half and half when there are too few; auto picks side "
+        "by side when this machine has GPUs for both runs, or one GPU with memory for both",
+    )
+    gpu_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the part of its GPU a run takes; below 1 (set when runs A and B share one GPU) the "
+        "engine's KV cache holds one step's batch instead of mem_fraction_static of the GPU",
     )
 
 
@@ -281,6 +294,13 @@ class RunConfig(_Strict):
                 f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
                 f"resources.num_gpus={res.num_gpus}"
             )
+        if res.gpu_share < 1 and not (
+            self.backends.rollout == "sglang" and res.num_gpus and res.trainer_ranks == 1 and res.colocate
+        ):
+            raise ValueError(
+                f"resources.gpu_share={res.gpu_share} (runs sharing a GPU) needs one GPU per run: the SGLang "
+                "engine and one trainer rank colocated (trainer_ranks=1, colocate=true)"
+            )
         if res.trainer_ranks % res.tensor_parallel:
             raise ValueError(
                 f"resources.tensor_parallel={res.tensor_parallel} must divide "
@@ -307,6 +327,13 @@ class RunConfig(_Strict):
                 "rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
                 "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false"
             )
+        if self.rollout.sglang.weight_sync == "ipc" and not (
+            self.backends.rollout == "sglang" and self.on_gpu and res.colocate
+        ):
+            raise ValueError(
+                "rollout.sglang.weight_sync=ipc needs the SGLang engine on the trainer's GPU "
+                "(backends.rollout=sglang, resources.colocate=true); use auto or object_store"
+            )
         if self.determinism.enabled:
             missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
             if missing:
@@ -331,9 +358,20 @@ class RunConfig(_Strict):
         return self.resources.num_gpus > 0
 
     @property
+    def ipc_weight_sync(self) -> bool:
+        if self.backends.rollout != "sglang" or not (self.on_gpu and self.resources.colocate):
+            return False
+        return self.rollout.sglang.weight_sync != "object_store"
+
+    @property
     def gpus_per_run(self) -> int:
         res = self.resources
         return res.trainer_ranks + (0 if res.colocate else 1) if self.on_gpu else 0
+
+    def step_kv_tokens(self) -> int:
+        """KV-cache tokens one step's batch can need at once (every sample at its longest), plus 10 %."""
+        r = self.rollout
+        return int(r.prompts_per_step * r.samples_per_prompt * (self.data.max_prompt_tokens + r.max_new_tokens) * 1.1)
 
     def startup_timeout(self) -> float:
         return self.timeouts.startup_s or (900.0 if self.on_gpu else 300.0)
@@ -403,8 +441,12 @@ NON_SEMANTIC: dict[str, str] = {
     "determinism.selftest": "a check of the engine before iteration 0; every later draw is seeded per "
     "sample (tiny-cpu final weights measured unchanged with it off)",
     "rollout.sglang.log_level": "what the engine prints",
+    "rollout.sglang.weight_sync": "how the weights travel to the engine; the engine's own checksum of every "
+    "tensor proves the same bits arrived either way",
     "resources.twice": "runs A and B one after the other or side by side; each run still has its own "
-    "workers and GPUs (ledgers measured equal both ways)",
+    "workers (ledgers measured equal both ways)",
+    "resources.gpu_share": "how much of the GPU a run's workers may use and the engine's KV-cache size; "
+    "every request of a step fits either way (ledgers of runs sharing a GPU measured equal to sequential ones)",
     "timeouts": "how long a phase may take before the run is stopped, not what it computes",
 }
 
@@ -442,7 +484,9 @@ _GPU_REFERENCE: dict[str, Any] = {
         "max_new_tokens": 1024,
         "sglang": {"mem_fraction_static": 0.3},
     },
-    "train": {"steps": 3, "micro_batch_size": 4},
+    # micro-batches by token budget: 1.69x faster train steps than 4 samples each (H200, 0.5B), at the
+    # same peak memory (4 x 2048 tokens); benchmarks/results/h200-train-step.json
+    "train": {"steps": 3, "micro_batch_size": 4, "micro_batch_tokens": 8192},
     "backends": {"rollout": "sglang"},
     "resources": {"num_gpus": 1},
 }

@@ -211,6 +211,7 @@ class HeaderRecord(BaseModel):
     prompts_dropped: int = PydField(ge=0)
     fingerprints: dict[str, dict[str, Any]]
     placement: dict[str, Any]
+    startup_s: dict[str, float] = {}  # seconds per start-up part (absent in older ledgers)
     started_at: str
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ def header(
         "prompts_dropped": prompts.dropped,
         "fingerprints": {"driver": fingerprint("driver"), **workers.fingerprints},
         "placement": workers.placement,
+        "startup_s": workers.startup_s,
         "started_at": utc_stamp(),
     }
 
@@ -91,6 +92,8 @@ def iteration(d: StepData) -> dict[str, Any]:
             **rollout_shape(d.gens, d.rewards),
             "loss": float(np.mean(d.losses)),
             "grad_norm": float(np.mean(d.grad_norms)),
+            "train_tokens": len(d.gens) // len(d.prompt_ids) * sum(len(p) for p in d.prompt_ids)
+            + sum(len(g.token_ids) for g in d.gens),
             "logprob_max_abs_diff": float(
                 max((np.abs(a - b).max() for a, b in zip(rollout_lp, d.trainer_logprobs) if len(a)), default=0.0)
             ),

@@ -293,14 +293,14 @@ class GRPOTrainer:
         full = self._full(self.master)
         return None if full is None else tensor_digests(full, self.cfg.ledger.tensor_hash)
 
-    def export_hf(self, dtype: str) -> dict[str, torch.Tensor] | None:
-        """The model's current weights under HF names, on the CPU, in the engine's dtype (None on
-        TP ranks other than 0)."""
+    def export_hf(self, dtype: str, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+        """The model's current weights under HF names, on `device` (cpu: a copy), in the engine's
+        dtype (None on TP ranks other than 0)."""
         target = getattr(torch, dtype)
         state = self._full(self.params)
         if state is None:
             return None
-        return {k: v.to("cpu", target).contiguous() for k, v in megatron_to_hf(state, self.meta).items()}
+        return {k: v.to(device, target).contiguous() for k, v in megatron_to_hf(state, self.meta).items()}
 
     @torch.no_grad()
     def flip_bit(self, tensor: str, index: int, bit: int) -> None:

@@ -1,6 +1,7 @@
-"""How runs A and B are scheduled: one after the other, or side by side, each on its own GPUs.
-Each run has its own workers either way; only the wall time changes (the ledgers are compared
-with a sequential pair in the tests and on the GPU, benchmarks/results/)."""
+"""How runs A and B are scheduled: one after the other, side by side each on its own GPUs, or side by
+side sharing one GPU (`shared_gpu`: half of it each, the engines' KV caches sized to one step's batch).
+Each run has its own workers every way; only the wall time changes (the ledgers are compared with a
+sequential pair in the tests and on the GPU, benchmarks/results/)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -15,14 +17,57 @@ import torch
 from .config import ConfigError, RunConfig
 
 T = TypeVar("T")
+SHARED_GPU_SHARE = 0.5
+GIB = 1 << 30
 
 
 def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
-    """(mode, why). Raises ConfigError when side_by_side is asked for and this machine cannot hold it."""
+def gpu_memory_gib() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / GIB if local_gpus() else 0.0
+
+
+def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
+    """A generous estimate of one colocated run's peak GPU memory: the trainer's weights, gradients and
+    Adam state (18 bytes a parameter), and for its largest micro-batch the fp32 logits (three copies:
+    logits, log-softmax, gradient), activations and attention scores and probabilities (Megatron's
+    local attention keeps both, in bf16); the engine's weights, a KV cache of step_kv_tokens and 5 GiB
+    of CUDA graphs and workspace. Measured on an H200 (SmolLM2-135M, reference shape, two runs on one
+    GPU): 90.7 GiB at peak for both, 45.4 a run; this gives 46.5."""
+    from .megatron.names import ArchMeta
+
+    m = ArchMeta.from_hf_dir(model_dir)
+    h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
+    params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * (
+        2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden_size
+    )
+    t = cfg.train
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    tokens = t.micro_batch_tokens or t.micro_batch_size * longest
+    trainer = 18 * params + tokens * (
+        12 * m.vocab_size + 40 * m.num_layers * h + 4 * longest * m.num_heads * m.num_layers
+    )
+    engine = 2 * params + cfg.step_kv_tokens() * m.num_layers * 2 * kv * 2 + 5 * GIB
+    return (trainer + engine) / GIB
+
+
+def run_config(cfg: RunConfig, mode: str) -> RunConfig:
+    """The config each run gets under `mode`: shared_gpu gives it half of its GPU."""
+    if mode != "shared_gpu":
+        return cfg
+    return cfg.model_copy(
+        update={"resources": cfg.resources.model_copy(update={"gpu_share": SHARED_GPU_SHARE})}, deep=True
+    )
+
+
+def choose(
+    cfg: RunConfig, gpus: int | None = None, *, model_dir: str | Path | None = None, gpu_gib: float | None = None
+) -> tuple[str, str]:
+    """(mode, why): sequential, side_by_side or shared_gpu. Raises ConfigError when side_by_side is asked
+    for and this machine cannot hold it. Sharing one GPU is chosen by auto only when `model_dir` is
+    given and two runs' estimated memory (run_memory_gib) fits in 90 % of it."""
     mode, need = cfg.resources.twice, 2 * cfg.gpus_per_run
     if cfg.resources.ray_address:
         if mode == "auto":
@@ -40,16 +85,27 @@ def choose(cfg: RunConfig, gpus: int | None = None) -> tuple[str, str]:
             return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"
         return "sequential", f"{cores} CPU core(s): one run at a time"
     have = local_gpus() if gpus is None else gpus
+    shareable = cfg.gpus_per_run == 1 and cfg.backends.rollout == "sglang"
     if mode == "side_by_side" and have < need:
+        if shareable and have >= 1:
+            return "shared_gpu", "as configured: one GPU, half of it each"
         raise ConfigError(
             f"resources.twice=side_by_side needs {need} GPUs ({cfg.gpus_per_run} per run) but this "
-            f"machine has {have}; use resources.twice=sequential (or auto)"
+            f"machine has {have}"
+            + ("" if shareable else " (runs share a GPU only with one GPU per run and SGLang)")
+            + "; use resources.twice=sequential (or auto)"
         )
-    if mode == "auto":
-        if have >= need:
-            return "side_by_side", f"{have} GPUs hold both runs ({cfg.gpus_per_run} each)"
-        return "sequential", f"{have} GPU(s): one run at a time ({cfg.gpus_per_run} each)"
-    return mode, "as configured"
+    if mode != "auto":
+        return mode, "as configured"
+    if have >= need:
+        return "side_by_side", f"{have} GPUs hold both runs ({cfg.gpus_per_run} each)"
+    if shareable and have >= 1 and model_dir is not None:
+        total = gpu_memory_gib() if gpu_gib is None else gpu_gib
+        est = run_memory_gib(cfg, model_dir)
+        if 2 * est <= 0.9 * total:
+            return "shared_gpu", f"one GPU of {total:.0f} GiB holds both runs (about {est:.0f} GiB each)"
+        return "sequential", f"one GPU of {total:.0f} GiB: one run at a time (about {est:.0f} GiB each)"
+    return "sequential", f"{have} GPU(s): one run at a time ({cfg.gpus_per_run} each)"
 
 
 def run_both(
@@ -57,7 +113,7 @@ def run_both(
 ) -> tuple[T, T]:
     """Run both; side by side, both finish (or fail) before an error of either is raised. `hold` is
     entered around side-by-side runs (workers.shared_ray: their Ray, started in this thread)."""
-    if mode != "side_by_side":
+    if mode == "sequential":
         return run_a(), run_b()
     with hold or nullcontext(), ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
         fa, fb = pool.submit(run_a), pool.submit(run_b)

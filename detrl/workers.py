@@ -183,6 +183,7 @@ class TrainerWorker:
         self.role = f"trainer{rank}"
         self.trainer: GRPOTrainer | None = None
         self._store: Any = None
+        self._ipc_bucket: Any = None  # the GPU buffer the engine loads from, kept until it has
 
     def env(self) -> dict[str, Any]:
         return _process_info(self.role)
@@ -223,6 +224,20 @@ class TrainerWorker:
         if tensors is None:  # a TP rank other than 0: it took part in the gather
             return None, None
         return tensors, tensor_digests(tensors, self.cfg.ledger.tensor_hash)
+
+    def export_ipc(self, dtype: str) -> tuple[bytes | None, dict[str, str] | None, dict[str, str] | None]:
+        """(CUDA IPC payload, ledger digests, the engine checksums they must produce) of the current
+        weights; the payload stays valid until `release_ipc`."""
+        from .rollout.sglang import expected_checksums, pack_for_ipc
+
+        tensors = self._t.export_hf(dtype, device="cuda")
+        if tensors is None:
+            return None, None, None
+        payload, self._ipc_bucket = pack_for_ipc(tensors)
+        return payload, tensor_digests(tensors, self.cfg.ledger.tensor_hash), expected_checksums(tensors)
+
+    def release_ipc(self) -> None:
+        self._ipc_bucket = None
 
     def weight_hashes(self) -> dict[str, str] | None:
         return self._t.weight_hashes()
@@ -280,6 +295,13 @@ class RolloutWorker:
         if update:
             self.engine.update_weights(named_tensors)
         return self.engine.verify_weights(named_tensors)
+
+    def sync_ipc(self, payload: bytes | None, expected: dict[str, str]) -> list[str]:
+        """Load the trainer's bucket by its CUDA IPC handle (unless None) and compare the engine's
+        checksums with the trainer's."""
+        if payload is not None:
+            self.engine.update_weights_ipc(payload)
+        return self.engine.verify_checksums(expected)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -369,9 +391,16 @@ class Workers:
         self.engine_info: dict[str, Any] = {}
         self.placement: dict[str, Any] = {}
         self.env_readback: dict[str, Any] = {}
+        self.startup_s: dict[str, float] = {}  # seconds per start-up part, for the ledger header
         self._started_ray = False
         self._pg: Any = None
         self._hung = False
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.startup_s[part] = round(time.perf_counter() - t, 2)
 
     # ------------------------------------------------------------------ the group's steps
 
@@ -409,7 +438,8 @@ class Workers:
         """The engine's batch-invariance self-test (determinism on); fails the run when it is not."""
         if not (self.cfg.determinism.enabled and self.cfg.determinism.selftest):
             return None
-        res = self.wait(self.rollout.selftest.remote(True), "engine self-test")
+        with self._timed("selftest"):
+            res = self.wait(self.rollout.selftest.remote(True), "engine self-test")
         if not res["passed"]:
             raise DeterminismError(
                 f"the rollout engine is not batch-invariant ({res['unique']}: more than one unique "
@@ -424,12 +454,18 @@ class Workers:
     def sync_policy(self, it: int, update: bool) -> dict[str, str]:
         """Send the trainer's weights to the engine (when `update`) and prove the engine holds exactly
         them. Returns the digest of every tensor sent."""
-        tp = self.cfg.resources.tensor_parallel
-        exports = [t.export_hf.options(num_returns=2).remote(self.engine_info["dtype"]) for t in self.trainers[:tp]]
-        tensors_ref, sent_ref = exports[0]
-        bad = self.wait(self.rollout.sync.remote(tensors_ref, update), "weight sync", it)
-        sent = self.wait(sent_ref, "weight sync", it)
-        self.wait([ref for pair in exports[1:] for ref in pair], "weight sync", it)
+        tp, dtype = self.cfg.resources.tensor_parallel, self.engine_info["dtype"]
+        if self.cfg.ipc_weight_sync:
+            exported = self.wait([t.export_ipc.remote(dtype) for t in self.trainers[:tp]], "weight sync", it)
+            payload, sent, expected = exported[0]
+            bad = self.wait(self.rollout.sync_ipc.remote(payload if update else None, expected), "weight sync", it)
+            self.wait(self.trainers[0].release_ipc.remote(), "weight sync", it)
+        else:
+            exports = [t.export_hf.options(num_returns=2).remote(dtype) for t in self.trainers[:tp]]
+            tensors_ref, sent_ref = exports[0]
+            bad = self.wait(self.rollout.sync.remote(tensors_ref, update), "weight sync", it)
+            sent = self.wait(sent_ref, "weight sync", it)
+            self.wait([ref for pair in exports[1:] for ref in pair], "weight sync", it)
         if bad:
             raise WeightSyncError(
                 f"iteration {it}: the engine's weights differ from the trainer's in {len(bad)} tensor(s): {bad[:5]}"
@@ -482,11 +518,14 @@ class Workers:
     # ------------------------------------------------------------------ start and stop
 
     def __enter__(self) -> Workers:
-        self._started_ray = ensure_ray(self.cfg)
+        with self._timed("ray"):
+            self._started_ray = ensure_ray(self.cfg)
         try:
-            self._create()
+            with self._timed("actors"):
+                self._create()
             if self.setup:
-                self._check_env()
+                with self._timed("env_check"):
+                    self._check_env()
                 self._start()
         except BaseException:
             self.__exit__(None, None, None)
@@ -497,14 +536,18 @@ class Workers:
         addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
         if self.cfg.on_gpu and self.cfg.resources.colocate:
             # SGLang sizes its memory pool from what is free when it starts: start it first
-            self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
-            self.wait([t.setup.remote(addr, port) for t in self.trainers], "trainer start")
+            with self._timed("engine"):
+                self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
+            with self._timed("trainer"):
+                self.wait([t.setup.remote(addr, port) for t in self.trainers], "trainer start")
         else:
-            setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
-            self.engine_info = self.wait(setups, "worker start")[-1]
-        fps = self.wait(
-            [t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()], "fingerprint"
-        )
+            with self._timed("engine_and_trainer"):
+                setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
+                self.engine_info = self.wait(setups, "worker start")[-1]
+        with self._timed("fingerprint"):
+            fps = self.wait(
+                [t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()], "fingerprint"
+            )
         self.fingerprints = {fp["role"]: fp for fp in fps}
 
     def _create(self) -> None:
@@ -524,7 +567,7 @@ class Workers:
             self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
             return
         if cfg.on_gpu:
-            bundles = [{"GPU": 1, "CPU": 1}] * (world if res.colocate else world + 1)
+            bundles = [{"GPU": res.gpu_share, "CPU": 1}] * (world if res.colocate else world + 1)
         else:
             bundles = [{"CPU": 1}] * world
         self._pg = placement_group(bundles, strategy="PACK")
@@ -540,11 +583,11 @@ class Workers:
             ]
             self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
             return
-        share = 0.5 if res.colocate else 1.0
+        share = res.gpu_share / 2 if res.colocate else res.gpu_share
         self.trainers = [
             trainer_cls.options(
                 num_cpus=0,
-                num_gpus=share if (res.colocate and r == 0) else 1.0,
+                num_gpus=share if (res.colocate and r == 0) else res.gpu_share,
                 runtime_env=t_env,
                 scheduling_strategy=on(r),
             ).remote(*args, r, world)

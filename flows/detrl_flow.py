@@ -102,10 +102,10 @@ def detrl_flow(
     model = download_model(cfg, cache, refresh)
     data = download_dataset(cfg, cache, refresh)
     megatron = convert_checkpoint(model, cache, refresh)
-    mode, why = twice.choose(cfg)
+    mode, why = twice.choose(cfg, model_dir=model.path)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
     start = time.monotonic()
-    run_a, run_b = _run_twice(mode, cfg, out, (model, data, megatron), plant, cache)
+    run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
     verdict = verify_runs(run_a, run_b)
 
     result = {
@@ -131,10 +131,11 @@ def _run_twice(
 ) -> tuple[str, str]:
     loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
     runs: list[tuple[str, Path, list[str]]] = [("A", out / "run_a", []), ("B", out / "run_b", plant)]
-    if mode != "side_by_side":
+    if mode == "sequential":
         done = [loop(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
         return done[0], done[1]
-    # each run's workers take their own GPUs (or cores); the task runner's threads overlap the two. No
+    # each run's workers take their own GPUs (or half of a shared one, or cores); the task runner's
+    # threads overlap the two. No
     # Prefect timeout here: in a worker thread it cannot interrupt a blocking call; the runs' own phase
     # timeouts (timeouts.*) stop a hung phase and name it. Ray starts in this thread (signal handlers).
     with shared_ray(cfg):

@@ -99,8 +99,13 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
     two_ranks = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.num_gpus=2", "resources.trainer_ranks=2"])
     assert choose(two_ranks, gpus=3)[0] == "sequential" and choose(two_ranks, gpus=4)[0] == "side_by_side"
     forced = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["resources.twice=side_by_side"])
-    with pytest.raises(ConfigError, match="needs 2 GPUs .* this machine has 1; use resources.twice=sequential"):
-        choose(forced, gpus=1)
+    assert choose(forced, gpus=1)[0] == "shared_gpu"  # too few GPUs for one each: half of one each
+    with pytest.raises(ConfigError, match="needs 2 GPUs .* this machine has 0; use resources.twice=sequential"):
+        choose(forced, gpus=0)
+    forced_two = two_ranks.model_copy(deep=True)
+    forced_two.resources.twice = "side_by_side"
+    with pytest.raises(ConfigError, match="needs 4 GPUs .* has 3 .*one GPU per run"):
+        choose(forced_two, gpus=3)
     import os
 
     cores = os.cpu_count() or 1
@@ -112,3 +117,64 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
     assert choose(cluster, gpus=0)[0] == "sequential"
     # the schedule is not part of what a run computes: the config hash ignores it
     assert forced.config_hash() == gpu.config_hash()
+
+
+def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path):
+    import json
+
+    from detrl.twice import choose, run_config, run_memory_gib
+
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "num_hidden_layers": 24,
+                "hidden_size": 896,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "intermediate_size": 4864,
+                "vocab_size": 151936,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
+    cfg = load_config("gsm8k-qwen2.5-0.5b-smoke")
+    est = run_memory_gib(cfg, qwen)
+    assert 30 < est < 80  # weights + Adam (9 GiB), logits and attention of a micro-batch, the KV cache
+    assert choose(cfg, gpus=1)[0] == "sequential"  # no model to size: one at a time
+    mode, why = choose(cfg, gpus=1, model_dir=qwen, gpu_gib=2.5 * est)
+    assert mode == "shared_gpu" and "holds both runs" in why
+    assert choose(cfg, gpus=1, model_dir=qwen, gpu_gib=1.5 * est)[0] == "sequential"
+    assert choose(cfg, gpus=2, model_dir=qwen, gpu_gib=1.5 * est)[0] == "side_by_side"
+    longer = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["train.micro_batch_tokens=32768"])
+    assert run_memory_gib(longer, qwen) > est
+    shared = run_config(cfg, "shared_gpu")
+    assert shared.resources.gpu_share == 0.5 and cfg.resources.gpu_share == 1.0
+    assert shared.config_hash() == cfg.config_hash()  # the same experiment
+    assert run_config(cfg, "side_by_side") is cfg
+    # the engine's KV cache holds every sample of a step at its longest
+    assert cfg.step_kv_tokens() >= 32 * 8 * (cfg.data.max_prompt_tokens + 1024)
+    with pytest.raises(ConfigError, match="gpu_share=0.5 .* needs one GPU per run"):
+        load_config("tiny-cpu", overrides=["resources.gpu_share=0.5"])
+    with pytest.raises(ConfigError, match="gpu_share=0.5 .* needs one GPU per run"):
+        load_config(
+            "gsm8k-qwen2.5-0.5b-smoke",
+            overrides=["resources.gpu_share=0.5", "resources.num_gpus=2", "resources.trainer_ranks=2"],
+        )
+
+
+def test_weights_travel_by_cuda_ipc_only_where_trainer_and_engine_share_a_gpu():
+    assert load_config("gsm8k-qwen2.5-0.5b-smoke").ipc_weight_sync
+    apart = ["resources.num_gpus=2", "resources.colocate=false"]
+    assert not load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=apart).ipc_weight_sync
+    assert not load_config(
+        "gsm8k-qwen2.5-0.5b-smoke", overrides=["rollout.sglang.weight_sync=object_store"]
+    ).ipc_weight_sync
+    assert not load_config("tiny-cpu").ipc_weight_sync
+    with pytest.raises(ConfigError, match="weight_sync=ipc needs the SGLang engine on the trainer's GPU"):
+        load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*apart, "rollout.sglang.weight_sync=ipc"])
+    base = load_config("gsm8k-qwen2.5-0.5b-smoke")
+    other = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["rollout.sglang.weight_sync=object_store"])
+    assert base.config_hash() == other.config_hash()  # how the bits travel, not which bits

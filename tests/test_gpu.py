@@ -1,6 +1,7 @@
 """GPU path (run on a CUDA host with the GPU stack: pytest -m gpu). SGLang batch invariance and seed
-semantics, the weight-sync proof, and the loop run twice through Ray on the GPU: identical with
-determinism on, diverged with it off."""
+semantics, the weight-sync proof (by tensor and by CUDA IPC), and the loop run twice through Ray,
+both runs sharing one GPU: identical to each other and to a run alone with determinism on, diverged
+with it off."""
 
 import pytest
 import torch
@@ -97,21 +98,56 @@ def test_weight_sync_is_proven_bitwise(engine, gpu_model):
     assert after.token_ids == before.token_ids and after.logprobs == before.logprobs  # restored bitwise
 
 
+def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
+    """The trainer's side (this process) packs GPU tensors and sends a handle; the engine's scheduler
+    loads from this process's memory; its own checksums prove what it holds."""
+    from detrl.megatron.checkpoint import load_hf_state
+    from detrl.rollout.sglang import expected_checksums, pack_for_ipc
+
+    state = {k: v.to("cuda") for k, v in load_hf_state(gpu_model).items()}
+    name = "model.layers.2.mlp.down_proj.weight"
+    changed = dict(state)
+    changed[name] = state[name].clone()
+    changed[name].view(-1)[7:8].view(torch.int16).__ixor__(1)
+    payload, bucket = pack_for_ipc(changed)
+    assert len(payload) < 1 << 20  # a handle and names, not the weights
+    engine.update_weights_ipc(payload)
+    del bucket
+    assert engine.verify_checksums(expected_checksums(changed)) == []
+    assert engine.verify_checksums(expected_checksums(state)) == [name]
+    payload, bucket = pack_for_ipc(state)
+    engine.update_weights_ipc(payload)
+    del bucket
+    assert engine.verify_weights(state) == []
+
+
 @pytest.mark.slow
-def test_loop_twice_on_gpu_identical_and_nondeterministic_mode_diverges(tmp_path):
+def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode_diverges(tmp_path):
+    from detrl import twice
+    from detrl.ledger import read_ledger
     from detrl.loop import prepare, run
     from detrl.verify import verify
+    from detrl.workers import shared_ray
+
+    def pair(cfg, a, b):
+        shared = twice.run_config(cfg, "shared_gpu")
+        runs = (lambda: run(shared, tmp_path / a, arts), lambda: run(shared, tmp_path / b, arts))
+        twice.run_both(*runs, "shared_gpu", shared_ray(cfg))
+        return verify(str(tmp_path / a), str(tmp_path / b))
 
     cfg = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=SMALL)
+    assert cfg.ipc_weight_sync
     arts = prepare(cfg, tmp_path / "cache")
-    for name in ("a", "b"):
-        run(cfg, tmp_path / name, arts)
-    v = verify(str(tmp_path / "a"), str(tmp_path / "b"))
+    v = pair(cfg, "a", "b")
     assert v.status == "identical", v.first
+    engine = read_ledger(tmp_path / "a").header["engine"]
+    assert engine["kv_tokens"] == cfg.step_kv_tokens()
+    run(cfg, tmp_path / "alone", arts)  # the whole GPU, its default KV cache
+    v_alone = verify(str(tmp_path / "a"), str(tmp_path / "alone"))
+    assert v_alone.status == "identical", v_alone.first
+    assert v_alone.config_diff_other == ["resources.gpu_share: 0.5 -> 1.0"]
     off = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*SMALL, "determinism.enabled=false"])
-    for name in ("off_a", "off_b"):
-        run(off, tmp_path / name, arts)
-    v_off = verify(str(tmp_path / "off_a"), str(tmp_path / "off_b"))
+    v_off = pair(off, "off_a", "off_b")
     assert v_off.status == "diverged" and "determinism was off" in v_off.likely_cause
 
 

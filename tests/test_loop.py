@@ -59,6 +59,12 @@ def test_ledger_records_every_phase_and_the_environment(runs):
     }
     assert fps["trainer0"]["deterministic_algorithms"] is True
     assert (runs / "a" / "fingerprint.json").exists() and (runs / "a" / "steps" / "iter_00002.safetensors").exists()
+    # where a run's time went: its start-up parts, and per iteration each phase and the tokens trained
+    assert {"env_check", "engine_and_trainer", "selftest"} <= set(led.header["startup_s"])
+    assert all(v >= 0 for v in led.header["startup_s"].values())
+    stats = led.iterations[0]["stats"]
+    assert stats["train_tokens"] > 8 * stats["mean_response_len"]  # prompts and responses of 8 samples
+    assert stats["step_s"] >= stats["sync_s"] + stats["rollout_s"] + stats["train_s"]
 
 
 def test_a_different_seed_is_caught_at_the_prompts(runs, artifacts):

@@ -63,5 +63,6 @@ def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
             cfg.rollout.sglang,
             deterministic=cfg.determinism.enabled,
             seed=cfg.seed if cfg.pins_seeds else None,
+            kv_tokens=cfg.step_kv_tokens() if cfg.resources.gpu_share < 1 else None,
         )
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

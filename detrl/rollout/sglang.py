@@ -2,6 +2,11 @@
 inference when determinism is on, per-sample `sampling_seed`, weight sync through
 `update_weights_from_tensor`, and a proof of the weights it holds through its own weight checker.
 
+Weights travel one of two ways. By tensor (`update_weights`): CPU tensors, e.g. through Ray's object
+store. By CUDA IPC (`pack_for_ipc` in the trainer's process, `update_weights_ipc` here): the trainer
+flattens its GPU tensors into one bucket and sends only a handle to it; the engine's scheduler copies
+from the trainer's memory on the same GPU, so nothing crosses the host.
+
 The proof: SGLang fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`. The engine's
 `check_weights(action="checksum")` hashes every parameter it holds on the GPU; we fuse the trainer's
 tensors the same way, hash them with the same function, and compare parameter by parameter. Any
@@ -47,11 +52,45 @@ def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """What the engine's own checksum must say of each parameter it holds, given HF-named tensors."""
+    from sglang.srt.managers.mm_utils import tensor_hash
+
+    with torch.no_grad():
+        return {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named).items()}
+
+
+def pack_for_ipc(named: Mapping[str, torch.Tensor]) -> tuple[bytes, Any]:
+    """(payload, bucket) for `update_weights_ipc`: GPU tensors flattened into one buffer and a CUDA IPC
+    handle to it. The caller keeps `bucket` alive until the engine has loaded from it."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    monkey_patch_torch_reductions()  # names the GPU by UUID: the engine's process may number it differently
+    bucket = FlattenedTensorBucket(named_tensors=list(named.items()))
+    torch.cuda.synchronize()  # the bucket is written before another process reads it
+    payload = MultiprocessingSerializer.serialize(
+        {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+    )
+    return payload, bucket
+
+
 class SGLangEngine:
-    def __init__(self, model_dir: str, cfg: SGLangConfig, *, deterministic: bool = True, seed: int | None = 0):
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: SGLangConfig,
+        *,
+        deterministic: bool = True,
+        seed: int | None = 0,
+        kv_tokens: int | None = None,
+    ):
+        """`kv_tokens`: a KV cache of exactly this many tokens (runs sharing a GPU) instead of
+        mem_fraction_static of the GPU."""
         import sglang as sgl
 
-        self.cfg, self.deterministic = cfg, deterministic
+        self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
         kwargs: dict[str, Any] = dict(
             model_path=model_dir,
             attention_backend=cfg.attention_backend,
@@ -66,6 +105,12 @@ class SGLangEngine:
             # prefill CUDA graphs were not part of the verified setup; decode graphs are
             disable_prefill_cuda_graph=True,
         )
+        if kv_tokens:
+            # SGLang sizes its cache from the memory free when it starts, less a slack of (1 - fraction)
+            # of it; the other run's engine and trainer allocate meanwhile. With the cache capped, a high
+            # fraction keeps that budget above zero while they do; the pool is the cap either way.
+            kwargs["max_total_tokens"] = kv_tokens
+            kwargs["mem_fraction_static"] = max(cfg.mem_fraction_static, 0.85)
         if cfg.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = cfg.cuda_graph_max_bs
         if cfg.disable_cuda_graph:
@@ -106,6 +151,14 @@ class SGLangEngine:
         if not ok:
             raise RuntimeError(f"SGLang rejected the weight update: {message}")
 
+    def update_weights_ipc(self, payload: bytes) -> None:
+        """Load a bucket another process on this GPU packed with `pack_for_ipc`."""
+        ok, message = self.engine.update_weights_from_tensor(
+            named_tensors=[payload], load_format="flattened_bucket", flush_cache=True
+        )[:2]
+        if not ok:
+            raise RuntimeError(f"SGLang rejected the weight update: {message}")
+
     def checksums(self) -> dict[str, str]:
         from sglang.srt.managers.io_struct import CheckWeightsReqInput
 
@@ -117,14 +170,12 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang weight checksum failed: {message}")
         return dict(ranks[0]["checksums"])
 
-    @torch.no_grad()
     def verify_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> list[str]:
-        from sglang.srt.managers.mm_utils import tensor_hash
+        return self.verify_checksums(expected_checksums(named_tensors))
 
+    def verify_checksums(self, expected: Mapping[str, str]) -> list[str]:
+        """Compare the engine's own checksum of every parameter with `expected_checksums`."""
         held = self.checksums()
-        expected = {
-            n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named_tensors).items()
-        }
         bad = [n for n in expected if held.get(n) != expected[n]]
         return bad + [
             f"{n} (held by the engine, not covered by the trainer's tensors)" for n in held if n not in expected
@@ -140,6 +191,7 @@ class SGLangEngine:
             "attention_backend": self.cfg.attention_backend,
             "deterministic": self.deterministic,
             "mem_fraction_static": self.cfg.mem_fraction_static,
+            "kv_tokens": self.kv_tokens,
             "disable_radix_cache": self.cfg.disable_radix_cache,
         }
 
