@@ -57,9 +57,9 @@ def run_config(cfg: RunConfig, mode: str) -> RunConfig:
     """The config each run gets under `mode`: shared_gpu gives it half of its GPU."""
     if mode != "shared_gpu":
         return cfg
-    return cfg.model_copy(
-        update={"resources": cfg.resources.model_copy(update={"gpu_share": SHARED_GPU_SHARE})}, deep=True
-    )
+    data = cfg.model_dump()
+    data["resources"]["gpu_share"] = SHARED_GPU_SHARE
+    return RunConfig.model_validate(data)  # validated: a run that cannot share a GPU is refused here
 
 
 def choose(
