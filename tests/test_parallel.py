@@ -3,10 +3,11 @@ Ray nodes reached by address. Each layout is run and verified like the single-ra
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import detrl_cmd
+from conftest import ROOT, detrl_cmd
 from safetensors.numpy import load_file
 
 from detrl.config import ConfigError, Perturbation, load_config
@@ -104,3 +105,39 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
     assert nodes["trainer0"] != nodes["trainer1"], nodes
     v = verify(str(tmp_path / "local"), str(tmp_path / "cluster"))
     assert v.status == "identical", (v.first, v.problems)
+
+
+SHARED_GPU_PLACEMENT = """
+import json, time, ray
+from detrl import twice
+from detrl.config import load_config
+from detrl.workers import Workers
+
+ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+cfg = twice.run_config(load_config("gsm8k-qwen2.5-0.5b-smoke"), "shared_gpu")
+out = {}
+with Workers(cfg, "", "", setup=False) as a:
+    out["free_with_one"] = ray.available_resources().get("GPU", 0)
+    with Workers(cfg, "", "", setup=False) as b:
+        out["free_with_two"] = ray.available_resources().get("GPU", 0)
+        actors = [x for w in (a, b) for x in (*w.trainers, w.rollout)]
+        out["visible"] = [ray.get(x.env.remote())["cuda_visible_devices"] for x in actors]
+for _ in range(100):  # placement groups are removed asynchronously
+    out["free_after"] = ray.available_resources().get("GPU", 0)
+    if out["free_after"] == 1:
+        break
+    time.sleep(0.1)
+print(json.dumps(out))
+"""
+
+
+def test_two_runs_sharing_a_gpu_take_half_of_it_each():
+    """On a Ray node that declares one GPU: a run with gpu_share 0.5 books half of it (its trainer and
+    engine a quarter each), a second run fits beside it, and all four workers see the same device."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARED_GPU_PLACEMENT], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["free_with_one"], out["free_with_two"], out["free_after"]) == (0.5, 0, 1.0)
+    assert out["visible"] == ["0"] * 4
