@@ -1,6 +1,7 @@
 """Cache entries are written whole, by any number of concurrent writers."""
 
 import multiprocessing as mp
+import time
 from pathlib import Path
 
 from detrl.util import atomic_dir
@@ -15,6 +16,9 @@ def _writer(root: str, k: int, n: int) -> None:
 
 def _reader(root: str, n: int, q) -> None:
     seen = 0
+    deadline = time.monotonic() + 60
+    while not (Path(root) / "entry").exists() and time.monotonic() < deadline:
+        time.sleep(0.001)  # the writers start slower (spawn): read once there is something to read
     for _ in range(n):
         try:
             (Path(root) / "entry" / "a").read_text()
