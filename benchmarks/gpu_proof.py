@@ -90,21 +90,21 @@ def main() -> int:
     out = Path(a.out)
     if a.mode == "flow":
         os.environ["DETRL_CACHE"], os.environ["DETRL_RUNS"] = a.cache, str(out)
-        from flows.detrl_flow import detrl_flow
+        from flows.detrl_flow import detrl_flow, flow_result
 
         t = time.perf_counter()
         state = detrl_flow(profile=a.profile, overrides=list(a.overrides), return_state=True)
-        data = state.result(raise_on_failure=False)
+        data = flow_result(state)
         record["flow"] = {"state": state.name, "message": state.message, "wall_s": round(time.perf_counter() - t, 1)}
         print(f"flow: {state.name}: {state.message or ''} ({record['flow']['wall_s']} s)", flush=True)
-        pair = Path(data["runs"]) if isinstance(data, dict) and data.get("runs") else sorted(out.iterdir())[-1]
+        pair = Path(data["runs"]) if data.get("runs") else sorted(out.iterdir())[-1]
         walls = {
             n: round(json.loads((pair / n / "ledger.jsonl").read_text().splitlines()[-1]).get("wall_s", 0), 1)
             for n in ("run_a", "run_b")
         }
         record["runs_dir"] = str(pair)
-        record["twice"] = data.get("twice") if isinstance(data, dict) else None
-        code = _record_pair(pair, record, walls, data.get("runs_wall_s") if isinstance(data, dict) else None)
+        record["twice"] = data.get("twice")
+        code = _record_pair(pair, record, walls, data.get("runs_wall_s"))
     else:
         t = time.perf_counter()
         arts = prepare(cfg, a.cache)

@@ -27,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_step import PEAK_BF16, useful_flops
 
 
-def run_breakdown(run_dir: Path, meta: Any) -> dict[str, Any]:
+def run_breakdown(run_dir: Path) -> dict[str, Any]:
     """One run's wall time split into start-up parts and per-iteration phases, and its train speed."""
     from detrl.ledger import load_step_data, read_ledger
+    from detrl.megatron.names import ArchMeta
     from detrl.trainer import Sample
 
     led = read_ledger(run_dir)
     assert led.header is not None and led.completion is not None, f"{run_dir}: unfinished ledger"
+    meta = ArchMeta.from_hf_dir(led.header["artifacts"]["model"]["path"])
     its = [it["stats"] for it in led.iterations]
     phases = {k: [round(s[k], 2) for s in its] for k in ("sync_s", "rollout_s", "train_s", "hash_s", "step_s")}
     flops, tokens, train_s = 0.0, 0, 0.0
@@ -64,25 +66,21 @@ def run_breakdown(run_dir: Path, meta: Any) -> dict[str, Any]:
 
 
 def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> dict[str, Any]:
-    from detrl.megatron.names import ArchMeta
     from detrl.verify import verify
-    from flows.detrl_flow import detrl_flow
+    from flows.detrl_flow import detrl_flow, flow_result
 
     t = time.perf_counter()
     state = detrl_flow(
         profile=profile, overrides=overrides, cache_dir=str(cache), runs_dir=str(runs), return_state=True
     )
     flow_s = time.perf_counter() - t
-    data = state.result(raise_on_failure=False)
-    if not isinstance(data, dict):
-        data = state.data if isinstance(state.data, dict) else {}
+    data = flow_result(state)
     if not data.get("runs"):
         raise SystemExit(f"the flow ended {state.name}: {state.message}")
     pair = Path(data["runs"])
     t = time.perf_counter()
     verdict = verify(str(pair / "run_a"), str(pair / "run_b"))
     verify_s = time.perf_counter() - t
-    meta = ArchMeta.from_hf_dir(_model_dir(pair))
     return {
         "flow_state": state.name,
         "verdict": verdict.status,
@@ -91,16 +89,8 @@ def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> di
         "twice_run_s": data.get("runs_wall_s"),  # both runs and verify, as the flow measured them
         "verify_s": round(verify_s, 2),
         "runs_dir": str(pair),
-        "runs": {n: run_breakdown(pair / n, meta) for n in ("run_a", "run_b")},
+        "runs": {n: run_breakdown(pair / n) for n in ("run_a", "run_b")},
     }
-
-
-def _model_dir(pair: Path) -> str:
-    from detrl.ledger import read_ledger
-
-    header = read_ledger(pair / "run_a").header
-    assert header is not None
-    return header["artifacts"]["model"]["path"]
 
 
 def main() -> int:

@@ -294,9 +294,7 @@ class RunConfig(_Strict):
                 f"{'' if res.colocate else ' plus one for the rollout engine (colocate=false)'}; "
                 f"resources.num_gpus={res.num_gpus}"
             )
-        if res.gpu_share < 1 and not (
-            self.backends.rollout == "sglang" and res.num_gpus and res.trainer_ranks == 1 and res.colocate
-        ):
+        if res.gpu_share < 1 and not self.one_gpu_per_run:
             raise ValueError(
                 f"resources.gpu_share={res.gpu_share} (runs sharing a GPU) needs one GPU per run: the SGLang "
                 "engine and one trainer rank colocated (trainer_ranks=1, colocate=true)"
@@ -327,9 +325,7 @@ class RunConfig(_Strict):
                 "rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
                 "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false"
             )
-        if self.rollout.sglang.weight_sync == "ipc" and not (
-            self.backends.rollout == "sglang" and self.on_gpu and res.colocate
-        ):
+        if self.rollout.sglang.weight_sync == "ipc" and not self.sglang_on_trainer_gpu:
             raise ValueError(
                 "rollout.sglang.weight_sync=ipc needs the SGLang engine on the trainer's GPU "
                 "(backends.rollout=sglang, resources.colocate=true); use auto or object_store"
@@ -358,10 +354,17 @@ class RunConfig(_Strict):
         return self.resources.num_gpus > 0
 
     @property
+    def sglang_on_trainer_gpu(self) -> bool:
+        return self.backends.rollout == "sglang" and self.on_gpu and self.resources.colocate
+
+    @property
+    def one_gpu_per_run(self) -> bool:
+        """The SGLang engine and a single trainer rank on one GPU: the layout two runs can share a GPU in."""
+        return self.sglang_on_trainer_gpu and self.resources.trainer_ranks == 1
+
+    @property
     def ipc_weight_sync(self) -> bool:
-        if self.backends.rollout != "sglang" or not (self.on_gpu and self.resources.colocate):
-            return False
-        return self.rollout.sglang.weight_sync != "object_store"
+        return self.sglang_on_trainer_gpu and self.rollout.sglang.weight_sync != "object_store"
 
     @property
     def gpus_per_run(self) -> int:

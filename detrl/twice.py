@@ -85,7 +85,7 @@ def choose(
             return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"
         return "sequential", f"{cores} CPU core(s): one run at a time"
     have = local_gpus() if gpus is None else gpus
-    shareable = cfg.gpus_per_run == 1 and cfg.backends.rollout == "sglang"
+    shareable = cfg.one_gpu_per_run
     if mode == "side_by_side" and have < need:
         if shareable and have >= 1:
             return "shared_gpu", "as configured: one GPU, half of it each"

@@ -135,13 +135,19 @@ def _run_twice(
         done = [loop(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
         return done[0], done[1]
     # each run's workers take their own GPUs (or half of a shared one, or cores); the task runner's
-    # threads overlap the two. No
-    # Prefect timeout here: in a worker thread it cannot interrupt a blocking call; the runs' own phase
-    # timeouts (timeouts.*) stop a hung phase and name it. Ray starts in this thread (signal handlers).
+    # threads overlap the two. No Prefect timeout here: in a worker thread it cannot interrupt a blocking
+    # call; the runs' own phase timeouts (timeouts.*) stop a hung phase and name it. Ray starts in this
+    # thread (signal handlers).
     with shared_ray(cfg):
         futures = [run_loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
         wait(futures)
     return futures[0].result(), futures[1].result()
+
+
+def flow_result(state: State) -> dict[str, Any]:
+    """The flow's result dict from its final state, Completed or Failed (a Failed state carries it as data)."""
+    result = state.result(raise_on_failure=False)
+    return result if isinstance(result, dict) else (state.data if isinstance(state.data, dict) else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         refresh=a.refresh,
         return_state=True,
     )
-    result = state.result(raise_on_failure=False)
-    data = result if isinstance(result, dict) else (state.data if isinstance(state.data, dict) else {})
+    data = flow_result(state)
     print(f"\ndet-rl: {state.name}: {state.message or data.get('status', '')}")
     if data.get("runs"):
         runs = data["runs"]
