@@ -32,6 +32,12 @@ def detrl_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "detrl", *args]
 
 
+def tiny_run(out, cache, *overrides: str) -> list[str]:
+    """`run --profile tiny-cpu --out OUT --cache CACHE [--set KEY=VALUE ...]`: the CLI arguments most tests give."""
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    return ["run", "--profile", "tiny-cpu", "--out", str(out), "--cache", str(cache), *sets]
+
+
 def detrl(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: `python -m detrl ARGS` in a fresh process (`env`: extra variables)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

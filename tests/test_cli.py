@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from conftest import ROOT, detrl
+from conftest import ROOT, detrl, tiny_run
 
 
 @pytest.mark.parametrize(
@@ -31,19 +31,7 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
 
 
 def test_unreachable_model_fails_before_any_work(tmp_path):
-    r = detrl(
-        "run",
-        "--profile",
-        "tiny-cpu",
-        "--out",
-        str(tmp_path / "run"),
-        "--cache",
-        str(tmp_path / "c"),
-        "--set",
-        "model.source=hub",
-        "--set",
-        "model.name=nobody/nothing",
-    )
+    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "model.source=hub", "model.name=nobody/nothing"))
     assert r.returncode == 2 and "could not download model 'nobody/nothing'" in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "c" / "megatron").exists()
 
@@ -147,27 +135,10 @@ def test_resume_needs_a_ledger_of_the_same_config(tmp_path, capsys):
     from detrl.cli import main
 
     (tmp_path / "empty").mkdir()
-    code = main(
-        ["run", "--profile", "tiny-cpu", "--out", str(tmp_path / "empty"), "--resume", "--cache", str(tmp_path / "c")]
-    )
+    code = main([*tiny_run(tmp_path / "empty", tmp_path / "c"), "--resume"])
     assert code == 2 and "holds no ledger.jsonl, so there is no run to continue" in capsys.readouterr().err
     run = write(tmp_path / "run", records()[:-1])
-    code = main(
-        [
-            "run",
-            "--profile",
-            "tiny-cpu",
-            "--out",
-            str(run),
-            "--resume",
-            "--cache",
-            str(tmp_path / "c"),
-            "--set",
-            "train.lr=0.5",
-            "--set",
-            "checkpoint.keep=4",
-        ]
-    )
+    code = main([*tiny_run(run, tmp_path / "c", "train.lr=0.5", "checkpoint.keep=4"), "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "different config (train.lr: 0.001 -> 0.5)" in err, err
     assert not (tmp_path / "c").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, detrl, detrl_cmd
+from conftest import ROOT, detrl, detrl_cmd, tiny_run
 
 from detrl import quiet
 from detrl.config import load_config
@@ -53,17 +53,7 @@ def _alive(pids) -> list[int]:
 
 def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp_path):
     """Not a bare ActorDiedError: the worker's last error lines from its log, and no retry."""
-    r = detrl(
-        "run",
-        "--profile",
-        "tiny-cpu",
-        "--out",
-        str(tmp_path / "run"),
-        "--cache",
-        str(tmp_path / "c"),
-        "--set",
-        "resources.worker_env.rollout.DETRL_CRASH=setup",
-    )
+    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "resources.worker_env.rollout.DETRL_CRASH=setup"))
     assert r.returncode == 3, r.stderr[-3000:]
     line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
     assert line and "start-up: the rollout worker died during worker start: " in line[0], r.stderr[-3000:]
@@ -74,17 +64,7 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
     out = tmp_path / "hung"
     p = subprocess.Popen(
         detrl_cmd(
-            "run",
-            "--profile",
-            "tiny-cpu",
-            "--out",
-            str(out),
-            "--cache",
-            str(tmp_path / "c"),
-            "--set",
-            "timeouts.phase_s=3",
-            "--set",
-            "resources.worker_env.rollout.DETRL_HANG=generate",
+            *tiny_run(out, tmp_path / "c", "timeouts.phase_s=3", "resources.worker_env.rollout.DETRL_HANG=generate")
         ),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -106,15 +86,7 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
 def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
     out = tmp_path / "killed"
     p = subprocess.Popen(
-        detrl_cmd(
-            "run",
-            "--profile",
-            "tiny-cpu",
-            "--out",
-            str(out),
-            "--cache",
-            str(tmp_path / "c"),
-        ),
+        detrl_cmd(*tiny_run(out, tmp_path / "c")),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -180,16 +152,14 @@ def _run_against(tmp_path, hub, status: int, sets: list[str], tag: str) -> tuple
         "DETRL_DOWNLOAD_RETRIES": "2",
         "DETRL_DOWNLOAD_BACKOFF_S": "0.2",
     }
-    r = detrl(
-        "run", "--profile", "tiny-cpu", "--out", str(tmp_path / tag), "--cache", str(tmp_path / "c"), *sets, env=env
-    )
+    r = detrl(*tiny_run(tmp_path / tag, tmp_path / "c", *sets), env=env)
     assert r.returncode == 2 and "nobody/nothing" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / tag).exists()
     return len([h for h in _Hub.hits if "nobody/nothing" in h]), r.stderr
 
 
 def test_model_download_retries_network_errors_with_backoff_but_never_bad_input(tmp_path, hub):
-    sets = ["--set", "model.source=hub", "--set", "model.name=nobody/nothing"]
+    sets = ["model.source=hub", "model.name=nobody/nothing"]
     n404, err404 = _run_against(tmp_path, hub, 404, sets, "a")
     n503, err503 = _run_against(tmp_path, hub, 503, sets, "b")
     assert n404 == 1 and "retry" not in err404
@@ -200,7 +170,7 @@ def test_model_download_retries_network_errors_with_backoff_but_never_bad_input(
 def test_dataset_download_does_not_retry_bad_input(tmp_path, hub):
     # (a 5xx is retried by the datasets library itself for about 25 s per attempt before det-rl's
     # retries see it, too slow for this suite; the retry loop is the one the model test proves)
-    n404, err = _run_against(tmp_path, hub, 404, ["--set", "data.source=hub", "--set", "data.name=nobody/nothing"], "d")
+    n404, err = _run_against(tmp_path, hub, 404, ["data.source=hub", "data.name=nobody/nothing"], "d")
     assert n404 == 1 and "retry" not in err and "could not load dataset 'nobody/nothing'" in err
 
 
@@ -256,7 +226,7 @@ def test_the_cli_refuses_a_changed_cache_entry_with_exit_2(tmp_path):
     cfg = load_config("tiny-cpu")
     arts = prepare(cfg, tmp_path / "c")
     _flip_byte(next(Path(arts.model.path).glob("*.safetensors")))
-    r = detrl("run", "--profile", "tiny-cpu", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c"))
+    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c"))
     assert r.returncode == 2 and "does not match the hash recorded" in r.stderr and "--refresh" in r.stderr
     assert not (tmp_path / "run").exists()
 

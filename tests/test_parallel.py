@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, detrl_cmd
+from conftest import ROOT, detrl_cmd, tiny_run
 from safetensors.numpy import load_file
 
 from detrl.config import ConfigError, Perturbation, load_config
@@ -84,18 +84,7 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        cmd = detrl_cmd(
-            "run",
-            "--profile",
-            "tiny-cpu",
-            "--cache",
-            str(cache_dir),
-            "--out",
-            str(tmp_path / "cluster"),
-            *[x for kv in dp2 for x in ("--set", kv)],
-            "--set",
-            f"resources.ray_address={cluster.address}",
-        )
+        cmd = detrl_cmd(*tiny_run(tmp_path / "cluster", cache_dir, *dp2, f"resources.ray_address={cluster.address}"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:

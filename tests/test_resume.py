@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import detrl
+from conftest import detrl, tiny_run
 from crash import kill_trainer_when
 from ray.exceptions import RayError
 
@@ -41,16 +41,7 @@ def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
     assert not part.complete and 2 <= len(part.iterations) < 4
     ckpt = latest_checkpoint(crashed)
     assert ckpt is not None and ckpt.iteration >= 0
-    args = [
-        "run",
-        "--profile",
-        "tiny-cpu",
-        *(a for kv in SETS for a in ("--set", kv)),
-        "--out",
-        str(crashed),
-        "--cache",
-        str(cache_dir),
-    ]
+    args = tiny_run(crashed, cache_dir, *SETS)
     refused = detrl(*args)  # never overwritten without asking; exit 2 (bad input, before any work), not 1
     assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr[-3000:]
     cli = detrl(*args, "--resume")
@@ -88,25 +79,12 @@ def test_resume_without_checkpoints_refuses_and_keeps_the_ledger(tmp_path, runs,
     (d / "ledger.jsonl").write_text("".join(lines[:3]))  # header + 2 iterations: interrupted
     (d / "checkpoints" / ".iter_00001.half").mkdir(parents=True)  # a save killed half way
     before = (d / "ledger.jsonl").read_bytes()
-    r = detrl("run", "--profile", "tiny-cpu", "--out", str(d), "--cache", str(cache_dir), "--resume")
+    r = detrl(*tiny_run(d, cache_dir), "--resume")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no checkpoint to resume from" in r.stderr and "checkpoint.every" in r.stderr and "new --out" in r.stderr
     assert (d / "ledger.jsonl").read_bytes() == before and any((d / "steps").iterdir())
     assert not (d / "checkpoints" / ".iter_00001.half").exists()
 
     # another config: the message names the semantic keys that changed (checkpoint.every is not one)
-    r = detrl(
-        "run",
-        "--profile",
-        "tiny-cpu",
-        "--out",
-        str(d),
-        "--cache",
-        str(cache_dir),
-        "--resume",
-        "--set",
-        "checkpoint.every=1",
-        "--set",
-        "rollout.temperature=0.5",
-    )
+    r = detrl(*tiny_run(d, cache_dir, "checkpoint.every=1", "rollout.temperature=0.5"), "--resume")
     assert r.returncode == 2 and "different config (rollout.temperature: 1.0 -> 0.5)" in r.stderr, r.stderr[-2000:]
