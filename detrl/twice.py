@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from .config import ConfigError, RunConfig
+from .megatron.names import ArchMeta
 
 T = TypeVar("T")
 SHARED_GPU_SHARE = 0.5
@@ -36,8 +37,6 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     local attention keeps both, in bf16); the engine's weights, a KV cache of step_kv_tokens and 5 GiB
     of CUDA graphs and workspace. Measured on an H200 (SmolLM2-135M, reference shape, two runs on one
     GPU): 90.7 GiB at peak for both, 45.4 a run; this gives 46.5."""
-    from .megatron.names import ArchMeta
-
     m = ArchMeta.from_hf_dir(model_dir)
     h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
     params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * (
