@@ -1,11 +1,12 @@
 """The train step at the reference shape, measured in one process with interleaved repeats: micro-
-batches by count (the default, 4 samples) against micro-batches by padded tokens
-(`train.micro_batch_tokens`), each with determinism on and off. The samples have the response lengths
+batches by count (4 samples, with Megatron's local attention: the baseline) against micro-batches by
+padded tokens (`train.micro_batch_tokens`) with each attention (`train.attention`: local, sdpa), each
+with determinism on and off. The samples have the response lengths
 of a real model (SmolLM2-135M on GSM8K: 39 % run to the 1024-token cap, the rest end between 13 and
 1023), so padding waste is what a real run sees. Prints step time, tokens/s, the det/non-det ratio
 and MFU (useful FLOPs over the bf16 dense peak, 989 TFLOPS on H100 and H200); writes JSON.
 
-    python benchmarks/train_step.py --json FILE [--budgets 8192,16384,32768] [--repeats 3]
+    python benchmarks/train_step.py --json FILE [--budgets 8192,16384] [--attention local,sdpa] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--cache", default="/tmp/detrl-cache")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budgets", default="8192,16384,32768")
+    ap.add_argument("--budgets", default="8192,16384")
+    ap.add_argument("--attention", default="local,sdpa")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args()
 
@@ -67,6 +69,7 @@ def main() -> None:
 
     from detrl.config import load_config
     from detrl.determinism import apply_process_settings, fingerprint
+    from detrl.ledger import combine
     from detrl.loop import prepare
     from detrl.megatron.names import ArchMeta
     from detrl.trainer import GRPOTrainer, micro_batches
@@ -79,11 +82,15 @@ def main() -> None:
     batch = samples(n)
     tokens = [sum(len(s.response_ids) for s in batch)]
     flops = useful_flops(meta, batch)
-    variants = {"count": None, **{f"tokens{b}": int(b) for b in a.budgets.split(",")}}
+    variants = {"count-local": (None, "local")}
+    for b in a.budgets.split(","):
+        for attention in a.attention.split(","):
+            variants[f"tokens{b}-{attention}"] = (int(b), attention)
     ckpt = str(Path(arts.megatron.path) / "weights")
     trainers, padded = {}, {}
-    for name, budget in variants.items():
-        cfg = load_config(a.profile, overrides=[*a.overrides, f"train.micro_batch_tokens={budget or 'null'}"])
+    for name, (budget, attention) in variants.items():
+        extra = [f"train.micro_batch_tokens={budget or 'null'}", f"train.attention={attention}"]
+        cfg = load_config(a.profile, overrides=[*a.overrides, *extra])
         groups = micro_batches(batch, cfg.train)
         lens = [len(s.prompt_ids) + len(s.response_ids) for s in batch]
         padded[name] = {
@@ -92,7 +99,7 @@ def main() -> None:
         }
         trainers[name] = GRPOTrainer(cfg, arts.model.path, ckpt)
     times: dict[str, list[float]] = {f"{v}/{m}": [] for v in variants for m in ("det", "nondet")}
-    logprobs = {}
+    logprobs, first = {}, {}
     for r in range(a.repeats + 1):  # the first round warms up every variant
         for key in times:
             name, mode = key.split("/")
@@ -105,13 +112,25 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t)
             elif mode == "det":
                 logprobs[name] = res.logprobs
+                first[name] = combine(trainers[name].weight_hashes())
             print(f"round {r} {key}: {time.perf_counter() - t:.2f}s", flush=True)
+    # determinism, measured: a fresh trainer's first step (determinism on) ends on the same bits
+    apply_process_settings(True, base.seed)
+    rerun = {}
+    for name, trainer in trainers.items():
+        again = GRPOTrainer(trainer.cfg, arts.model.path, ckpt)
+        res = again.train_step(batch, tokens)
+        same_lp = all((x == y).all() for x, y in zip(res.logprobs, logprobs[name]))
+        rerun[name] = same_lp and combine(again.weight_hashes()) == first[name]
+        del again, res
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        print(f"rerun {name}: bitwise {rerun[name]}", flush=True)
     real = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
     rows = {}
     for key, ts in times.items():
         s = statistics.median(ts)
         rows[key] = {"step_s": s, "tokens_per_s": real / s, "mfu": flops / s / PEAK_BF16}
-    ref = logprobs["count"]
+    ref = logprobs["count-local"]
     out = {
         "profile": a.profile,
         "device": fingerprint("driver")["gpu"],
@@ -123,7 +142,8 @@ def main() -> None:
         "median_of": a.repeats,
         "rows": rows,
         "det_over_nondet": {v: rows[f"{v}/nondet"]["step_s"] / rows[f"{v}/det"]["step_s"] for v in variants},
-        "speedup_over_count_det": {v: rows["count/det"]["step_s"] / rows[f"{v}/det"]["step_s"] for v in variants},
+        "speedup_over_count_det": {v: rows["count-local/det"]["step_s"] / rows[f"{v}/det"]["step_s"] for v in variants},
+        "first_step_bitwise_on_rerun": rerun,
         "logprob_max_abs_diff_vs_count": {
             v: float(max(abs(x - y).max() for x, y in zip(ref, lp))) for v, lp in logprobs.items()
         },
@@ -139,6 +159,7 @@ def main() -> None:
                     "det_over_nondet",
                     "speedup_over_count_det",
                     "logprob_max_abs_diff_vs_count",
+                    "first_step_bitwise_on_rerun",
                 )
             },
             indent=1,

@@ -189,6 +189,11 @@ class TrainConfig(_Strict):
         "then grouped while count x longest stays within this budget (less padding, larger batches on a GPU)",
     )
     updates_per_step: int = Field(1, ge=1, description="optimizer steps per rollout batch (mini-batches)")
+    attention: Literal["sdpa", "local"] = Field(
+        "sdpa",
+        description="sdpa: torch's fused scaled_dot_product_attention (FlashAttention-2 on a GPU, deterministic "
+        "backward in strict mode); local: Megatron-core's unfused attention (materialises the s x s scores)",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 
 

@@ -64,12 +64,13 @@ class GRPOTrainer:
         # AdamW runs on fp32 master weights (the checkpoint is fp32); when the model computes in
         # fp32 they are the params, otherwise a bf16 model is fed from them after every update.
         det = cfg.determinism.enabled
-        self.master_model = build_gpt_model(self.meta, "float32", deterministic=det, tp=self.tp)
+        attn = cfg.train.attention
+        self.master_model = build_gpt_model(self.meta, "float32", deterministic=det, tp=self.tp, attention=attn)
         load_dist_checkpoint(self.master_model, megatron_ckpt)
         if self.dtype == "float32":
             self.model = self.master_model
         else:
-            self.model = build_gpt_model(self.meta, self.dtype, deterministic=det, tp=self.tp)
+            self.model = build_gpt_model(self.meta, self.dtype, deterministic=det, tp=self.tp, attention=attn)
         self.params = [p for _, p in self.model.named_parameters()]
         self.names = [n for n, _ in self.model.named_parameters()]
         self.split_dims = [tp_partition_dim(n) if self.tp > 1 else None for n in self.names]
@@ -111,7 +112,9 @@ class GRPOTrainer:
             return (hidden[s_idx, b_idx].unsqueeze(1), *args[1:]), kwargs
 
         pos = torch.arange(width, device=self.device).unsqueeze(0).expand_as(tokens)
-        causal = torch.triu(torch.ones(width, width, dtype=torch.bool, device=self.device), 1)[None, None]
+        causal = None  # SDPAttention is causal by construction
+        if self.cfg.train.attention == "local":
+            causal = torch.triu(torch.ones(width, width, dtype=torch.bool, device=self.device), 1)[None, None]
         hook = self.model.output_layer.register_forward_pre_hook(only_response_positions, with_kwargs=True)
         try:
             logits = self.model(tokens, pos, causal)  # [1, n, vocab]

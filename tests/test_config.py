@@ -150,6 +150,8 @@ def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path
     assert choose(cfg, gpus=2, model_dir=qwen, gpu_gib=1.5 * est)[0] == "side_by_side"
     longer = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["train.micro_batch_tokens=32768"])
     assert run_memory_gib(longer, qwen) > est
+    local = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["train.attention=local"])
+    assert run_memory_gib(local, qwen) > est + 5  # its s x s scores and probabilities, 24 layers of them
     shared = run_config(cfg, "shared_gpu")
     assert shared.resources.gpu_share == 0.5 and cfg.resources.gpu_share == 1.0
     assert shared.config_hash() == cfg.config_hash()  # the same experiment

@@ -39,22 +39,24 @@ def checkpoints(tmp_path_factory):
     return {"tied": tied, "untied": untied, "llama": llama}
 
 
+# each Megatron attention against the HF attention with the same kernels: local = eager, sdpa = sdpa
+@pytest.mark.parametrize("attention,hf_attention", [("local", "eager"), ("sdpa", "sdpa")])
 @pytest.mark.parametrize("kind", ["tied", "untied", "llama"])
-def test_megatron_logits_equal_hf_logits_bitwise(checkpoints, kind):
+def test_megatron_logits_equal_hf_logits_bitwise(checkpoints, kind, attention, hf_attention):
     from transformers import AutoModelForCausalLM
 
     path = checkpoints[kind]
     meta = ArchMeta.from_hf_dir(path)
     assert meta.tie_embeddings == (kind == "tied") and meta.qkv_bias == (kind != "llama")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=hf_attention).eval()
     ids = torch.randint(0, 151000, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
     with model_parallel():
-        model = build_gpt_model(meta).eval()
+        model = build_gpt_model(meta, attention=attention).eval()
         load_state_exact(model, hf_to_megatron(load_hf_state(path), meta))
         s = ids.shape[1]
-        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None] if attention == "local" else None
         with torch.no_grad():
             out = model(ids, torch.arange(s).expand(2, s), mask)
     assert out.shape == ref.shape

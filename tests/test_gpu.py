@@ -151,6 +151,41 @@ def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode
     assert v_off.status == "diverged" and "determinism was off" in v_off.likely_cause
 
 
+def test_fused_attention_backward_is_bitwise_repeatable(tmp_path):
+    """train.attention=sdpa runs FlashAttention-2 on the GPU; in strict mode its backward must not
+    depend on the order of atomics: two trainers given the same steps end on the same bits."""
+    from pathlib import Path
+
+    from detrl.determinism import apply_process_settings
+    from detrl.ledger import combine
+    from detrl.loop import prepare
+    from detrl.trainer import GRPOTrainer, Sample
+
+    cfg = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=[*SMALL, "train.micro_batch_tokens=8192"])
+    assert cfg.train.attention == "sdpa"
+    arts = prepare(cfg, tmp_path / "cache")
+    ckpt = str(Path(arts.megatron.path) / "weights")
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        Sample(
+            torch.randint(100, 150000, (200 + 37 * i,), generator=g).tolist(),
+            torch.randint(100, 150000, (300 + 53 * i,), generator=g).tolist(),
+            (-1.0) ** i,
+        )
+        for i in range(8)
+    ]
+    tokens = [sum(len(s.response_ids) for s in samples)]
+    apply_process_settings(True, cfg.seed)
+    ends = []
+    for _ in range(2):
+        t = GRPOTrainer(cfg, arts.model.path, ckpt)
+        norms = [t.train_step(samples, tokens).grad_norms[0] for _ in range(2)]
+        ends.append((combine(t.weight_hashes()), norms))
+        t.close()
+    assert ends[0] == ends[1]
+    assert ends[0][1][0] > 0
+
+
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")
 # The trainer layout is under test here, so the engine skips CUDA-graph capture (40 s a start).
 LAYOUT = [*SMALL, "rollout.sglang.disable_cuda_graph=true", "resources.num_gpus=2"]

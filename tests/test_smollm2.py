@@ -67,7 +67,7 @@ def test_llama_conversion_is_exact_on_real_weights(smollm2):
     with torch.no_grad():
         ref = hf(ids).logits
     with model_parallel():
-        model = build_gpt_model(meta).eval()
+        model = build_gpt_model(meta, attention="local").eval()
         load_state_exact(model, hf_to_megatron(hf_state, meta))
         s = ids.shape[1]
         with torch.no_grad():

@@ -148,3 +148,54 @@ def test_token_budget_micro_batches_change_only_the_summation_order(tiny_cfg, ar
     assert max(abs(a - b).max() for a, b in zip(count.logprobs, tok.logprobs)) < 1e-5
     assert abs(count.losses[0] - tok.losses[0]) < 1e-6
     assert w_tok == w_again and all((a == b).all() for a, b in zip(tok.logprobs, again.logprobs))
+
+
+def test_fused_attention_agrees_with_megatrons_local_attention_and_reruns_bitwise(tiny_cfg, artifacts):
+    """train.attention=sdpa (the default) against Megatron's unfused attention: the same log-probs and
+    update to float precision, a different experiment (config hash), and bitwise on a rerun."""
+    from pathlib import Path
+
+    ckpt = str(Path(artifacts.megatron.path) / "weights")
+    s = _samples(8)
+    tokens = [sum(len(x.response_ids) for x in s)]
+    out, cfgs = {}, {}
+    for name, attention in (("local", "local"), ("sdpa", "sdpa"), ("again", "sdpa")):
+        cfgs[name] = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"attention": attention})})
+        t = GRPOTrainer(cfgs[name], artifacts.model.path, ckpt)
+        out[name] = (t.train_step(s, tokens), combine(t.weight_hashes()))
+        t.close()
+    (local, w_local), (sdpa, w_sdpa), (again, w_again) = out["local"], out["sdpa"], out["again"]
+    assert tiny_cfg.train.attention == "sdpa"
+    assert cfgs["local"].config_hash() != cfgs["sdpa"].config_hash()
+    assert max(abs(a - b).max() for a, b in zip(local.logprobs, sdpa.logprobs)) < 1e-5
+    assert abs(local.losses[0] - sdpa.losses[0]) < 1e-6
+    assert abs(local.grad_norms[0] - sdpa.grad_norms[0]) < 1e-4 * local.grad_norms[0]
+    assert w_local != w_sdpa  # different kernels: not the same bits, which is why the key is semantic
+    assert w_sdpa == w_again and all((a == b).all() for a, b in zip(sdpa.logprobs, again.logprobs))
+
+
+def test_fused_attention_refuses_a_mask_it_would_ignore():
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from detrl.megatron.attention import SDPAttention
+    from detrl.megatron.model import transformer_config
+    from detrl.megatron.names import ArchMeta
+
+    meta = ArchMeta.from_hf_dict(
+        {
+            "model_type": "qwen2",
+            "hidden_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 16,
+            "vocab_size": 32,
+        }
+    )
+    attn = SDPAttention(transformer_config(meta), 1, AttnMaskType.causal, "self")
+    q, kv = torch.randn(5, 1, 2, 4), torch.randn(5, 1, 1, 4)
+    assert attn(q, kv, kv, None).shape == (5, 1, 8)
+    with pytest.raises(ValueError, match="pass no mask"):
+        attn(q, kv, kv, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="train.attention=local"):
+        SDPAttention(transformer_config(meta), 1, AttnMaskType.padding, "self")

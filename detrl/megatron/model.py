@@ -9,6 +9,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from . import cpu
+from .attention import SDPAttention
 from .names import ArchMeta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,11 +52,20 @@ def transformer_config(
     )
 
 
-def build_gpt_model(m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1) -> GPTModel:
+def build_gpt_model(
+    m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1, attention: str = "sdpa"
+) -> GPTModel:
+    """`attention`: "sdpa" (fused, see attention.py; call the model with attention_mask=None) or
+    "local" (Megatron's unfused attention; call it with the explicit causal mask)."""
     cpu.install()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "local":
+        raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
     model = GPTModel(
         config=transformer_config(m, dtype, deterministic=deterministic, tp=tp),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         position_embedding_type="rope",
