@@ -6,7 +6,7 @@
   cuBLAS reads it once per process.
 Prints output tokens/s and step times per mode and the det/non-det ratios; writes JSON.
 
-    python benchmarks/determinism_cost.py --json FILE [--repeats 3] [--new-tokens 512] [--set k=v]
+    python benchmarks/determinism_cost.py --json FILE [--repeats 5] [--new-tokens 512] [--set k=v]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--profile", default="gsm8k-qwen2.5-0.5b-smoke")
     ap.add_argument("--json", required=True)
     ap.add_argument("--cache", default="/tmp/detrl-cache")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--train-samples", type=int, default=64)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -60,8 +60,8 @@ def main() -> None:
         for mode in ("det", "nondet")
     }
     print(f"two engines up in {time.perf_counter() - t:.0f}s", flush=True)
-    for eng in engines.values():  # warm-up: JIT, graphs
-        eng.generate(prompts[:G], seeds[:G], SamplingParams(max_new_tokens=16))
+    for eng in engines.values():  # warm-up at the measured shape (JIT, graphs, the allocator), not timed
+        eng.generate(prompts, seeds, params)
     tps: dict[str, list[float]] = {"det": [], "nondet": []}
     gens = None
     for r in range(a.repeats):
@@ -85,8 +85,9 @@ def main() -> None:
     tokens = [sum(len(s.response_ids) for s in samples)]
     step: dict[str, list[float]] = {"det": [], "nondet": []}
     trainer = GRPOTrainer(cfg, arts.model.path, str(Path(arts.megatron.path) / "weights"))
-    apply_process_settings(True, cfg.seed)
-    trainer.train_step(samples, tokens)  # warm-up
+    for mode in ("det", "nondet"):  # warm-up, not timed: each mode selects its own kernels
+        apply_process_settings(mode == "det", cfg.seed)
+        trainer.train_step(samples, tokens)
     for r in range(a.repeats):
         for mode in ("det", "nondet") if r % 2 == 0 else ("nondet", "det"):
             apply_process_settings(mode == "det", cfg.seed)

@@ -492,8 +492,9 @@ _GPU_REFERENCE: dict[str, Any] = {
         "max_new_tokens": 1024,
         "sglang": {"mem_fraction_static": 0.3},
     },
-    # micro-batches by token budget: 1.69x faster train steps than 4 samples each (H200, 0.5B), at the
-    # same peak memory (4 x 2048 tokens); benchmarks/results/h200-train-step.json
+    # micro-batches by token budget: with fused attention 2.34x faster train steps than 4 samples each
+    # with local attention (H200, 0.5B); 16384 is faster still but its fp32 logits keep two 0.5B runs
+    # from sharing a GPU. benchmarks/results/h200-train-step.json
     "train": {"steps": 3, "micro_batch_size": 4, "micro_batch_tokens": 8192},
     "backends": {"rollout": "sglang"},
     "resources": {"num_gpus": 1},

@@ -35,8 +35,9 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     Adam state (18 bytes a parameter), and for its largest micro-batch the fp32 logits (three copies:
     logits, log-softmax, gradient), activations and, with train.attention=local, attention scores and
     probabilities (Megatron's local attention keeps both, in bf16); the engine's weights, a KV cache of
-    step_kv_tokens and 5 GiB of CUDA graphs and workspace. Measured on an H200 (SmolLM2-135M, reference
-    shape, two runs on one GPU, attention=local): 90.7 GiB at peak for both, 45.4 a run; this gives 46.5."""
+    step_kv_tokens and 6.5 GiB of CUDA graphs, workspace and the processes' CUDA contexts. Measured on an
+    H200 at the reference shape, two runs on one GPU (nvidia-smi peak, per run; this estimate):
+    SmolLM2-135M local attention 45.4 (48.0), sdpa 30.5 (31.7); Qwen2.5-0.5B sdpa 43.1 (43.4)."""
     m = ArchMeta.from_hf_dir(model_dir)
     h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
     params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * (
@@ -48,7 +49,7 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     # local attention keeps s x s scores and probabilities; fused attention only K/V repeated for GQA
     attention = longest * m.num_heads if t.attention == "local" else m.num_heads * m.head_dim
     trainer = 18 * params + tokens * (12 * m.vocab_size + 40 * m.num_layers * h + 4 * attention * m.num_layers)
-    engine = 2 * params + cfg.step_kv_tokens() * m.num_layers * 2 * kv * 2 + 5 * GIB
+    engine = 2 * params + cfg.step_kv_tokens() * m.num_layers * 2 * kv * 2 + 6.5 * GIB
     return (trainer + engine) / GIB
 
 
