@@ -2,7 +2,8 @@
 
 Without TransformerEngine, Megatron-core's only attention is its local one: it materialises the
 [b, heads, s, s] scores in the compute dtype, then a fp32 copy for the softmax, then the probabilities,
-and its backward keeps them all; at the reference shape that memory traffic is most of the train step.
+and its backward keeps them all (0.5B at the reference shape on an H200: a 6.81 s train step with it,
+4.85 s with SDPA).
 SDPA runs a fused kernel instead (FlashAttention-2 on a GPU in bf16/fp16, the math or CPU-flash kernel
 in fp32). Deterministic: under `torch.use_deterministic_algorithms(True)` (det-rl's strict mode)
 PyTorch runs the flash backward without its split-key atomics; cuDNN attention, whose backward has no
