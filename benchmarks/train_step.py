@@ -44,9 +44,7 @@ def samples(n: int, seed: int = 0) -> list:
 def useful_flops(meta, batch: list) -> float:
     """Forward + backward of the real (unpadded) tokens: 6 x non-embedding params per token, the output
     layer for response tokens only (det-rl projects nothing else), causal attention."""
-    h, layers, f = meta.hidden_size, meta.num_layers, meta.ffn_hidden_size
-    kv = meta.num_kv_heads * meta.head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f
+    h, layers, per_layer = meta.hidden_size, meta.num_layers, meta.params_per_layer
     total = 0.0
     for s in batch:
         t, r = len(s.prompt_ids) + len(s.response_ids), len(s.response_ids)
@@ -123,7 +121,8 @@ def main() -> None:
         same_lp = all((x == y).all() for x, y in zip(res.logprobs, logprobs[name]))
         rerun[name] = same_lp and combine(again.weight_hashes()) == first[name]
         del again, res
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(f"rerun {name}: bitwise {rerun[name]}", flush=True)
     real = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
     rows = {}

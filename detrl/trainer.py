@@ -24,7 +24,7 @@ from .config import RunConfig, TrainConfig
 from .grpo import ppo_clip_token_loss
 from .ledger import tensor_digests
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
-from .megatron.model import build_gpt_model
+from .megatron.model import attention_mask, build_gpt_model
 from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf, tp_partition_dim
 from .megatron.parallel import model_parallel
 
@@ -112,9 +112,7 @@ class GRPOTrainer:
             return (hidden[s_idx, b_idx].unsqueeze(1), *args[1:]), kwargs
 
         pos = torch.arange(width, device=self.device).unsqueeze(0).expand_as(tokens)
-        causal = None  # SDPAttention is causal by construction
-        if self.cfg.train.attention == "local":
-            causal = torch.triu(torch.ones(width, width, dtype=torch.bool, device=self.device), 1)[None, None]
+        causal = attention_mask(self.cfg.train.attention, width, self.device)
         hook = self.model.output_layer.register_forward_pre_hook(only_response_positions, with_kwargs=True)
         try:
             logits = self.model(tokens, pos, causal)  # [1, n, vocab]

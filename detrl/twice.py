@@ -40,9 +40,7 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     SmolLM2-135M local attention 45.4 (48.0), sdpa 30.5 (31.7); Qwen2.5-0.5B sdpa 43.1 (43.4)."""
     m = ArchMeta.from_hf_dir(model_dir)
     h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
-    params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * (
-        2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden_size
-    )
+    params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * m.params_per_layer
     t = cfg.train
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     tokens = t.micro_batch_tokens or t.micro_batch_size * longest

@@ -9,7 +9,7 @@ import torch
 from detrl.config import RandomModelSpec
 from detrl.convert import convert_cached
 from detrl.megatron.checkpoint import load_dist_checkpoint, load_hf_state
-from detrl.megatron.model import build_gpt_model, load_state_exact
+from detrl.megatron.model import attention_mask, build_gpt_model, load_state_exact
 from detrl.megatron.names import ArchMeta, hf_to_megatron, megatron_to_hf
 from detrl.megatron.parallel import model_parallel
 from detrl.models import fetch_model, write_random_qwen2
@@ -56,7 +56,7 @@ def test_megatron_logits_equal_hf_logits_bitwise(checkpoints, kind, attention, h
         model = build_gpt_model(meta, attention=attention).eval()
         load_state_exact(model, hf_to_megatron(load_hf_state(path), meta))
         s = ids.shape[1]
-        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None] if attention == "local" else None
+        mask = attention_mask(attention, s)
         with torch.no_grad():
             out = model(ids, torch.arange(s).expand(2, s), mask)
     assert out.shape == ref.shape

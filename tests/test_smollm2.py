@@ -14,7 +14,7 @@ from conftest import detrl
 from detrl.config import SMOLLM2_GGUF, ConfigError, ModelConfig, load_config
 from detrl.dequantize import GGUF_TYPES, inspect_gguf, resolve_gguf
 from detrl.megatron.checkpoint import load_hf_state
-from detrl.megatron.model import build_gpt_model, load_state_exact
+from detrl.megatron.model import attention_mask, build_gpt_model, load_state_exact
 from detrl.megatron.names import ArchMeta, hf_to_megatron, megatron_to_hf
 from detrl.megatron.parallel import model_parallel
 from detrl.models import fetch_model
@@ -71,9 +71,7 @@ def test_llama_conversion_is_exact_on_real_weights(smollm2):
         load_state_exact(model, hf_to_megatron(hf_state, meta))
         s = ids.shape[1]
         with torch.no_grad():
-            out = model(
-                ids, torch.arange(s).expand(2, s), torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
-            )
+            out = model(ids, torch.arange(s).expand(2, s), attention_mask("local", s))
     assert out.shape == ref.shape and (out - ref).abs().max().item() == 0.0
 
 

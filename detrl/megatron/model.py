@@ -55,8 +55,8 @@ def transformer_config(
 def build_gpt_model(
     m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1, attention: str = "sdpa"
 ) -> GPTModel:
-    """`attention`: "sdpa" (fused, see attention.py; call the model with attention_mask=None) or
-    "local" (Megatron's unfused attention; call it with the explicit causal mask)."""
+    """`attention`: "sdpa" (fused, see attention.py) or "local" (Megatron's unfused attention); call the
+    model with `attention_mask(attention, ...)`."""
     cpu.install()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "sdpa":
@@ -73,6 +73,14 @@ def build_gpt_model(
         share_embeddings_and_output_weights=m.tie_embeddings,
     )
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_mask(attention: str, width: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """What a model built with `attention` is called with for causal rows of `width` tokens: the
+    explicit mask for local attention, None for sdpa (causal by construction)."""
+    if attention == "sdpa":
+        return None
+    return torch.triu(torch.ones(width, width, dtype=torch.bool, device=device), 1)[None, None]
 
 
 def load_state_exact(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -32,6 +32,12 @@ class ArchMeta:
     norm_eps: float
     max_position_embeddings: int
 
+    @property
+    def params_per_layer(self) -> int:
+        """Weights of one decoder layer's matrices (q, o; k, v; gate, up, down), biases and norms aside."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.ffn_hidden_size
+
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path) -> ArchMeta:
         return cls.from_hf_dict(json.loads((Path(hf_dir) / "config.json").read_text()))
