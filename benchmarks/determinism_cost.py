@@ -6,7 +6,14 @@
   cuBLAS reads it once per process.
 Prints output tokens/s and step times per mode and the det/non-det ratios; writes JSON.
 
+`--knobs` adds engines that each change one thing SGLang's deterministic mode changes (the pytorch
+sampler, no radix cache, both; the triton attention backend, whose deterministic mode keeps the radix
+cache) and times the model's GEMMs with SGLang's batch-invariant matmul against cuBLAS, to say which part
+of the rollout cost is which. `--variant NAME:det=1,key=value,...` adds any engine (`sgl.Engine`
+arguments).
+
     python benchmarks/determinism_cost.py --json FILE [--repeats 5] [--new-tokens 512] [--set k=v]
+        [--knobs] [--variant ...] [--no-train]
 """
 
 from __future__ import annotations
@@ -16,10 +23,76 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
+
+KNOBS = (
+    "nondet+pytorch_sampler:det=0,sampling_backend=pytorch",
+    "nondet+no_radix:det=0,disable_radix_cache=1",
+    "nondet+pytorch_sampler+no_radix:det=0,sampling_backend=pytorch,disable_radix_cache=1",
+    "det+triton:det=1,attention_backend=triton",
+)
+
+
+def parse_variant(text: str) -> tuple[str, bool, dict[str, Any]]:
+    """'NAME:det=1,key=value' -> (name, deterministic, sgl.Engine arguments)."""
+    name, _, spec = text.partition(":")
+    args: dict[str, Any] = {}
+    for kv in filter(None, spec.split(",")):
+        k, _, v = kv.partition("=")
+        args[k] = bool(int(v)) if v in ("0", "1") else v
+    return name, bool(args.pop("det", False)), args
+
+
+def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (256, 8192), repeats: int = 20) -> dict[str, Any]:
+    """One forward's GEMMs (every layer's projections and the LM head, bf16) at decode- and prefill-sized
+    token counts: SGLang's batch-invariant matmul against cuBLAS, interleaved, median seconds."""
+    import torch
+    import torch.nn.functional as F
+    from sglang.srt.batch_invariant_ops import disable_batch_invariant_mode, enable_batch_invariant_mode
+
+    from detrl.megatron.names import ArchMeta
+
+    m = ArchMeta.from_hf_dir(model_dir)
+    h, f, kv = m.hidden_size, m.ffn_hidden_size, m.num_kv_heads * m.head_dim
+    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * f), (f, h)]  # (in, out): qkv, o, gate_up, down
+    dev, bf = "cuda", torch.bfloat16
+    weights = [torch.randn(o, i, device=dev, dtype=bf) for i, o in shapes]
+    head = torch.randn(m.vocab_size, h, device=dev, dtype=bf)
+    out: dict[str, Any] = {}
+    for n in tokens:
+        xs = {i: torch.randn(n, i, device=dev, dtype=bf) for i, _ in shapes}
+
+        def forward(xs: dict[int, torch.Tensor] = xs) -> None:
+            for _ in range(m.num_layers):
+                for (i, _o), w in zip(shapes, weights):
+                    F.linear(xs[i], w)
+            F.linear(xs[h], head)
+
+        times: dict[str, list[float]] = {"batch_invariant": [], "cublas": []}
+        for r in range(repeats + 1):
+            for mode in ("batch_invariant", "cublas") if r % 2 == 0 else ("cublas", "batch_invariant"):
+                if mode == "batch_invariant":
+                    enable_batch_invariant_mode()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                forward()
+                torch.cuda.synchronize()
+                if r:  # round 0 warms up (Triton JIT)
+                    times[mode].append(time.perf_counter() - t)
+                disable_batch_invariant_mode()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[str(n)] = {"s": med, "cublas_over_batch_invariant_time": med["cublas"] / med["batch_invariant"]}
+        print(
+            f"GEMMs of one forward at {n} tokens: batch-invariant {med['batch_invariant'] * 1e3:.2f} ms, "
+            f"cuBLAS {med['cublas'] * 1e3:.2f} ms ({out[str(n)]['cublas_over_batch_invariant_time']:.3f})",
+            flush=True,
+        )
+    return out
 
 
 def main() -> None:
@@ -31,19 +104,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--train-samples", type=int, default=64)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--knobs", action="store_true", help="also the engines of KNOBS and the GEMM timing")
+    ap.add_argument("--variant", dest="variants", action="append", default=[], help="NAME:det=1,key=value")
+    ap.add_argument("--no-train", action="store_true")
     a = ap.parse_args()
+    variants = [parse_variant(v) for v in ["det:det=1", "nondet:det=0", *(KNOBS if a.knobs else ()), *a.variants]]
 
     import torch
     from transformers import AutoTokenizer
 
     from detrl.config import SGLangConfig, load_config
     from detrl.data import PromptSet, read_dataset, sample_seed
-    from detrl.determinism import apply_process_settings, fingerprint
-    from detrl.grpo import group_advantages
+    from detrl.determinism import fingerprint
     from detrl.loop import prepare
     from detrl.rollout import SamplingParams
     from detrl.rollout.sglang import SGLangEngine
-    from detrl.trainer import GRPOTrainer, Sample
 
     cfg = load_config(a.profile, overrides=a.overrides)
     arts = prepare(cfg, a.cache)
@@ -55,30 +130,74 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0)
 
     t = time.perf_counter()
-    engines = {
-        mode: SGLangEngine(arts.model.path, SGLangConfig(mem_fraction_static=0.22), deterministic=(mode == "det"))
-        for mode in ("det", "nondet")
-    }
-    print(f"two engines up in {time.perf_counter() - t:.0f}s", flush=True)
+    sgl = SGLangConfig(mem_fraction_static=min(0.22, 0.8 / len(variants)))
+    engines = {}
+    for name, det, args in variants:
+        engines[name] = SGLangEngine(arts.model.path, sgl, deterministic=det, engine_args=args)
+        print(f"engine {name} up at {time.perf_counter() - t:.0f}s", flush=True)
     for eng in engines.values():  # warm-up at the measured shape (JIT, graphs, the allocator), not timed
         eng.generate(prompts, seeds, params)
-    tps: dict[str, list[float]] = {"det": [], "nondet": []}
+    tps: dict[str, list[float]] = {name: [] for name in engines}
+    outputs: dict[str, set[str]] = {name: set() for name in engines}
     gens = None
     for r in range(a.repeats):
-        for mode in ("det", "nondet") if r % 2 == 0 else ("nondet", "det"):
+        for mode in list(engines) if r % 2 == 0 else list(engines)[::-1]:
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = engines[mode].generate(prompts, seeds, params)
             dt = time.perf_counter() - t
             tps[mode].append(sum(len(g.token_ids) for g in out) / dt)
+            outputs[mode].add(hashlib.sha256(repr([g.token_ids for g in out]).encode()).hexdigest())
             print(f"rollout {mode} repeat {r}: {tps[mode][-1]:.0f} tok/s ({dt:.1f}s)", flush=True)
             if mode == "det":
                 gens = out
     for eng in engines.values():
         eng.shutdown()
     torch.cuda.empty_cache()
+    med = statistics.median
+    rollout: dict[str, Any] = {
+        "batch": f"{P}x{G}",
+        "new_tokens": a.new_tokens,
+        "engines": {name: {"deterministic": det, **args} for name, det, args in variants},
+        "tok_s": tps,
+        "det_over_nondet_throughput": med(tps["det"]) / med(tps["nondet"]),
+        "over_nondet_throughput": {name: med(v) / med(tps["nondet"]) for name, v in tps.items()},
+        "distinct_outputs_over_repeats": {name: len(h) for name, h in outputs.items()},
+    }
+    for name, ratio in rollout["over_nondet_throughput"].items():
+        print(
+            f"rollout {name}: {med(tps[name]):.0f} tok/s, {ratio:.3f} of nondet; "
+            f"{len(outputs[name])} distinct output(s) over {a.repeats} repeats",
+            flush=True,
+        )
+    result: dict[str, Any] = {"device": fingerprint("bench")["gpu"], "profile": a.profile, "repeats": a.repeats}
+    result["rollout"] = rollout
+    if a.knobs:
+        result["gemm"] = gemm_cost(arts.model.path)
+    if not a.no_train:
+        result["train"] = train_cost(cfg, arts, prompts, gens, G, a.train_samples, a.repeats)
+    print(
+        f"rollout throughput det/non-det: {rollout['det_over_nondet_throughput']:.3f} "
+        f"({med(tps['det']):.0f} vs {med(tps['nondet']):.0f} tok/s)"
+    )
+    if "train" in result:
+        step = result["train"]["step_s"]
+        print(
+            f"train speed det/non-det (non-det time / det time): {result['train']['nondet_over_det_time']:.3f} "
+            f"({med(step['det']):.2f}s vs {med(step['nondet']):.2f}s)"
+        )
+    Path(a.json).write_text(json.dumps(result, indent=1))
 
-    n = min(a.train_samples, len(gens))
+
+def train_cost(cfg: Any, arts: Any, prompts: list[Any], gens: Any, G: int, n: int, repeats: int) -> dict[str, Any]:
+    """One GRPO step on the deterministic engine's samples, PyTorch's deterministic algorithms on and off."""
+    import torch
+
+    from detrl.determinism import apply_process_settings
+    from detrl.grpo import group_advantages
+    from detrl.trainer import GRPOTrainer, Sample
+
+    n = min(n, len(gens))
     rewards = [float(i % 2) for i in range(n)]
     adv = group_advantages(rewards, G).tolist()
     samples = [Sample(list(prompts[i]), gens[i].token_ids, adv[i]) for i in range(n)]
@@ -88,7 +207,7 @@ def main() -> None:
     for mode in ("det", "nondet"):  # warm-up, not timed: each mode selects its own kernels
         apply_process_settings(mode == "det", cfg.seed)
         trainer.train_step(samples, tokens)
-    for r in range(a.repeats):
+    for r in range(repeats):
         for mode in ("det", "nondet") if r % 2 == 0 else ("nondet", "det"):
             apply_process_settings(mode == "det", cfg.seed)
             torch.cuda.synchronize()
@@ -98,34 +217,13 @@ def main() -> None:
             step[mode].append(time.perf_counter() - t)
             print(f"train {mode} repeat {r}: {step[mode][-1]:.2f}s", flush=True)
     trainer.close()
-
-    med = lambda xs: statistics.median(xs)
-    result = {
-        "device": fingerprint("bench")["gpu"],
-        "profile": a.profile,
-        "repeats": a.repeats,
-        "rollout": {
-            "batch": f"{P}x{G}",
-            "new_tokens": a.new_tokens,
-            "tok_s": tps,
-            "det_over_nondet_throughput": med(tps["det"]) / med(tps["nondet"]),
-        },
-        "train": {
-            "samples": n,
-            "tokens": tokens[0],
-            "step_s": step,
-            "nondet_over_det_time": med(step["nondet"]) / med(step["det"]),
-        },
+    med = statistics.median
+    return {
+        "samples": n,
+        "tokens": tokens[0],
+        "step_s": step,
+        "nondet_over_det_time": med(step["nondet"]) / med(step["det"]),
     }
-    print(
-        f"rollout throughput det/non-det: {result['rollout']['det_over_nondet_throughput']:.3f} "
-        f"({med(tps['det']):.0f} vs {med(tps['nondet']):.0f} tok/s)"
-    )
-    print(
-        f"train speed det/non-det (non-det time / det time): {result['train']['nondet_over_det_time']:.3f} "
-        f"({med(step['det']):.2f}s vs {med(step['nondet']):.2f}s)"
-    )
-    Path(a.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

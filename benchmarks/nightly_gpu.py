@@ -131,7 +131,8 @@ def main() -> int:
     if a.det:
         det = json.loads(Path(a.det).read_text())
         record["rollout_det_ratio"] = det["rollout"]["det_over_nondet_throughput"]
-        record["train_det_ratio"] = det["train"]["nondet_over_det_time"]
+        if "train" in det:
+            record["train_det_ratio"] = det["train"]["nondet_over_det_time"]
     warm = record.get("warm") or record.get("cold")
     if warm:
         runs = list(warm["runs"].values())

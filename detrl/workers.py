@@ -196,6 +196,11 @@ class TrainerWorker:
         self._store = tcp_store(addr, 0, self.world_size, is_master=True)
         return addr, self._store.port
 
+    def import_weight_sync(self) -> None:
+        from .rollout.sglang import import_weight_sync
+
+        import_weight_sync()
+
     def setup(self, master_addr: str, master_port: int) -> None:
         _need_paths(self.hf_dir, self.ckpt)
         store = self._store or tcp_store(master_addr, master_port, self.world_size, is_master=False)
@@ -225,15 +230,20 @@ class TrainerWorker:
             return None, None
         return tensors, tensor_digests(tensors, self.cfg.ledger.tensor_hash)
 
-    def export_ipc(self, dtype: str) -> tuple[bytes | None, dict[str, str] | None, dict[str, str] | None]:
+    def export_ipc(
+        self, dtype: str, pack: bool = True
+    ) -> tuple[bytes | None, dict[str, str] | None, dict[str, str] | None]:
         """(CUDA IPC payload, ledger digests, the engine checksums they must produce) of the current
-        weights; the payload stays valid until `release_ipc`."""
+        weights; the payload stays valid until `release_ipc`. `pack=False`: no payload (a proof
+        without an update needs only the checksums)."""
         from .rollout.sglang import expected_checksums, pack_for_ipc
 
         tensors = self._t.export_hf(dtype, device="cuda")
         if tensors is None:
             return None, None, None
-        payload, self._ipc_bucket = pack_for_ipc(tensors)
+        payload = None
+        if pack:
+            payload, self._ipc_bucket = pack_for_ipc(tensors)
         return payload, tensor_digests(tensors, self.cfg.ledger.tensor_hash), expected_checksums(tensors)
 
     def release_ipc(self) -> None:
@@ -456,9 +466,9 @@ class Workers:
         them. Returns the digest of every tensor sent."""
         tp, dtype = self.cfg.resources.tensor_parallel, self.engine_info["dtype"]
         if self.cfg.ipc_weight_sync:
-            exported = self.wait([t.export_ipc.remote(dtype) for t in self.trainers[:tp]], "weight sync", it)
+            exported = self.wait([t.export_ipc.remote(dtype, update) for t in self.trainers[:tp]], "weight sync", it)
             payload, sent, expected = exported[0]
-            bad = self.wait(self.rollout.sync_ipc.remote(payload if update else None, expected), "weight sync", it)
+            bad = self.wait(self.rollout.sync_ipc.remote(payload, expected), "weight sync", it)
             self.wait(self.trainers[0].release_ipc.remote(), "weight sync", it)
         else:
             exports = [t.export_hf.options(num_returns=2).remote(dtype) for t in self.trainers[:tp]]
@@ -536,8 +546,10 @@ class Workers:
         addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
         if self.cfg.on_gpu and self.cfg.resources.colocate:
             # SGLang sizes its memory pool from what is free when it starts: start it first
+            imports = [t.import_weight_sync.remote() for t in self.trainers] if self.cfg.ipc_weight_sync else []
             with self._timed("engine"):
                 self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
+            self.wait(imports, "trainer start")
             with self._timed("trainer"):
                 self.wait([t.setup.remote(addr, port) for t in self.trainers], "trainer start")
         else:

@@ -60,6 +60,14 @@ def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
         return {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named).items()}
 
 
+def import_weight_sync() -> None:
+    """Import the SGLang modules `expected_checksums` and `pack_for_ipc` use: seconds of imports a
+    trainer can do while its engine starts, instead of in the first weight sync."""
+    import sglang.srt.managers.mm_utils
+    import sglang.srt.utils.patch_torch
+    import sglang.srt.weight_sync.tensor_bucket  # noqa: F401
+
+
 def pack_for_ipc(named: Mapping[str, torch.Tensor]) -> tuple[bytes, Any]:
     """(payload, bucket) for `update_weights_ipc`: GPU tensors flattened into one buffer and a CUDA IPC
     handle to it. The caller keeps `bucket` alive until the engine has loaded from it."""
@@ -85,12 +93,15 @@ class SGLangEngine:
         deterministic: bool = True,
         seed: int | None = 0,
         kv_tokens: int | None = None,
+        engine_args: Mapping[str, Any] | None = None,
     ):
         """`kv_tokens`: a KV cache of exactly this many tokens (runs sharing a GPU) instead of
-        mem_fraction_static of the GPU."""
+        mem_fraction_static of the GPU. `engine_args`: further `sgl.Engine` arguments, last (the
+        benchmarks' knob variants)."""
         import sglang as sgl
 
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
+        self.engine_args = dict(engine_args or {})
         kwargs: dict[str, Any] = dict(
             model_path=model_dir,
             attention_backend=cfg.attention_backend,
@@ -117,6 +128,7 @@ class SGLangEngine:
             kwargs["disable_cuda_graph"] = True
         if cfg.disable_radix_cache is not None:
             kwargs["disable_radix_cache"] = cfg.disable_radix_cache
+        kwargs.update(self.engine_args)
         self.engine = sgl.Engine(**kwargs)
 
     def generate(
@@ -193,6 +205,7 @@ class SGLangEngine:
             "mem_fraction_static": self.cfg.mem_fraction_static,
             "kv_tokens": self.kv_tokens,
             "disable_radix_cache": self.cfg.disable_radix_cache,
+            **({"engine_args": self.engine_args} if self.engine_args else {}),
         }
 
     def shutdown(self) -> None:
