@@ -6,11 +6,12 @@
   cuBLAS reads it once per process.
 Prints output tokens/s and step times per mode and the det/non-det ratios; writes JSON.
 
-`--knobs` adds engines that each change one thing SGLang's deterministic mode changes (the pytorch
-sampler, no radix cache, both; the triton attention backend, whose deterministic mode keeps the radix
-cache) and times the model's GEMMs with SGLang's batch-invariant matmul against cuBLAS, to say which part
-of the rollout cost is which. `--variant NAME:det=1,key=value,...` adds any engine (`sgl.Engine`
-arguments).
+`--knobs` splits the rollout cost: an engine with the two switches SGLang's deterministic mode makes to
+the server (the pytorch sampler; no radix cache with flashinfer) but none of its kernels, an engine with
+the triton attention backend (whose deterministic mode keeps the radix cache), and the model's GEMMs
+with SGLang's batch-invariant matmul against cuBLAS. (Six engines, one per switch, took 369 s to
+start on an H200 with empty caches and did not finish in a 600 s call.) `--variant
+NAME:det=1,key=value,...` adds any engine (`sgl.Engine` arguments).
 
     python benchmarks/determinism_cost.py --json FILE [--repeats 5] [--new-tokens 512] [--set k=v]
         [--knobs] [--variant ...] [--no-train]
@@ -31,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 KNOBS = (
-    "nondet+pytorch_sampler:det=0,sampling_backend=pytorch",
-    "nondet+no_radix:det=0,disable_radix_cache=1",
     "nondet+pytorch_sampler+no_radix:det=0,sampling_backend=pytorch,disable_radix_cache=1",
     "det+triton:det=1,attention_backend=triton",
 )
@@ -50,7 +49,8 @@ def parse_variant(text: str) -> tuple[str, bool, dict[str, Any]]:
 
 def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (256, 8192), repeats: int = 20) -> dict[str, Any]:
     """One forward's GEMMs (every layer's projections and the LM head, bf16) at decode- and prefill-sized
-    token counts: SGLang's batch-invariant matmul against cuBLAS, interleaved, median seconds."""
+    token counts: SGLang's batch-invariant matmul against cuBLAS, each captured in a CUDA graph,
+    replays interleaved, median seconds."""
     import torch
     import torch.nn.functional as F
     from sglang.srt.batch_invariant_ops import disable_batch_invariant_mode, enable_batch_invariant_mode
@@ -73,18 +73,24 @@ def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (256, 8192), repeats: in
                     F.linear(xs[i], w)
             F.linear(xs[h], head)
 
+        graphs = {}  # as SGLang decodes: replayed CUDA graphs, so launch overhead does not count
+        for mode in ("batch_invariant", "cublas"):
+            if mode == "batch_invariant":
+                enable_batch_invariant_mode()
+            forward()  # JIT and autotune before capture
+            torch.cuda.synchronize()
+            graphs[mode] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[mode]):
+                forward()
+            disable_batch_invariant_mode()
         times: dict[str, list[float]] = {"batch_invariant": [], "cublas": []}
-        for r in range(repeats + 1):
+        for r in range(repeats):
             for mode in ("batch_invariant", "cublas") if r % 2 == 0 else ("cublas", "batch_invariant"):
-                if mode == "batch_invariant":
-                    enable_batch_invariant_mode()
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                forward()
+                graphs[mode].replay()
                 torch.cuda.synchronize()
-                if r:  # round 0 warms up (Triton JIT)
-                    times[mode].append(time.perf_counter() - t)
-                disable_batch_invariant_mode()
+                times[mode].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[str(n)] = {"s": med, "cublas_over_batch_invariant_time": med["cublas"] / med["batch_invariant"]}
         print(
