@@ -47,7 +47,7 @@ def parse_variant(text: str) -> tuple[str, bool, dict[str, Any]]:
     return name, bool(args.pop("det", False)), args
 
 
-def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (256, 8192), repeats: int = 20) -> dict[str, Any]:
+def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (64, 256, 8192), repeats: int = 20) -> dict[str, Any]:
     """One forward's GEMMs (every layer's projections and the LM head, bf16) at decode- and prefill-sized
     token counts: SGLang's batch-invariant matmul against cuBLAS, each captured in a CUDA graph,
     replays interleaved, median seconds."""
@@ -178,6 +178,7 @@ def main() -> None:
         )
     result: dict[str, Any] = {"device": fingerprint("bench")["gpu"], "profile": a.profile, "repeats": a.repeats}
     result["rollout"] = rollout
+    Path(a.json).write_text(json.dumps(result, indent=1))  # what ran so far survives a time limit
     if a.knobs:
         result["gemm"] = gemm_cost(arts.model.path)
     if not a.no_train:

@@ -546,7 +546,8 @@ class Workers:
         addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
         if self.cfg.on_gpu and self.cfg.resources.colocate:
             # SGLang sizes its memory pool from what is free when it starts: start it first
-            imports = [t.import_weight_sync.remote() for t in self.trainers] if self.cfg.ipc_weight_sync else []
+            exporters = self.trainers[: self.cfg.resources.tensor_parallel] if self.cfg.ipc_weight_sync else []
+            imports = [t.import_weight_sync.remote() for t in exporters]
             with self._timed("engine"):
                 self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
             self.wait(imports, "trainer start")
