@@ -73,14 +73,16 @@ def _plant(src, dst, *, iteration, phase, version=None):
     return dst
 
 
-def test_a_changed_library_version_is_named_as_the_likely_cause(runs, tmp_path):
-    b = _plant(
-        runs / "b", tmp_path / "b", iteration=1, phase="rollout_logprobs", version=("rollout", "transformers", "9.9.9")
-    )
+# DeepGEMM installed on one host only: SGLang's deterministic GEMMs run other kernels there
+@pytest.mark.parametrize("pkg,value", [("transformers", "9.9.9"), ("sgl-deep-gemm", "0.1.5.post1")])
+def test_a_changed_library_version_is_named_as_the_likely_cause(runs, tmp_path, pkg, value):
+    header = json.loads((runs / "a" / "ledger.jsonl").read_text().splitlines()[0])
+    assert pkg in header["fingerprints"]["rollout"]["versions"]  # recorded by every run, installed or not
+    b = _plant(runs / "b", tmp_path / "b", iteration=1, phase="rollout_logprobs", version=("rollout", pkg, value))
     v = verify(str(runs / "a"), str(b))
     assert (v.first.iteration, v.first.phase) == (1, "rollout_logprobs")
-    assert "rollout.versions.transformers" in v.likely_cause and "9.9.9" in v.likely_cause
-    assert any("transformers" in d for d in v.fingerprint_diff)
+    assert f"rollout.versions.{pkg}" in v.likely_cause and value in v.likely_cause
+    assert any(pkg in d for d in v.fingerprint_diff)
 
 
 def test_golden_ledger_recorded_matched_and_drift_named(runs, tmp_path):
