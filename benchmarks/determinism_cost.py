@@ -28,6 +28,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,51 +48,62 @@ def parse_variant(text: str) -> tuple[str, bool, dict[str, Any]]:
     return name, bool(args.pop("det", False)), args
 
 
-def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (64, 256, 8192), repeats: int = 20) -> dict[str, Any]:
-    """One forward's GEMMs (every layer's projections and the LM head, bf16) at decode- and prefill-sized
-    token counts: SGLang's batch-invariant matmul against cuBLAS, each captured in a CUDA graph,
-    replays interleaved, median seconds."""
+def forward_gemm_times(
+    linears: dict[str, Callable[[Any, Any], Any]],
+    shapes: list[tuple[int, int]],
+    head: tuple[int, int],
+    layers: int,
+    tokens: int,
+    repeats: int = 20,
+) -> dict[str, float]:
+    """Median seconds of one forward's GEMMs (`layers` x the (in, out) `shapes`, then the `head`; bf16,
+    random operands, `tokens` rows) per linear `f(x, weight[out, in])`, each captured in a CUDA graph as
+    SGLang decodes (launch overhead does not count) and replayed interleaved."""
     import torch
+
+    dev, bf = "cuda", torch.bfloat16
+    weights = {s: torch.randn(s[1], s[0], device=dev, dtype=bf) for s in [*shapes, head]}
+    xs = {i: torch.randn(tokens, i, device=dev, dtype=bf) for i, _ in [*shapes, head]}
+
+    def forward(linear: Callable[[Any, Any], Any]) -> None:
+        for _ in range(layers):
+            for s in shapes:
+                linear(xs[s[0]], weights[s])
+        linear(xs[head[0]], weights[head])
+
+    graphs = {}
+    for name, linear in linears.items():
+        forward(linear)  # JIT and autotune before capture
+        torch.cuda.synchronize()
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            forward(linear)
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for r in range(repeats):
+        for name in list(graphs) if r % 2 == 0 else list(graphs)[::-1]:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            graphs[name].replay()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def gemm_cost(model_dir: str, tokens: tuple[int, ...] = (64, 256, 8192), repeats: int = 20) -> dict[str, Any]:
+    """The model's GEMMs of one forward at decode- and prefill-sized token counts: SGLang's batch-invariant
+    matmul (the kernel its deterministic mode puts behind aten::mm) against cuBLAS."""
     import torch.nn.functional as F
-    from sglang.srt.batch_invariant_ops import disable_batch_invariant_mode, enable_batch_invariant_mode
+    from sglang.srt.batch_invariant_ops import matmul_persistent
 
     from detrl.megatron.names import ArchMeta
 
     m = ArchMeta.from_hf_dir(model_dir)
     h, f, kv = m.hidden_size, m.ffn_hidden_size, m.num_kv_heads * m.head_dim
     shapes = [(h, h + 2 * kv), (h, h), (h, 2 * f), (f, h)]  # (in, out): qkv, o, gate_up, down
-    dev, bf = "cuda", torch.bfloat16
-    weights = [torch.randn(o, i, device=dev, dtype=bf) for i, o in shapes]
-    head = torch.randn(m.vocab_size, h, device=dev, dtype=bf)
+    linears = {"batch_invariant": lambda x, w: matmul_persistent(x, w.t()), "cublas": F.linear}
     out: dict[str, Any] = {}
     for n in tokens:
-        xs = {i: torch.randn(n, i, device=dev, dtype=bf) for i, _ in shapes}
-
-        def forward(xs: dict[int, torch.Tensor] = xs) -> None:
-            for _ in range(m.num_layers):
-                for (i, _o), w in zip(shapes, weights):
-                    F.linear(xs[i], w)
-            F.linear(xs[h], head)
-
-        graphs = {}  # as SGLang decodes: replayed CUDA graphs, so launch overhead does not count
-        for mode in ("batch_invariant", "cublas"):
-            if mode == "batch_invariant":
-                enable_batch_invariant_mode()
-            forward()  # JIT and autotune before capture
-            torch.cuda.synchronize()
-            graphs[mode] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[mode]):
-                forward()
-            disable_batch_invariant_mode()
-        times: dict[str, list[float]] = {"batch_invariant": [], "cublas": []}
-        for r in range(repeats):
-            for mode in ("batch_invariant", "cublas") if r % 2 == 0 else ("cublas", "batch_invariant"):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                graphs[mode].replay()
-                torch.cuda.synchronize()
-                times[mode].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = forward_gemm_times(linears, shapes, (h, m.vocab_size), m.num_layers, n, repeats)
         out[str(n)] = {"s": med, "cublas_over_batch_invariant_time": med["cublas"] / med["batch_invariant"]}
         print(
             f"GEMMs of one forward at {n} tokens: batch-invariant {med['batch_invariant'] * 1e3:.2f} ms, "
