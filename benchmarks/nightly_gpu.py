@@ -62,6 +62,9 @@ def run_breakdown(run_dir: Path) -> dict[str, Any]:
         "train_tokens_per_s": round(tokens / train_s) if train_s else None,
         "mfu": round(flops / train_s / PEAK_BF16, 4) if train_s else None,
         "engine": led.header["engine"],
+        # what the run computed, so records from two hosts or stacks can be compared bit for bit
+        "iteration_hashes": [it["hashes"] for it in led.iterations],
+        "final_weights": led.completion["final_weights"],
     }
 
 

@@ -49,6 +49,7 @@ PASSTHROUGH_ENV = (
     "TRITON_CACHE_DIR",
     "TORCHINDUCTOR_CACHE_DIR",
     "FLASHINFER_WORKSPACE_BASE",
+    "SGLANG_DG_CACHE_DIR",
 )
 # Fault injection for the tests (set through resources.worker_env): a worker whose env has
 # DETRL_HANG=<method> sleeps in that method until it is killed; DETRL_CRASH=<method> prints a message
@@ -82,14 +83,18 @@ class PhaseTimeout(RuntimeError):
     """A phase did not finish in time (a hung engine, NCCL collective or worker); the run is stopped."""
 
 
-# The JIT caches a worker fills (Triton kernels, torch inductor, flashinfer's compiled ops), kept under
-# the det-rl cache so run B, the next nightly and the Docker volume start warm. A compiled kernel is
-# the same code whether built now or loaded: a warm cache changes no bit (cold and warm ledgers are
-# compared in benchmarks/results).
+# The JIT caches a worker fills (Triton kernels, torch inductor, flashinfer's compiled ops, DeepGEMM's
+# kernels, which SGLang's deterministic GEMMs build per shape on Hopper), kept under the det-rl cache so
+# run B, the next nightly and the Docker volume start warm. SGLang overwrites DG_JIT_CACHE_DIR with
+# SGLANG_DG_CACHE_DIR (default ~/.cache/deep_gemm): both are set, and a user moves it with the latter.
+# A compiled kernel is the same code whether built now or loaded: a warm cache changes no bit (cold and
+# warm ledgers are compared in benchmarks/results).
 COMPILE_CACHE_ENV = {
     "TRITON_CACHE_DIR": "triton",
     "TORCHINDUCTOR_CACHE_DIR": "inductor",
     "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+    "SGLANG_DG_CACHE_DIR": "deep_gemm",
+    "DG_JIT_CACHE_DIR": "deep_gemm",
 }
 
 

@@ -123,15 +123,19 @@ def test_selftest_catches_a_batch_variant_engine(artifacts):
 
 def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypatch):
     from detrl.loop import compile_cache_dir
-    from detrl.workers import runtime_env
+    from detrl.workers import COMPILE_CACHE_ENV, runtime_env
 
     cfg = load_config("tiny-cpu")
     cc = compile_cache_dir(tmp_path)
-    for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE"):
+    for key in COMPILE_CACHE_ENV:
         monkeypatch.delenv(key, raising=False)
     env = runtime_env(cfg, "rollout", cc)["env_vars"]
     assert env["TRITON_CACHE_DIR"] == f"{tmp_path}/compile/triton"
     assert env["TORCHINDUCTOR_CACHE_DIR"] == f"{tmp_path}/compile/inductor"
     assert env["FLASHINFER_WORKSPACE_BASE"] == f"{tmp_path}/compile/flashinfer"
+    # SGLang replaces DG_JIT_CACHE_DIR with SGLANG_DG_CACHE_DIR: both must point at one folder
+    assert env["SGLANG_DG_CACHE_DIR"] == env["DG_JIT_CACHE_DIR"] == f"{tmp_path}/compile/deep_gemm"
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # a user's own setting wins
     assert runtime_env(cfg, "trainer", cc)["env_vars"]["TRITON_CACHE_DIR"] == "/elsewhere"
+    monkeypatch.setenv("SGLANG_DG_CACHE_DIR", "/dg")
+    assert runtime_env(cfg, "rollout", cc)["env_vars"]["SGLANG_DG_CACHE_DIR"] == "/dg"
