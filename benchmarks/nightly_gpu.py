@@ -1,7 +1,8 @@
 """The nightly twice-run on this GPU host through the det-rl flow, cold (empty compile caches) and then
 warm: wall times, a per-phase breakdown read from the ledgers (start-up parts, rollout, train, weight
 sync, hash, verify), the train step's tokens/s and MFU, and the det/non-det ratios of
-benchmarks/determinism_cost.py when its JSON is given. Each flow must verify identical.
+benchmarks/determinism_cost.py when its JSON is given. Each flow must verify identical, and once the record
+holds both phases, cold and warm must end on the same final weights: a warm compile cache changes no bit.
 
     python benchmarks/nightly_gpu.py --json FILE [--profile gsm8k-smollm2-135m] [--cache DIR] [--out DIR]
         [--phases cold,warm] [--det determinism_cost.json] [--set k=v]
@@ -142,11 +143,16 @@ def main() -> int:
         record["sync_s_per_iter"] = round(statistics.mean(r["sync_s_per_update"] for r in runs), 3)
         record["train_tokens_per_s"] = round(statistics.mean(r["train_tokens_per_s"] for r in runs))
         record["mfu"] = round(statistics.mean(r["mfu"] for r in runs), 4)
+    ran = [record[p] for p in ("cold", "warm") if p in record and "final_weights" in record[p]["runs"]["run_a"]]
+    if len(ran) == 2:  # a warm compile cache must change no bit
+        record["cold_equals_warm"] = len({r["runs"][n]["final_weights"] for r in ran for n in r["runs"]}) == 1
+        print(f"cold and warm ledgers end on the same weights: {record['cold_equals_warm']}")
     keys = ("twice_run_s_cold", "twice_run_s_warm", "rollout_det_ratio", "train_det_ratio", "sync_s_per_iter")
     summary = {k: record.get(k) for k in (*keys, "train_tokens_per_s", "mfu")}
     path.write_text(json.dumps(record, indent=1, default=str))
     print(json.dumps(summary))
-    return 0 if all(record[p]["verdict"] == "identical" for p in ("cold", "warm") if p in record) else 1
+    same = all(record[p]["verdict"] == "identical" for p in ("cold", "warm") if p in record)
+    return 0 if same and record.get("cold_equals_warm", True) else 1
 
 
 if __name__ == "__main__":
