@@ -11,7 +11,8 @@ the server (the pytorch sampler; no radix cache with flashinfer) but none of its
 the triton attention backend (whose deterministic mode keeps the radix cache), and the model's GEMMs
 with SGLang's batch-invariant matmul against cuBLAS. (Six engines, one per switch, took 369 s to
 start on an H200 with empty caches and did not finish in a 600 s call.) `--variant
-NAME:det=1,key=value,...` adds any engine (`sgl.Engine` arguments).
+NAME:det=1,key=value,...` adds any engine: `sgl.Engine` arguments, or det-rl's own `rollout.sglang` keys
+(`det+sglang_kernels:det=1,kernels=sglang` is SGLang's deterministic mode without det-rl's kernels).
 
     python benchmarks/determinism_cost.py --json FILE [--repeats 5] [--new-tokens 512] [--set k=v]
         [--knobs] [--variant ...] [--no-train]
@@ -151,7 +152,11 @@ def main() -> None:
     sgl = SGLangConfig(mem_fraction_static=min(0.22, 0.8 / len(variants)))
     engines = {}
     for name, det, args in variants:
-        engines[name] = SGLangEngine(arts.model.path, sgl, deterministic=det, engine_args=args)
+        own = {k: args[k] for k in args if k in SGLangConfig.model_fields}  # det-rl's keys, e.g. kernels=sglang
+        engine_args = {k: v for k, v in args.items() if k not in own}
+        engines[name] = SGLangEngine(
+            arts.model.path, sgl.model_copy(update=own), deterministic=det, engine_args=engine_args
+        )
         print(f"engine {name} up at {time.perf_counter() - t:.0f}s", flush=True)
     for eng in engines.values():  # warm-up at the measured shape (JIT, graphs, the allocator), not timed
         eng.generate(prompts, seeds, params)

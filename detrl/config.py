@@ -145,6 +145,11 @@ class SGLangConfig(_Strict):
     disable_radix_cache: bool | None = Field(None, description="None: let SGLang decide per backend")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     log_level: str = "warning"
+    kernels: Literal["detrl", "sglang"] = Field(
+        "detrl",
+        description="deterministic mode's residual RMSNorm and seeded sampler: detrl's fused kernels "
+        "(detrl.rollout.sglang_plugin; batch-invariant, the sampler's tokens equal SGLang's) or SGLang's own",
+    )
     weight_sync: Literal["auto", "ipc", "object_store"] = Field(
         "auto",
         description="how the trainer's weights reach the engine: ipc hands over a CUDA IPC handle (trainer "

@@ -122,6 +122,52 @@ def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
 
 
 @pytest.mark.slow
+def test_engine_runs_detrls_kernels(engine):
+    from detrl.rollout.sglang_plugin import PATCHED
+
+    assert engine.info()["kernels"] == "detrl" and engine.plugin["patched"] == sorted(PATCHED)
+
+
+def test_detrl_sampler_gives_sglangs_tokens():
+    import sglang.srt.layers.sampler as sglang_sampler
+
+    from detrl.rollout import det_kernels
+    from detrl.rollout.sglang_plugin import seeded_sampler
+
+    ours = seeded_sampler(det_kernels)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, vocab, scale in [(1, 151936, 1.0), (37, 49152, 5.0), (256, 49152, 20.0), (64, 151936, 10.0)]:
+        lp = torch.log(torch.softmax(torch.randn(n, vocab, device="cuda", generator=g) * scale, -1))
+        seed = torch.randint(0, 2**62, (n,), device="cuda", generator=g)
+        pos = torch.randint(0, 4096, (n,), device="cuda", generator=g)
+        assert torch.equal(ours(lp, seed, pos), sglang_sampler.multinomial_with_seed(lp, seed, pos)), (n, vocab)
+
+
+def test_detrl_rms_norm_is_batch_invariant_and_close_to_sglangs():
+    from sglang.srt.batch_invariant_ops import disable_batch_invariant_mode, enable_batch_invariant_mode
+
+    from detrl.rollout import det_kernels
+    from detrl.rollout.sglang_plugin import sglang_native_add_rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for hidden in (576, 896):
+        x = (torch.randn(600, hidden, device="cuda", generator=g) * 3).bfloat16()
+        r = (torch.randn(600, hidden, device="cuda", generator=g) * 3).bfloat16()
+        w = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+        out, res = det_kernels.add_rms_norm(x, r, w, 1e-5)
+        for n in (1, 2, 7, 64, 255, 256, 511):
+            for k in (0, 9):
+                part = det_kernels.add_rms_norm(x[k : k + n], r[k : k + n], w, 1e-5)
+                assert torch.equal(part[0], out[k : k + n]) and torch.equal(part[1], res[k : k + n]), (hidden, n, k)
+        enable_batch_invariant_mode()
+        try:
+            native = sglang_native_add_rms_norm(x, r, w, 1e-5)
+        finally:
+            disable_batch_invariant_mode()
+        assert torch.equal(res, native[1])  # the residual is the same rounding of the same sum
+        assert torch.allclose(out.float(), native[0].float(), rtol=2**-7, atol=1e-3)
+
+
 def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode_diverges(tmp_path):
     from detrl import twice
     from detrl.ledger import read_ledger

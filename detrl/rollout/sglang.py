@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..config import SGLangConfig
-from . import Generation, SamplingParams
+from . import Generation, SamplingParams, sglang_plugin
 
 _FUSED = (
     ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -58,6 +58,19 @@ def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
     with torch.no_grad():
         return {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named).items()}
+
+
+def _plugin_folder() -> str:
+    """Per process: the record is found through this process's `sys.path`."""
+    import tempfile
+
+    global _PLUGIN_FOLDER
+    if _PLUGIN_FOLDER is None:
+        _PLUGIN_FOLDER = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
+    return _PLUGIN_FOLDER
+
+
+_PLUGIN_FOLDER: str | None = None
 
 
 def import_weight_sync() -> None:
@@ -102,6 +115,8 @@ class SGLangEngine:
         import sglang as sgl
 
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
+        self.engine: Any = None
+        self.plugin: dict[str, Any] | None = None
         self.engine_args = dict(engine_args or {})
         kwargs: dict[str, Any] = dict(
             model_path=model_dir,
@@ -130,7 +145,27 @@ class SGLangEngine:
         if cfg.disable_radix_cache is not None:
             kwargs["disable_radix_cache"] = cfg.disable_radix_cache
         kwargs.update(self.engine_args)
+        self.kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
+        if self.kernels == "detrl":
+            sglang_plugin.plugin_env(_plugin_folder())
+        report = sglang_plugin.request(self.kernels == "detrl")
         self.engine = sgl.Engine(**kwargs)
+        if self.kernels == "detrl":
+            self._check_plugin(sglang_plugin.read_reports(report))
+
+    def _check_plugin(self, reports: dict[int, dict[str, Any]]) -> None:
+        """At least one of the engine's processes (not this one) patched SGLang, and none failed."""
+        errors = [r["error"] for r in reports.values() if "error" in r]
+        patched = {pid: r for pid, r in reports.items() if pid != os.getpid() and "patched" in r}
+        if errors or not patched:
+            self.shutdown()
+            why = "; ".join(errors) or "no scheduler process of SGLang loaded det-rl's plugin (see its log)"
+            raise RuntimeError(
+                f"det-rl's kernels did not load into SGLang ({why}); "
+                "set rollout.sglang.kernels=sglang to run SGLang's own deterministic kernels"
+            )
+        names = sorted({name for r in patched.values() for name in r["patched"]})
+        self.plugin = {"patched": names, "processes": len(patched)}
 
     def generate(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, params: SamplingParams
@@ -206,6 +241,7 @@ class SGLangEngine:
             "mem_fraction_static": self.cfg.mem_fraction_static,
             "kv_tokens": self.kv_tokens,
             "disable_radix_cache": self.cfg.disable_radix_cache,
+            "kernels": self.kernels,
             **({"engine_args": self.engine_args} if self.engine_args else {}),
         }
 

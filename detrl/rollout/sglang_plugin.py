@@ -1,0 +1,176 @@
+"""det-rl's kernels (`det_kernels`) in SGLang's deterministic mode, loaded into its scheduler processes
+as an SGLang plugin (entry-point group `sglang.srt.plugins`).
+
+SGLang 0.5.17's deterministic mode pays for two choices that batch invariance does not need:
+- a residual RMSNorm falls back to `forward_native`: about a dozen elementwise kernels per norm (the
+  add, casts, square, mean, rsqrt, scales), two norms a layer, on every decode step;
+- the seeded sampler (`multinomial_with_seed`) makes its Gumbel noise in about ten float64 passes over
+  batch x vocab.
+`install` sends a residual RMSNorm under batch-invariant mode to `det_kernels.add_rms_norm` (one
+program per row: batch-invariant by construction, other bits than SGLang's native path) and the seeded
+sampler to `det_kernels.gumbel_argmax` after SGLang's own hash (the same tokens).
+
+It is offered per engine, never installed for every SGLang in the environment: `plugin_env` writes a
+distribution record naming `install` into a folder and puts the folder first on the path SGLang's
+spawned processes inherit; `request` sets what the next engine's processes read. `install` patches only
+under `DETRL_SGLANG_KERNELS=1` and reports what it did, one file per process, into the folder
+`DETRL_SGLANG_KERNELS_REPORT` names, because SGLang logs a failing plugin and starts without it: the
+engine reads the reports and refuses to run on a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ENABLE_ENV = "DETRL_SGLANG_KERNELS"
+REPORT_ENV = "DETRL_SGLANG_KERNELS_REPORT"
+PLUGIN_NAME = "detrl_kernels"
+PATCHED = ("sampler.multinomial_with_seed", "layernorm.RMSNorm.forward_cuda")
+_DIST = "detrl_sglang_plugin-0.1.dist-info"
+
+
+def plugin_env(folder: str | os.PathLike[str]) -> Path:
+    """Write the distribution record that names `install` under `folder`, and put `folder` first on
+    `sys.path` (spawned processes start with the parent's) and PYTHONPATH (any other child)."""
+    root = Path(folder).resolve()
+    dist = root / _DIST
+    files = {
+        "METADATA": "Metadata-Version: 2.1\nName: detrl-sglang-plugin\nVersion: 0.1\n",
+        "entry_points.txt": f"[sglang.srt.plugins]\n{PLUGIN_NAME} = {__name__}:install\n",
+    }
+    dist.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = dist / name
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(f".{name}.{os.getpid()}")
+            tmp.write_text(text)
+            tmp.replace(path)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(root) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
+    allowed = os.environ.get("SGLANG_PLUGINS")
+    if allowed and PLUGIN_NAME not in allowed.split(","):  # a user's list of plugins would skip ours
+        os.environ["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
+    return root
+
+
+def request(enabled: bool) -> Path:
+    """Set what the next engine's processes read; returns the folder where each writes its report."""
+    folder = tempfile.mkdtemp(prefix="detrl-sglang-plugin-report-")
+    os.environ[ENABLE_ENV] = "1" if enabled else "0"
+    os.environ[REPORT_ENV] = folder
+    return Path(folder)
+
+
+def read_reports(folder: Path) -> dict[int, dict[str, Any]]:
+    """The reports `install` wrote, by process id (and remove them). SGLang loads plugins in the
+    engine's own process too: only another process's report says a scheduler was patched."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        out[int(path.stem)] = dict(json.loads(path.read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def _write_report(report: dict[str, Any]) -> None:
+    folder = os.environ.get(REPORT_ENV)
+    if folder:
+        tmp = Path(folder) / f".{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(report))
+        tmp.replace(Path(folder) / f"{os.getpid()}.json")
+
+
+def install() -> None:
+    """The plugin's entry point: patch SGLang in this process when the engine asked for it."""
+    if os.environ.get(ENABLE_ENV) != "1":
+        return
+    try:
+        import sglang.srt.layers.layernorm as layernorm
+        import sglang.srt.layers.sampler as sampler
+
+        from . import det_kernels
+
+        if not getattr(sampler.multinomial_with_seed, "_detrl", False):
+            sampler.multinomial_with_seed = seeded_sampler(det_kernels)
+        if not getattr(layernorm.RMSNorm.forward_cuda, "_detrl", False):
+            layernorm.RMSNorm.forward_cuda = _rms_norm_forward(layernorm.RMSNorm.forward_cuda, det_kernels)
+        _write_report({"patched": list(PATCHED)})
+    except Exception as e:
+        _write_report({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def seeded_sampler(det_kernels: Any) -> Any:
+    """det-rl's drop-in for SGLang's `multinomial_with_seed`: SGLang's hash, then `det_kernels.gumbel_argmax`."""
+    import torch
+    from sglang.kernels.ops.sampling.murmur_hash import murmur_hash32
+
+    columns: dict[Any, Any] = {}
+
+    def multinomial_with_seed(logprobs: Any, seed: Any, positions: Any) -> Any:
+        key = (logprobs.shape[1], logprobs.device)
+        if key not in columns:
+            columns[key] = torch.arange(key[0], device=key[1])
+        return det_kernels.gumbel_argmax(murmur_hash32(seed.to(torch.uint64), positions, columns[key]), logprobs)
+
+    multinomial_with_seed._detrl = True  # type: ignore[attr-defined]
+    return multinomial_with_seed
+
+
+def sglang_native_add_rms_norm(x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+    """What SGLang computes for a residual RMSNorm under batch-invariant mode without this plugin
+    (`forward_native`; enable batch-invariant mode around it): the reference for the tests and benchmark."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    norm = SimpleNamespace(
+        weight=weight,
+        variance_epsilon=eps,
+        hidden_size=x.shape[-1],
+        variance_size_override=None,
+        override_orig_dtype=None,
+        fp32_residual=False,
+        cast_x_before_out_mul=False,
+    )
+    out, res = RMSNorm.forward_native(norm, x, residual)
+    return out, res
+
+
+def _rms_norm_forward(original: Any, det_kernels: Any) -> Any:
+    from sglang.srt.batch_invariant_ops import is_batch_invariant_mode_enabled
+    from sglang.srt.runtime_context import get_exec
+
+    def forward_cuda(self: Any, x: Any, residual: Any = None, post_residual_addition: Any = None) -> Any:
+        # Only the case SGLang sends to forward_native under batch-invariant mode for no reason of
+        # arithmetic; every other case (an extra addition, HF's cast order, fp32 residuals, the
+        # trainer-matching on-policy mode) keeps SGLang's code.
+        if (
+            residual is not None
+            and post_residual_addition is None
+            and is_batch_invariant_mode_enabled()
+            and get_exec().deterministic.rl_on_policy_target is None
+            and not self.cast_x_before_out_mul
+            and not self.fp32_residual
+            and self.override_orig_dtype is None
+            and self.variance_size_override is None
+            and x.dim() == 2
+            and x.shape[0] > 0
+            and x.shape == residual.shape
+            and x.dtype == residual.dtype
+            and x.is_contiguous()
+            and residual.is_contiguous()
+        ):
+            return det_kernels.add_rms_norm(x, residual, self.weight.data, self.variance_epsilon)
+        return original(self, x, residual, post_residual_addition)
+
+    forward_cuda._detrl = True  # type: ignore[attr-defined]
+    return forward_cuda

@@ -1,0 +1,150 @@
+"""det-rl's kernels for SGLang's deterministic mode, on the CPU: the plugin record reaches a spawned
+process (as SGLang starts its schedulers) and names `install`; `install` patches nothing unless asked and
+reports a failure that SGLang itself would only log; the engine refuses to run on that report. The
+Triton kernels run under Triton's interpreter against the float64 arithmetic they stand for (their bits
+on a GPU, against SGLang's own code, are tests in test_gpu.py)."""
+
+import importlib
+import multiprocessing as mp
+import os
+import sys
+
+import pytest
+import torch
+
+from detrl.config import is_semantic, load_config
+from detrl.rollout import sglang_plugin
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in (sglang_plugin.ENABLE_ENV, sglang_plugin.REPORT_ENV, "SGLANG_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def _plugins_seen_by_a_spawned_child(queue):
+    from importlib.metadata import entry_points
+
+    queue.put([(ep.name, ep.value, ep.load().__name__) for ep in entry_points(group="sglang.srt.plugins")])
+
+
+def test_a_spawned_process_finds_the_plugin(tmp_path, clean_env, monkeypatch):
+    monkeypatch.setenv("SGLANG_PLUGINS", "someone_elses")
+    root = sglang_plugin.plugin_env(tmp_path / "plugin")
+    assert sglang_plugin.plugin_env(tmp_path / "plugin") == root  # idempotent
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(root), "/somewhere"]
+    assert os.environ["SGLANG_PLUGINS"] == "someone_elses,detrl_kernels"  # a user's list would skip ours
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_plugins_seen_by_a_spawned_child, args=(queue,))
+    child.start()
+    seen = queue.get(timeout=120)
+    child.join(60)
+    assert ("detrl_kernels", "detrl.rollout.sglang_plugin:install", "install") in seen
+
+
+def test_install_patches_only_when_asked_and_reports_a_failure(clean_env):
+    folder = sglang_plugin.request(False)
+    sglang_plugin.install()  # not asked: returns before importing SGLang
+    assert sglang_plugin.read_reports(folder) == {}
+    folder = sglang_plugin.request(True)
+    with pytest.raises(ImportError):  # no SGLang on this machine
+        sglang_plugin.install()
+    got = sglang_plugin.read_reports(folder)
+    assert list(got) == [os.getpid()] and "sglang" in got[os.getpid()]["error"]
+    assert not folder.exists()
+
+
+def test_the_engine_refuses_a_silent_fallback_and_names_the_fix():
+    from detrl.rollout.sglang import SGLangEngine
+
+    eng = object.__new__(SGLangEngine)
+    eng.engine = None
+    patched = {"patched": list(sglang_plugin.PATCHED)}
+    for reports in (
+        {},  # no process loaded it
+        {os.getpid(): patched},  # only the engine's own process: no scheduler was patched
+        {os.getpid() + 1: patched, os.getpid() + 2: {"error": "ImportError: no triton"}},
+    ):
+        with pytest.raises(RuntimeError, match="rollout.sglang.kernels=sglang"):
+            eng._check_plugin(reports)
+    eng._check_plugin({os.getpid(): patched, os.getpid() + 1: patched})
+    assert eng.plugin == {"patched": sorted(sglang_plugin.PATCHED), "processes": 1}
+
+
+def test_kernels_key_is_semantic_and_detrl_by_default():
+    cfg = load_config("gsm8k-smollm2-135m")
+    assert cfg.rollout.sglang.kernels == "detrl" and is_semantic("rollout.sglang.kernels")
+    other = load_config("gsm8k-smollm2-135m", overrides=["rollout.sglang.kernels=sglang"])
+    assert other.config_hash() != cfg.config_hash()
+
+
+def _interpreted(check, monkeypatch):
+    """Run `check(det_kernels)` in a fresh process under Triton's interpreter: Triton reads
+    TRITON_INTERPRET when its own functions are defined, at its first import, and this process may
+    have imported it already."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    child = mp.get_context("spawn").Process(target=_run_interpreted, args=(check,))
+    child.start()
+    child.join(300)
+    assert child.exitcode == 0, f"{check.__name__} failed under the interpreter (its traceback is above)"
+
+
+def _run_interpreted(check):
+    check(importlib.import_module("detrl.rollout.det_kernels"))
+
+
+def _gumbel_reference(hashed, logprobs):
+    """The Gumbel-max draw in float64 as torch computes it: u = hash / (2^32 - 1), g = -log(-log u) with
+    log u clamped at the lowest float64, argmax(logprob + g): the first NaN, else the first maximum."""
+    u = hashed.to(torch.float64) / (2**32 - 1)
+    g = -torch.log(-torch.log(u).clamp(min=torch.finfo(torch.float64).min))
+    return torch.argmax(logprobs.to(torch.float64) + g, dim=1, keepdim=True)
+
+
+def test_gumbel_argmax_is_the_float64_gumbel_max_draw(monkeypatch):
+    _interpreted(_check_gumbel_argmax, monkeypatch)
+
+
+def _check_gumbel_argmax(det_kernels):
+    g = torch.Generator().manual_seed(0)
+    n, m = 8, 5000  # m not a multiple of the kernel's block
+    lp = torch.log_softmax(torch.randn(n, m, generator=g) * 30, -1)
+    lp[lp < -80] = float("-inf")  # probabilities that underflowed to zero
+    hashed = torch.randint(0, 2**32, (n, m), generator=g, dtype=torch.int64).to(torch.uint32)
+    lp[1] = float("-inf")  # nothing possible: torch picks index 0
+    zero = int(torch.isinf(lp[2]).nonzero()[-1, 0])
+    hashed[2, zero] = 2**32 - 1  # +inf noise on a zero probability: NaN, which torch.argmax picks
+    lp[3], hashed[3] = 0.0, 7  # ties everywhere: the first index
+    hashed[4] = 0  # -inf log u, clamped
+    hashed[5, ::3] = 2**32 - 1  # +inf noise on possible tokens: the first of them
+    got = det_kernels.gumbel_argmax(hashed, lp)
+    want = _gumbel_reference(hashed, lp)
+    assert got.dtype == torch.int64 and got.shape == (n, 1)
+    assert got.view(-1).tolist() == want.view(-1).tolist()
+    assert got[1, 0] == 0 and got[2, 0] == zero and got[3, 0] == 0 and got[5, 0] % 3 == 0
+
+
+def test_add_rms_norm_is_per_row_and_is_rmsnorm_of_the_sum(monkeypatch):
+    _interpreted(_check_add_rms_norm, monkeypatch)
+
+
+def _check_add_rms_norm(det_kernels):
+    g = torch.Generator().manual_seed(1)
+    hidden = 576  # not a power of two: a masked block
+    x = (torch.randn(40, hidden, generator=g) * 3).bfloat16()
+    r = (torch.randn(40, hidden, generator=g) * 3).bfloat16()
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).bfloat16()
+    out, res = det_kernels.add_rms_norm(x, r, w, 1e-5)
+    for lo, hi in ((0, 1), (3, 10), (17, 40)):
+        part = det_kernels.add_rms_norm(x[lo:hi].contiguous(), r[lo:hi].contiguous(), w, 1e-5)
+        assert torch.equal(part[0], out[lo:hi]) and torch.equal(part[1], res[lo:hi])
+    s = x.float() + r.float()
+    want = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    # the interpreter rounds to bfloat16 toward zero (a GPU rounds to nearest): within 2 ulp of bfloat16
+    assert torch.allclose(out.float(), want, rtol=2**-6, atol=1e-6)
+    assert torch.allclose(res.float(), s, rtol=2**-6, atol=0)
+    assert out.shape == (40, hidden) and out.dtype == res.dtype == torch.bfloat16
