@@ -147,8 +147,8 @@ class SGLangConfig(_Strict):
     log_level: str = "warning"
     kernels: Literal["detrl", "sglang"] = Field(
         "detrl",
-        description="deterministic mode's residual RMSNorm and seeded sampler: detrl's fused kernels "
-        "(detrl.rollout.sglang_plugin; batch-invariant, the sampler's tokens equal SGLang's) or SGLang's own",
+        description="deterministic mode's residual RMSNorm: det-rl's one-program-per-row kernel "
+        "(detrl.rollout.sglang_plugin; batch-invariant, other bits) or SGLang's forward_native",
     )
     weight_sync: Literal["auto", "ipc", "object_store"] = Field(
         "auto",

@@ -1,14 +1,11 @@
-"""det-rl's kernels (`det_kernels`) in SGLang's deterministic mode, loaded into its scheduler processes
-as an SGLang plugin (entry-point group `sglang.srt.plugins`).
+"""det-rl's residual RMSNorm (`det_kernels.add_rms_norm`) in SGLang's deterministic mode, loaded into
+its scheduler processes as an SGLang plugin (entry-point group `sglang.srt.plugins`).
 
-SGLang 0.5.17's deterministic mode pays for two choices that batch invariance does not need:
-- a residual RMSNorm falls back to `forward_native`: about a dozen elementwise kernels per norm (the
-  add, casts, square, mean, rsqrt, scales), two norms a layer, on every decode step;
-- the seeded sampler (`multinomial_with_seed`) makes its Gumbel noise in about ten float64 passes over
-  batch x vocab.
-`install` sends a residual RMSNorm under batch-invariant mode to `det_kernels.add_rms_norm` (one
-program per row: batch-invariant by construction, other bits than SGLang's native path) and the seeded
-sampler to `det_kernels.gumbel_argmax` after SGLang's own hash (the same tokens).
+Under batch-invariant mode SGLang 0.5.17 sends every RMSNorm with a residual (two a layer) to
+`forward_native`: about a dozen elementwise kernels per norm where batch invariance needs one program
+per row. Measured on an H200 (SmolLM2-135M, 256 decoding rows, one forward's 61 norms in a CUDA graph):
+1.157 ms native, 0.098 ms det-rl's kernel; the rollout's det/non-det throughput rose from 0.72 to 0.97.
+`install` patches only that case; every other one keeps SGLang's code.
 
 It is offered per engine, never installed for every SGLang in the environment: `plugin_env` writes a
 distribution record naming `install` into a folder and puts the folder first on the path SGLang's
@@ -31,7 +28,7 @@ from typing import Any
 ENABLE_ENV = "DETRL_SGLANG_KERNELS"
 REPORT_ENV = "DETRL_SGLANG_KERNELS_REPORT"
 PLUGIN_NAME = "detrl_kernels"
-PATCHED = ("sampler.multinomial_with_seed", "layernorm.RMSNorm.forward_cuda")
+PATCHED = ("layernorm.RMSNorm.forward_cuda",)
 _DIST = "detrl_sglang_plugin-0.1.dist-info"
 
 
@@ -94,35 +91,15 @@ def install() -> None:
         return
     try:
         import sglang.srt.layers.layernorm as layernorm
-        import sglang.srt.layers.sampler as sampler
 
         from . import det_kernels
 
-        if not getattr(sampler.multinomial_with_seed, "_detrl", False):
-            sampler.multinomial_with_seed = seeded_sampler(det_kernels)
         if not getattr(layernorm.RMSNorm.forward_cuda, "_detrl", False):
             layernorm.RMSNorm.forward_cuda = _rms_norm_forward(layernorm.RMSNorm.forward_cuda, det_kernels)
         _write_report({"patched": list(PATCHED)})
     except Exception as e:
         _write_report({"error": f"{type(e).__name__}: {e}"})
         raise
-
-
-def seeded_sampler(det_kernels: Any) -> Any:
-    """det-rl's drop-in for SGLang's `multinomial_with_seed`: SGLang's hash, then `det_kernels.gumbel_argmax`."""
-    import torch
-    from sglang.kernels.ops.sampling.murmur_hash import murmur_hash32
-
-    columns: dict[Any, Any] = {}
-
-    def multinomial_with_seed(logprobs: Any, seed: Any, positions: Any) -> Any:
-        key = (logprobs.shape[1], logprobs.device)
-        if key not in columns:
-            columns[key] = torch.arange(key[0], device=key[1])
-        return det_kernels.gumbel_argmax(murmur_hash32(seed.to(torch.uint64), positions, columns[key]), logprobs)
-
-    multinomial_with_seed._detrl = True  # type: ignore[attr-defined]
-    return multinomial_with_seed
 
 
 def sglang_native_add_rms_norm(x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
