@@ -148,10 +148,13 @@ class SGLangEngine:
         self.kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
         if self.kernels == "detrl":
             sglang_plugin.plugin_env(_plugin_folder())
-        report = sglang_plugin.request(self.kernels == "detrl")
-        self.engine = sgl.Engine(**kwargs)
+        folder = sglang_plugin.request(self.kernels == "detrl")
+        try:
+            self.engine = sgl.Engine(**kwargs)
+        finally:
+            reports = sglang_plugin.read_reports(folder)
         if self.kernels == "detrl":
-            self._check_plugin(sglang_plugin.read_reports(report))
+            self._check_plugin(reports)
 
     def _check_plugin(self, reports: dict[int, dict[str, Any]]) -> None:
         """At least one of the engine's processes (not this one) patched SGLang, and none failed."""
