@@ -62,11 +62,14 @@ def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 def _plugin_folder() -> str:
     """Per process: the record is found through this process's `sys.path`."""
+    import atexit
+    import shutil
     import tempfile
 
     global _PLUGIN_FOLDER
     if _PLUGIN_FOLDER is None:
         _PLUGIN_FOLDER = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
+        atexit.register(shutil.rmtree, _PLUGIN_FOLDER, ignore_errors=True)
     return _PLUGIN_FOLDER
 
 
