@@ -1,4 +1,4 @@
-"""det-rl's kernels for SGLang's deterministic mode, on the CPU: the plugin record reaches a spawned
+"""det-rl's kernel for SGLang's deterministic mode, on the CPU: the plugin record reaches a spawned
 process (as SGLang starts its schedulers) and names `install`; `install` patches nothing unless asked and
 reports a failure that SGLang itself would only log; the engine refuses to run on that report. The
 Triton kernel runs under Triton's interpreter against the arithmetic it stands for (its batch
@@ -19,7 +19,8 @@ from detrl.rollout import sglang_plugin
 @pytest.fixture
 def clean_env(monkeypatch):
     for key in (sglang_plugin.ENABLE_ENV, sglang_plugin.REPORT_ENV, "SGLANG_PLUGINS"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so what the test sets is undone after it
+        monkeypatch.delenv(key)
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
     monkeypatch.setattr(sys, "path", list(sys.path))
 
