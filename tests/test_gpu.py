@@ -121,7 +121,6 @@ def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
     assert engine.verify_weights(state) == []
 
 
-@pytest.mark.slow
 def test_engine_runs_detrls_kernels(engine):
     from detrl.rollout.sglang_plugin import PATCHED
 
@@ -153,6 +152,7 @@ def test_detrl_rms_norm_is_batch_invariant_and_close_to_sglangs():
         assert torch.allclose(out.float(), native[0].float(), rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode_diverges(tmp_path):
     from detrl import twice
     from detrl.ledger import read_ledger
