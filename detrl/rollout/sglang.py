@@ -15,6 +15,7 @@ parameter the trainer's tensors do not cover also counts as a mismatch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -60,20 +61,16 @@ def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
         return {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named).items()}
 
 
+@functools.cache
 def _plugin_folder() -> str:
-    """Per process: the record is found through this process's `sys.path`."""
+    """One per process: the record is found through this process's `sys.path`."""
     import atexit
     import shutil
     import tempfile
 
-    global _PLUGIN_FOLDER
-    if _PLUGIN_FOLDER is None:
-        _PLUGIN_FOLDER = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
-        atexit.register(shutil.rmtree, _PLUGIN_FOLDER, ignore_errors=True)
-    return _PLUGIN_FOLDER
-
-
-_PLUGIN_FOLDER: str | None = None
+    folder = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def import_weight_sync() -> None:
