@@ -200,6 +200,13 @@ class TrainConfig(_Strict):
         "backward in strict mode); local: Megatron-core's unfused attention (materialises the s x s scores)",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    on_policy: Literal["approx", "exact"] = Field(
+        "approx",
+        description="exact: the rollout's log-probs come from an engine prefill over prompt + response, the "
+        "trainer's forward reproduces them bit for bit (detrl.onpolicy) and the loss uses them; a token whose "
+        "two log-probs differ fails the run. approx: the trainer's own log-probs, within float error of the "
+        "sampler's",
+    )
 
 
 class DeterminismConfig(_Strict):
@@ -340,6 +347,12 @@ class RunConfig(_Strict):
                 "rollout.sglang.weight_sync=ipc needs the SGLang engine on the trainer's GPU "
                 "(backends.rollout=sglang, resources.colocate=true); use auto or object_store"
             )
+        if self.train.on_policy == "exact":
+            from .onpolicy import exact_mode_problem  # the rules of exact mode live beside its checks
+
+            problem = exact_mode_problem(self)
+            if problem:
+                raise ValueError(problem)
         if self.determinism.enabled:
             missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
             if missing:

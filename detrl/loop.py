@@ -28,7 +28,21 @@ from .trainer import Sample
 from .util import atomic_write_text
 from .workers import RunError, WeightSyncError, Workers
 
-__all__ = ["Artifacts", "RunError", "RunSummary", "WeightSyncError", "prepare", "progress_line", "rollout_shape", "run"]
+__all__ = [
+    "Artifacts",
+    "OnPolicyMismatch",
+    "RunError",
+    "RunSummary",
+    "WeightSyncError",
+    "prepare",
+    "progress_line",
+    "rollout_shape",
+    "run",
+]
+
+
+class OnPolicyMismatch(RunError):
+    """Exact on-policy mode: the trainer's forward did not reproduce the rollout's log-probs."""
 
 
 @dataclass
@@ -102,6 +116,7 @@ def run(
                 if cfg.ledger.keep_step_data:
                     save_step_data(run_dir, it, records.step_arrays(data))
                 ledger.append(record)
+                check_on_policy(cfg, data)  # after the record: the ledger keeps what was measured
                 if checkpoints.due(cfg, it):
                     checkpoints.save(w, run_dir, it, cfg)
                 summary.stats.append(record["stats"])
@@ -111,6 +126,16 @@ def run(
             summary.wall_s = time.perf_counter() - t_start
             ledger.append(records.completion(cfg, summary.final_weights, summary.wall_s))
     return summary
+
+
+def check_on_policy(cfg: RunConfig, data: records.StepData) -> None:
+    """Exact on-policy mode: any response token whose trainer and rollout log-probs differ fails the run."""
+    if cfg.train.on_policy == "exact" and data.mismatch.tokens:
+        raise OnPolicyMismatch(
+            f"train.on_policy=exact, iteration {data.iteration}: "
+            + data.mismatch.describe(data.rollout_logprobs, data.trainer_logprobs)
+            + " (`python benchmarks/onpolicy_diff.py` names the first op that differs)"
+        )
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, header: dict[str, Any]) -> None:
@@ -153,7 +178,7 @@ class Step:
         rewards = np.asarray([self.reward(g.token_ids, a) for g, a in zip(gens, answers)], dtype=np.float32)
         adv = group_advantages(rewards.tolist(), G).numpy()
         # 4. train step
-        samples = [Sample(list(p), g.token_ids, float(a)) for p, g, a in zip(prompt_ids, gens, adv)]
+        samples = [Sample(list(p), g.token_ids, float(a), g.logprobs) for p, g, a in zip(prompt_ids, gens, adv)]
         trainer_lp, losses, norms = w.train_step(it, samples)
         self._maybe_flip(w, it, "after_step")
         t_train = time.perf_counter()

@@ -19,11 +19,13 @@ PANELS = (
     ("loss", "loss"),
     ("mean_response_len", "mean response length (tokens)"),
     ("logprob_max_abs_diff", "trainer vs rollout log-prob max |diff|"),
+    ("logprob_mismatched_tokens", "tokens whose trainer and rollout log-probs differ"),
+    ("eos_fraction", "responses ended by EOS"),
 )
 
 
 def curves_png(runs: Mapping[str, Sequence[dict[str, Any]]], title: str = "") -> bytes:
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), dpi=80)
     styles = {"A": {"color": "tab:blue", "lw": 3, "alpha": 0.6}, "B": {"color": "tab:orange", "ls": "--", "lw": 1.5}}
     for ax, (key, label) in zip(axes.flat, PANELS):
         for name, stats in runs.items():

@@ -15,6 +15,7 @@ from . import __version__
 from .config import RunConfig
 from .determinism import fingerprint
 from .ledger import LEDGER_VERSION, array_sha256, combine, ragged, ragged_sha256
+from .onpolicy import Mismatch, mismatch
 from .rollout import Generation
 from .util import utc_stamp
 
@@ -66,6 +67,11 @@ class StepData:
     def rollout_logprobs(self) -> list[np.ndarray]:  # hashed and saved: converted once
         return [np.asarray(g.logprobs, dtype=np.float32) for g in self.gens]
 
+    @cached_property
+    def mismatch(self) -> Mismatch:
+        """How far the trainer's log-probs are from the rollout's, token by token."""
+        return mismatch(self.rollout_logprobs, self.trainer_logprobs)
+
 
 def iteration(d: StepData) -> dict[str, Any]:
     rollout_lp = d.rollout_logprobs
@@ -94,9 +100,7 @@ def iteration(d: StepData) -> dict[str, Any]:
             "grad_norm": float(np.mean(d.grad_norms)),
             "train_tokens": len(d.gens) // len(d.prompt_ids) * sum(len(p) for p in d.prompt_ids)
             + sum(len(g.token_ids) for g in d.gens),
-            "logprob_max_abs_diff": float(
-                max((np.abs(a - b).max() for a, b in zip(rollout_lp, d.trainer_logprobs) if len(a)), default=0.0)
-            ),
+            **d.mismatch.stats(),
             **d.times,
         },
     }
@@ -150,5 +154,11 @@ def progress_line(stats: dict[str, Any]) -> str:
         f"loss {stats['loss']:+.6f} grad-norm {stats['grad_norm']:.4f} "
         f"len {stats['response_len_min']}/{stats['response_len_median']:.0f}/"
         f"{stats['response_len_max']} EOS {stats['eos_fraction']:.0%} "
-        f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e} step {stats['step_s']:.2f}s"
+        f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e}"
+        f"{_mismatched(stats)} step {stats['step_s']:.2f}s"
     )
+
+
+def _mismatched(stats: dict[str, Any]) -> str:
+    n = stats.get("logprob_mismatched_tokens")
+    return "" if n is None else f" ({int(n)} tokens differ)"

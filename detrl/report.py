@@ -16,14 +16,15 @@ def shape_lines(v: Verdict) -> list[str]:
     lines = []
     for run, rows in v.shape.items():
         for i, r in enumerate(rows):
-            if len(r) < len(SHAPE_KEYS):
-                continue
+            if any(k not in r for k in SHAPE_KEYS if k != "logprob_mismatched_tokens"):
+                continue  # (ledgers from before the mismatch count have the rest)
+            count = r.get("logprob_mismatched_tokens")
             lines.append(
                 f"run {run} iteration {i}: response length {r['response_len_min']:.0f}/"
                 f"{r['response_len_median']:.0f}/{r['response_len_max']:.0f} (min/median/max), "
                 f"ended by EOS {r['eos_fraction']:.0%}, mean reward {r['mean_reward']:.3f}, "
                 f"rewarded {r['nonzero_reward_fraction']:.0%}, trainer-vs-rollout logprob "
-                f"max|diff| {r['logprob_max_abs_diff']:.3g}"
+                f"max|diff| {r['logprob_max_abs_diff']:.3g}" + ("" if count is None else f", {count:.0f} tokens differ")
             )
     return lines
 

@@ -24,6 +24,7 @@ from .config import RunConfig, TrainConfig
 from .grpo import ppo_clip_token_loss
 from .ledger import tensor_digests
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
+from .megatron.exact import engine_forward
 from .megatron.model import attention_mask, build_gpt_model
 from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf, tp_partition_dim
 from .megatron.parallel import model_parallel
@@ -34,6 +35,8 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
+    # the rollout's log-probs of the response tokens: the loss's old policy in exact on-policy mode
+    rollout_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -65,12 +68,18 @@ class GRPOTrainer:
         # fp32 they are the params, otherwise a bf16 model is fed from them after every update.
         det = cfg.determinism.enabled
         attn = cfg.train.attention
+        # exact on-policy: on a GPU the forward runs the rollout engine's kernels (megatron/exact.py); on the
+        # CPU each sample is its own micro-batch, the shape the hf engine scores it at
+        self.exact = cfg.train.on_policy == "exact"
+        self.engine_kernels = self.exact and self.device.type == "cuda"
         self.master_model = build_gpt_model(self.meta, "float32", deterministic=det, tp=self.tp, attention=attn)
         load_dist_checkpoint(self.master_model, megatron_ckpt)
-        if self.dtype == "float32":
+        if self.dtype == "float32" and not self.engine_kernels:
             self.model = self.master_model
         else:
-            self.model = build_gpt_model(self.meta, self.dtype, deterministic=det, tp=self.tp, attention=attn)
+            self.model = build_gpt_model(
+                self.meta, self.dtype, deterministic=det, tp=self.tp, attention=attn, engine_kernels=self.engine_kernels
+            )
         self.params = [p for _, p in self.model.named_parameters()]
         self.names = [n for n, _ in self.model.named_parameters()]
         self.split_dims = [tp_partition_dim(n) if self.tp > 1 else None for n in self.names]
@@ -112,17 +121,34 @@ class GRPOTrainer:
             return (hidden[s_idx, b_idx].unsqueeze(1), *args[1:]), kwargs
 
         pos = torch.arange(width, device=self.device).unsqueeze(0).expand_as(tokens)
-        causal = attention_mask(self.cfg.train.attention, width, self.device)
+        causal = attention_mask("sdpa" if self.engine_kernels else self.cfg.train.attention, width, self.device)
         hook = self.model.output_layer.register_forward_pre_hook(only_response_positions, with_kwargs=True)
+        kernels = engine_forward([len(x) for x in seqs]) if self.engine_kernels else contextlib.nullcontext()
         try:
-            logits = self.model(tokens, pos, causal)  # [1, n, vocab]
+            with kernels:
+                logits = self.model(tokens, pos, causal)  # [1, n, vocab]
+                logits = logits.float()
+                temperature = self.cfg.rollout.temperature
+                if temperature != 1.0:
+                    logits = logits / temperature
+                if self.exact:  # the engine's formula: log_softmax of the float32 logits, then the label's
+                    logp = torch.log_softmax(logits[0], dim=-1)
+                    return logp.gather(1, labels[0][:, None])[:, 0]
         finally:
             hook.remove()
-        logits = logits.float()
-        temperature = self.cfg.rollout.temperature
-        if temperature != 1.0:
-            logits = logits / temperature
         return -vocab_parallel_cross_entropy(logits, labels)[0]
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample]) -> list[np.ndarray]:
+        """The current policy's log-probs of each sample's response, through the micro-batches a train
+        step would use (no update)."""
+        groups = micro_batches(samples, self.cfg.train, one_sample_each=self.exact and not self.engine_kernels)
+        out: list[np.ndarray] = [np.zeros(0)] * len(samples)
+        for _, idx in groups:
+            batch = [samples[i] for i in idx]
+            for i, row in zip(idx, _rows(self._logprobs(batch), batch)):
+                out[i] = row
+        return out
 
     # -- one GRPO update per call (or `updates_per_step` mini-batches)
     def train_step(self, samples: Sequence[Sample], global_tokens: Sequence[int]) -> StepResult:
@@ -130,7 +156,8 @@ class GRPOTrainer:
         mini-batch. `global_tokens[u]`: response tokens of mini-batch u over all ranks, the token-level
         mean's denominator."""
         cfg = self.cfg.train
-        groups = micro_batches(samples, cfg)
+        # exact on the CPU: every sample alone, the shape the hf engine scored it at
+        groups = micro_batches(samples, cfg, one_sample_each=self.exact and not self.engine_kernels)
         micro = [(u, [samples[i] for i in idx]) for u, idx in groups]
         order = [i for _, idx in groups for i in idx]  # sample index of each output row
         rows: list[np.ndarray] = []
@@ -151,7 +178,11 @@ class GRPOTrainer:
                 if uu != u:
                     continue
                 logp = self._logprobs(batch)
-                if old:
+                if self.exact:  # the rollout's own log-probs, which the forward reproduced (checked by the loop)
+                    old_logp = _rollout_logprobs(batch, self.device)
+                    if not old:
+                        rows.extend(_rows(logp, batch))
+                elif old:
                     old_logp = old[k]
                 else:  # one update per rollout: the policy is the rollout's, ratio == 1
                     old_logp = logp.detach()
@@ -320,14 +351,20 @@ class GRPOTrainer:
         self._stack.close()
 
 
-def micro_batches(samples: Sequence[Sample], cfg: TrainConfig) -> list[tuple[int, list[int]]]:
+def micro_batches(
+    samples: Sequence[Sample], cfg: TrainConfig, one_sample_each: bool = False
+) -> list[tuple[int, list[int]]]:
     """(update, sample indices) of each micro-batch, update after update. By count (micro_batch_size,
     in data order) or by padded tokens (micro_batch_tokens: the update's samples sorted by length, ties
-    by position, grouped while count x longest fits). Either way a pure function of the lengths."""
+    by position, grouped while count x longest fits); `one_sample_each`: every sample alone. Either way
+    a pure function of the lengths."""
     per_update = len(samples) // cfg.updates_per_step
     out: list[tuple[int, list[int]]] = []
     for u in range(cfg.updates_per_step):
         idx = list(range(u * per_update, (u + 1) * per_update))
+        if one_sample_each:
+            out += [(u, [i]) for i in idx]
+            continue
         if cfg.micro_batch_tokens is None:
             out += [(u, idx[i : i + cfg.micro_batch_size]) for i in range(0, per_update, cfg.micro_batch_size)]
             continue
@@ -340,6 +377,14 @@ def micro_batches(samples: Sequence[Sample], cfg: TrainConfig) -> list[tuple[int
             group.append(i)
         out.append((u, group))
     return out
+
+
+def _rollout_logprobs(samples: Sequence[Sample], device: torch.device) -> torch.Tensor:
+    missing = [i for i, s in enumerate(samples) if s.rollout_logprobs is None]
+    if missing:
+        raise ValueError(f"exact on-policy training needs the rollout's log-probs; sample {missing[0]} has none")
+    flat = [x for s in samples for x in (s.rollout_logprobs or [])]
+    return torch.tensor(flat, dtype=torch.float32, device=device)
 
 
 def _rows(logp: torch.Tensor, samples: Sequence[Sample]) -> list[np.ndarray]:

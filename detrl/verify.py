@@ -261,6 +261,7 @@ SHAPE_KEYS = (
     "mean_reward",
     "nonzero_reward_fraction",
     "logprob_max_abs_diff",
+    "logprob_mismatched_tokens",
 )
 
 

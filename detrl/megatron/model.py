@@ -8,7 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from . import cpu
+from . import cpu, exact
 from .attention import SDPAttention
 from .names import ArchMeta
 
@@ -53,25 +53,40 @@ def transformer_config(
 
 
 def build_gpt_model(
-    m: ArchMeta, dtype: str = "float32", *, deterministic: bool = True, tp: int = 1, attention: str = "sdpa"
+    m: ArchMeta,
+    dtype: str = "float32",
+    *,
+    deterministic: bool = True,
+    tp: int = 1,
+    attention: str = "sdpa",
+    engine_kernels: bool = False,
 ) -> GPTModel:
     """`attention`: "sdpa" (fused, see attention.py) or "local" (Megatron's unfused attention); call the
-    model with `attention_mask(attention, ...)`."""
+    model with `attention_mask(attention, ...)`. `engine_kernels`: every op runs the rollout engine's
+    kernel instead (exact.py; `attention` is then unused); call it inside `exact.engine_forward`."""
     cpu.install()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if attention == "sdpa":
+    if engine_kernels:
+        if tp != 1:
+            raise ValueError("a model with the engine's kernels needs tensor parallel 1")
+        exact.install(spec)
+    elif attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     elif attention != "local":
         raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
+    config = transformer_config(m, dtype, deterministic=deterministic, tp=tp)
     model = GPTModel(
-        config=transformer_config(m, dtype, deterministic=deterministic, tp=tp),
+        config=config,
         transformer_layer_spec=spec,
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
-        position_embedding_type="rope",
+        # with the engine's kernels the attention module applies the engine's rotary itself
+        position_embedding_type="none" if engine_kernels else "rope",
         rotary_base=int(m.rope_theta),
         share_embeddings_and_output_weights=m.tie_embeddings,
     )
+    if engine_kernels:
+        exact.finish(model, config, m.hidden_size, m.rope_theta, m.max_position_embeddings)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 

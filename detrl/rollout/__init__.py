@@ -54,7 +54,12 @@ def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
     if cfg.backends.rollout == "hf":
         from .hf import HFEngine
 
-        return HFEngine(model_dir, cfg.rollout.hf, deterministic=cfg.determinism.enabled)
+        return HFEngine(
+            model_dir,
+            cfg.rollout.hf,
+            deterministic=cfg.determinism.enabled,
+            prefill_logprobs=cfg.train.on_policy == "exact",
+        )
     if cfg.backends.rollout == "sglang":
         from .sglang import SGLangEngine
 
@@ -64,5 +69,6 @@ def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
             deterministic=cfg.determinism.enabled,
             seed=cfg.seed if cfg.pins_seeds else None,
             kv_tokens=cfg.step_kv_tokens() if cfg.resources.gpu_share < 1 else None,
+            prefill_logprobs=cfg.train.on_policy == "exact",
         )
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

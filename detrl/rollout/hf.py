@@ -54,10 +54,21 @@ def sample_token(
 
 
 class HFEngine:
-    def __init__(self, model_dir: str, cfg: HFEngineConfig, *, deterministic: bool = True, device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: HFEngineConfig,
+        *,
+        deterministic: bool = True,
+        device: str = "cpu",
+        prefill_logprobs: bool = False,
+    ):
+        """`prefill_logprobs`: each response's log-probs come from one pass over prompt + response after
+        it was sampled (exact on-policy mode, `detrl.onpolicy`), not from the decode steps."""
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.deterministic, self.device = cfg, deterministic, device
+        self.prefill_logprobs = prefill_logprobs
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation
         )
@@ -73,8 +84,29 @@ class HFEngine:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         seeds_: Sequence[int | None] = seeds if seeds is not None else [None] * len(prompts)
         if self.cfg.batching == "padded":
-            return self._generate_padded(prompts, seeds_, params)
-        return [self._generate_one(list(p), s, params) for p, s in zip(prompts, seeds_)]
+            gens = self._generate_padded(prompts, seeds_, params)
+        else:
+            gens = [self._generate_one(list(p), s, params) for p, s in zip(prompts, seeds_)]
+        if self.prefill_logprobs:
+            for p, g in zip(prompts, gens):
+                g.logprobs = self.score(list(p), g.token_ids, params.temperature)
+        return gens
+
+    @torch.no_grad()
+    def score(self, prompt: list[int], response: list[int], temperature: float = 1.0) -> list[float]:
+        """Log-probs of `response` after `prompt` from one forward over both (the sequence alone): the
+        hidden states that predict the response, the output layer on just those rows, then log_softmax of
+        the float32 logits, as the trainer computes them."""
+        if not response:
+            return []
+        ids = torch.tensor([prompt + response], device=self.device)
+        hidden = self.model.model(input_ids=ids).last_hidden_state[0]
+        p, n = len(prompt), len(response)
+        logits = self.model.lm_head(hidden[p - 1 : p - 1 + n]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(1, torch.tensor(response, device=self.device)[:, None])[:, 0].tolist()
 
     def _generate_one(self, prompt: list[int], seed: int | None, params: SamplingParams) -> Generation:
         ids = torch.tensor([prompt], device=self.device)
@@ -157,6 +189,7 @@ class HFEngine:
             "attn_implementation": self.cfg.attn_implementation,
             "device": self.device,
             "deterministic": self.deterministic,
+            "logprobs": "prefill" if self.prefill_logprobs else "decode",
         }
 
     def shutdown(self) -> None:

@@ -108,13 +108,16 @@ class SGLangEngine:
         seed: int | None = 0,
         kv_tokens: int | None = None,
         engine_args: Mapping[str, Any] | None = None,
+        prefill_logprobs: bool = False,
     ):
         """`kv_tokens`: a KV cache of exactly this many tokens (runs sharing a GPU) instead of
         mem_fraction_static of the GPU. `engine_args`: further `sgl.Engine` arguments, last (the
-        benchmarks' knob variants)."""
+        benchmarks' knob variants). `prefill_logprobs`: the log-probs of each response come from a
+        prefill over prompt + response once it is sampled (exact on-policy, `detrl.onpolicy`)."""
         import sglang as sgl
 
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
+        self.prefill_logprobs = prefill_logprobs
         self.engine: Any = None
         self.plugin: dict[str, Any] | None = None
         self.engine_args = dict(engine_args or {})
@@ -192,7 +195,31 @@ class SGLangEngine:
                     finish_reason="stop" if reason in ("stop", "matched") else "length",
                 )
             )
+        if self.prefill_logprobs:
+            for g, lp in zip(gens, self.score(prompts, [g.token_ids for g in gens])):
+                g.logprobs = lp
         return gens
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probs of each response after its prompt from SGLang's prefill over both (prefill-only
+        requests: max_new_tokens 0), without temperature."""
+        todo = [i for i, r in enumerate(responses) if r]
+        out: list[list[float]] = [[] for _ in responses]
+        if not todo:
+            return out
+        results = self.engine.generate(
+            input_ids=[list(prompts[i]) + list(responses[i]) for i in todo],
+            sampling_params=[{"max_new_tokens": 0} for _ in todo],
+            return_logprob=True,
+            # from the prompt's last token, whose own entry SGLang leaves empty: then one per response token
+            logprob_start_len=[len(prompts[i]) - 1 for i in todo],
+        )
+        for i, o in zip(todo, results):
+            got = [x[0] for x in o["meta_info"]["input_token_logprobs"]][1:]
+            if len(got) != len(responses[i]) or any(x is None for x in got):
+                raise RuntimeError(f"SGLang scored {len(got)} of the {len(responses[i])} response tokens of sample {i}")
+            out[i] = [float(x) for x in got]
+        return out
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         # On the GPU first: SGLang hands CUDA tensors to its scheduler by IPC handle, not by copy.
@@ -245,6 +272,7 @@ class SGLangEngine:
             "kv_tokens": self.kv_tokens,
             "disable_radix_cache": self.cfg.disable_radix_cache,
             "kernels": self.kernels,
+            "logprobs": "prefill" if self.prefill_logprobs else "decode",
             **({"engine_args": self.engine_args} if self.engine_args else {}),
         }
 

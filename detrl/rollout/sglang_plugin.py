@@ -1,11 +1,14 @@
-"""det-rl's residual RMSNorm (`det_kernels.add_rms_norm`) in SGLang's deterministic mode, loaded into
-its scheduler processes as an SGLang plugin (entry-point group `sglang.srt.plugins`).
+"""det-rl's RMSNorm (`det_kernels`) in SGLang's deterministic mode, loaded into its scheduler processes
+as an SGLang plugin (entry-point group `sglang.srt.plugins`).
 
 Under batch-invariant mode SGLang 0.5.17 sends every RMSNorm with a residual (two a layer) to
 `forward_native`: about a dozen elementwise kernels per norm where batch invariance needs one program
-per row. Measured on an H200 (SmolLM2-135M, 256 decoding rows, one forward's 61 norms in a CUDA graph):
-1.157 ms native, 0.098 ms det-rl's kernel; the rollout's det/non-det throughput rose from 0.72 to 0.97.
-`install` patches only that case; every other one keeps SGLang's code.
+per row (benchmarks/results/h200-det-kernels*.json has the cost). `install` patches that case and the
+plain norm (the first layer's input), so that every norm of a Llama/Qwen2 forward is the kernel the
+trainer runs in exact on-policy mode; every other case keeps SGLang's code.
+
+For the exact on-policy diagnostic (`benchmarks/onpolicy_diff.py`), `DETRL_SGLANG_DUMP` names a folder
+where each scheduler saves the per-op outputs of every extend (prefill) forward, one file a forward.
 
 It is offered per engine, never installed for every SGLang in the environment: `plugin_env` writes a
 distribution record naming `install` into a folder and puts the folder first on the path SGLang's
@@ -85,6 +88,9 @@ def _write_report(report: dict[str, Any]) -> None:
         tmp.replace(Path(folder) / f"{os.getpid()}.json")
 
 
+DUMP_ENV = "DETRL_SGLANG_DUMP"
+
+
 def install() -> None:
     """The plugin's entry point: patch SGLang in this process when the engine asked for it."""
     if os.environ.get(ENABLE_ENV) != "1":
@@ -96,6 +102,8 @@ def install() -> None:
 
         if not getattr(layernorm.RMSNorm.forward_cuda, "_detrl", False):
             layernorm.RMSNorm.forward_cuda = _rms_norm_forward(layernorm.RMSNorm.forward_cuda, det_kernels)
+        if os.environ.get(DUMP_ENV):
+            _install_dump(os.environ[DUMP_ENV])
         _write_report({"patched": list(PATCHED)})
     except Exception as e:
         _write_report({"error": f"{type(e).__name__}: {e}"})
@@ -127,9 +135,23 @@ def _rms_norm_forward(original: Any, det_kernels: Any) -> Any:
     from sglang.srt.runtime_context import get_exec
 
     def forward_cuda(self: Any, x: Any, residual: Any = None, post_residual_addition: Any = None) -> Any:
-        # Only the case SGLang sends to forward_native under batch-invariant mode for no reason of
-        # arithmetic; every other case (an extra addition, HF's cast order, fp32 residuals, the
-        # trainer-matching on-policy mode) keeps SGLang's code.
+        # The plain and the residual norm under batch-invariant mode; every other case (an extra
+        # addition, HF's cast order, fp32 residuals, SGLang's own FSDP-matching on-policy mode) keeps
+        # SGLang's code.
+        plain = (
+            residual is None
+            and post_residual_addition is None
+            and is_batch_invariant_mode_enabled()
+            and get_exec().deterministic.rl_on_policy_target is None
+            and not self.cast_x_before_out_mul
+            and self.override_orig_dtype is None
+            and self.variance_size_override is None
+            and x.dim() == 2
+            and x.shape[0] > 0
+            and x.is_contiguous()
+        )
+        if plain:
+            return det_kernels.rms_norm(x, self.weight.data, self.variance_epsilon)
         if (
             residual is not None
             and post_residual_addition is None
@@ -151,3 +173,36 @@ def _rms_norm_forward(original: Any, det_kernels: Any) -> Any:
 
     forward_cuda._detrl = True  # type: ignore[attr-defined]
     return forward_cuda
+
+
+def _install_dump(folder: str) -> None:
+    """Save the per-op outputs (`detrl.onpolicy.op_names`) of every extend forward of the model runner."""
+    import torch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    from ..onpolicy import capture_hf
+
+    record: dict[str, Any] = {}
+    load, forward = ModelRunner.load_model, ModelRunner.forward
+    count = [0]
+
+    def load_model(self: Any) -> Any:
+        out = load(self)
+        capture_hf(self.model, record)  # SGLang's Llama/Qwen2 modules carry HF's names
+        return out
+
+    def run(self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+        record.clear()
+        out = forward(self, forward_batch, *args, **kwargs)
+        if forward_batch.forward_mode.is_extend() and record:
+            count[0] += 1
+            torch.cuda.synchronize()
+            saved = {k: v.cpu() for k, v in record.items()}
+            saved["input_ids"] = forward_batch.input_ids.cpu()
+            path = Path(folder) / f"{os.getpid()}-{count[0]:06d}.pt"
+            torch.save(saved, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        record.clear()
+        return out
+
+    ModelRunner.load_model, ModelRunner.forward = load_model, run
