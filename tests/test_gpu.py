@@ -267,3 +267,17 @@ def test_engine_on_its_own_gpu_equals_colocated(tmp_path, gpu_cache):
     assert place["rollout"]["cuda_visible_devices"] != place["trainer0"]["cuda_visible_devices"]
     v = verify(str(tmp_path / "shared"), str(tmp_path / "own"))
     assert v.status == "identical", v.first
+
+
+def test_exact_on_policy_trainer_reproduces_sglangs_prefill(tmp_path):
+    """The exact trainer's log-probs and every op's output equal SGLang's prefill (the script exits 0);
+    run on an H200 as `benchmarks/onpolicy_diff.py` (benchmarks/results/h200-*-onpolicy-diff.json)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sets = [x for o in SMALL for x in ("--set", o)]
+    cmd = [sys.executable, str(root / "benchmarks" / "onpolicy_diff.py"), "--profile", "gsm8k-qwen2.5-0.5b-smoke"]
+    done = subprocess.run([*cmd, *sets, "--cache", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert done.returncode == 0 and "EXACT" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
