@@ -185,18 +185,21 @@ def _remove(hooks: list[Any]) -> None:
         h.remove()
 
 
+def _recorder(record: dict[str, Any], name: str) -> Callable[..., None]:
+    """A forward hook that keeps a module's output (the first of a tuple) as [tokens, features]."""
+
+    def hook(_m: Any, _args: Any, out: Any) -> None:
+        t = out[0] if isinstance(out, tuple) else out
+        record[name] = t.detach().reshape(-1, t.shape[-1]).clone()
+
+    return hook
+
+
 def capture_hf(model: Any, record: dict[str, Any]) -> Callable[[], None]:
     """Record a transformers Llama/Qwen2 model's per-op outputs ([tokens, features], batch 1) into
     `record` under `op_names`; returns the function that removes the hooks."""
     hooks = []
-
-    def put(name: str) -> Callable[..., None]:
-        def hook(_m: Any, _args: Any, out: Any) -> None:
-            t = out[0] if isinstance(out, tuple) else out
-            record[name] = t.detach().reshape(-1, t.shape[-1]).clone()
-
-        return hook
-
+    put = functools.partial(_recorder, record)
     inner = model.model
     hooks.append(inner.embed_tokens.register_forward_hook(put("embedding")))
     for i, layer in enumerate(inner.layers):
@@ -211,14 +214,7 @@ def capture_hf(model: Any, record: dict[str, Any]) -> Callable[[], None]:
 def capture_megatron(model: Any, record: dict[str, Any]) -> Callable[[], None]:
     """The same ops of a Megatron GPTModel called on one sequence ([s, 1, h])."""
     hooks = []
-
-    def put(name: str) -> Callable[..., None]:
-        def hook(_m: Any, _args: Any, out: Any) -> None:
-            t = out[0] if isinstance(out, tuple) else out
-            record[name] = t.detach().reshape(-1, t.shape[-1]).clone()
-
-        return hook
-
+    put = functools.partial(_recorder, record)
     hooks.append(model.embedding.register_forward_hook(put("embedding")))
     for i, layer in enumerate(model.decoder.layers):
         hooks.append(layer.input_layernorm.register_forward_hook(put(f"layers.{i}.input_norm")))
