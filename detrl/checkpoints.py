@@ -1,5 +1,9 @@
-"""Resumable checkpoints of a run and where a run starts: fresh, resumed from its last checkpoint, or
-already complete. A resumed run writes a ledger identical, record for record, to one that never stopped."""
+"""Resumable checkpoints of a run and where a run starts: fresh, resumed, or already complete.
+
+Every run can resume: its start (the converted checkpoint and the seed) is a restart point too. A
+resumed run continues from its last checkpoint, or from the start when none was written, and
+recomputes the iterations recorded after that point. Each recomputed record must equal the recorded
+one (so `--resume` is a reproducibility check of its own); the recorded ledger is never rewritten."""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .ledger import LEDGER_FILE, Ledger, read_ledger
+from .ledger import LEDGER_FILE, PHASES, Ledger, read_ledger
 from .megatron.checkpoint import checkpoint_complete
 from .rundir import check_out_dir, resume_mismatch
-from .util import atomic_dir, utc_stamp
+from .util import atomic_dir, atomic_write_text, utc_stamp
+from .workers import RunError
 
 CKPT_DIR = "checkpoints"
 
@@ -22,14 +27,22 @@ CKPT_DIR = "checkpoints"
 class Checkpoint:
     iteration: int  # the last iteration whose record precedes the checkpoint
     path: Path
-    ledger_bytes: int  # the ledger's size right after that record
 
 
 @dataclass
 class Start:
     iteration: int  # the first iteration to run
-    checkpoint: Checkpoint | None  # to load before it
+    checkpoint: Checkpoint | None  # to load before it (None: from the converted checkpoint)
     done: Ledger | None  # the run's ledger when it is already complete
+    recorded: Ledger | None = None  # resuming: the ledger so far, whose later iterations are recomputed
+
+    @property
+    def resuming(self) -> bool:
+        return self.recorded is not None
+
+
+class ResumeDivergence(RunError):
+    """A resumed run recomputed a recorded iteration and got other bits: the run is not reproducible."""
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -37,8 +50,14 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         meta = d / "meta.json"
         if meta.exists() and (d / "optimizer_tp0.pt").exists() and checkpoint_complete(d / "weights"):
             m = json.loads(meta.read_text())
-            return Checkpoint(m["iteration"], d, m["ledger_bytes"])
+            return Checkpoint(m["iteration"], d)
     return None
+
+
+def saved(run_dir: Path, it: int) -> bool:
+    """Iteration `it`'s checkpoint is on disk, complete (a resumed run recomputing it keeps it)."""
+    d = run_dir / CKPT_DIR / f"iter_{it:05d}"
+    return (d / "meta.json").exists() and checkpoint_complete(d / "weights")
 
 
 def due(cfg: RunConfig, it: int) -> bool:
@@ -64,9 +83,9 @@ def save(workers: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def start_point(cfg: RunConfig, run_dir: Path, resume: bool, restart: bool = False) -> Start:
-    """Where the run begins. `restart`: with a ledger but no checkpoint, start over in place (a
-    Prefect retry owns its run directory) instead of refusing."""
+def start_point(cfg: RunConfig, run_dir: Path, resume: bool) -> Start:
+    """Where the run begins: fresh, complete already, or resumed from its last checkpoint (from the start
+    when it has none)."""
     if not resume:
         check_out_dir(run_dir)
     if not (run_dir / LEDGER_FILE).exists():
@@ -76,34 +95,48 @@ def start_point(cfg: RunConfig, run_dir: Path, resume: bool, restart: bool = Fal
     existing = read_ledger(run_dir)
     if existing.complete:
         return Start(cfg.train.steps, None, existing)
+    if existing.invalid or existing.header is None:
+        raise ConfigError(
+            f"{run_dir} cannot be resumed: its ledger is not valid ({'; '.join(existing.problems[:2])}); "
+            "the ledger is kept as it is. Rerun into a new --out"
+        )
     for half in (run_dir / CKPT_DIR).glob(".iter_*"):  # a kill during a save leaves its temp dir
         shutil.rmtree(half, ignore_errors=True)
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        return Start(ckpt.iteration + 1, ckpt, None)
-    if not restart:
-        raise ConfigError(
-            f"{run_dir} has {len(existing.iterations)} recorded iteration(s) but no checkpoint to resume "
-            "from (checkpoint.every was 0 or the run stopped before its first save); the ledger is kept. "
-            "Rerun into a new --out, and set checkpoint.every=K from the start to make a run resumable"
-        )
-    (run_dir / LEDGER_FILE).unlink()
-    shutil.rmtree(run_dir / "steps", ignore_errors=True)
-    return Start(0, None, None)
+    if ckpt is not None and ckpt.iteration >= len(existing.iterations):
+        ckpt = None  # a checkpoint ahead of the ledger (it was edited): recompute from the start
+    return Start(0 if ckpt is None else ckpt.iteration + 1, ckpt, None, existing)
 
 
-def restore(workers: Any, run_dir: Path, ckpt: Checkpoint, header: dict[str, Any]) -> None:
-    """Load the checkpoint into the trainers, drop step data written after it, and log the resume."""
-    workers.load_checkpoint(str(ckpt.path))
-    for step_file in (run_dir / "steps").glob("iter_*.safetensors"):
-        if int(step_file.stem.split("_")[1]) > ckpt.iteration:
-            step_file.unlink()
+def check_recomputed(run_dir: Path, recorded: dict[str, Any], record: dict[str, Any]) -> None:
+    """A resumed run's record of an iteration it recomputed must equal the recorded one in every hash.
+    On a mismatch the recomputed record goes to resume-divergence-ITER.json beside the ledger."""
+    it = record["iteration"]
+    differing = [p for p in PHASES if recorded["hashes"].get(p) != record["hashes"].get(p)]
+    if not differing and recorded["tensors"] == record["tensors"]:
+        return
+    path = run_dir / f"resume-divergence-{it:05d}.json"
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+    raise ResumeDivergence(
+        f"the resumed run recomputed iteration {it} and it differs from the recorded one, first in "
+        f"{differing[0] if differing else 'the per-tensor digests'}"
+        + (f" (also {', '.join(differing[1:])})" if len(differing) > 1 else "")
+        + f": the run is not reproducible. The ledger is kept as recorded; the recomputed record is in {path}"
+    )
+
+
+def restore(workers: Any, run_dir: Path, start: Start, header: dict[str, Any]) -> None:
+    """Load the checkpoint (if any) into the trainers and log the resume."""
+    if start.checkpoint is not None:
+        workers.load_checkpoint(str(start.checkpoint.path))
+    recorded = len(start.recorded.iterations) if start.recorded else 0
     with open(run_dir / "resumes.jsonl", "a") as f:
         f.write(
             json.dumps(
                 {
                     "resumed_at": header["started_at"],
-                    "from_checkpoint": ckpt.iteration,
+                    "from_checkpoint": None if start.checkpoint is None else start.checkpoint.iteration,
+                    "recomputes": list(range(start.iteration, recorded)),
                     "fingerprints": header["fingerprints"],
                 }
             )

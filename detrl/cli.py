@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import twice
+from . import schedule, twice
 from .config import PROFILES, ConfigError, Perturbation, load_config, resolve_profile
 from .util import default_dir
 
@@ -107,9 +107,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     mode, why = twice.choose(cfg, model_dir=arts.model.path)
     print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
     rcfg = twice.run_config(cfg, mode)
+    run_b = schedule.for_run(cfg, "B")
+    print(f"run B's schedule: {run_b.describe()}")
     twice.run_both(
         lambda: run(rcfg, out / "run_a", arts, progress=_progress("run A")),
-        lambda: run(rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B")),
+        lambda: run(rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"), schedule=run_b),
         mode,
         hold=shared_ray(cfg),
     )
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run in --out from its last checkpoint (checkpoint.every)",
+        help="continue an interrupted run in --out from its last checkpoint (checkpoint.every), or from its "
+        "start when it has none; recorded iterations are recomputed and must match (exit 1 otherwise)",
     )
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("reproduce", help="run the loop twice (OUT/run_a, OUT/run_b) and verify")
@@ -245,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, (DataError, ModelError, CacheError)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        from .checkpoints import ResumeDivergence
+
+        if isinstance(exc, ResumeDivergence):  # a resumed run that did not reproduce its own records
+            print(f"detrl: DIVERGED: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         if isinstance(exc, (DeterminismError, RunError, PhaseTimeout)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_RUN_FAILED

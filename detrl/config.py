@@ -142,6 +142,8 @@ class SGLangConfig(_Strict):
     mem_fraction_static: float = Field(0.4, gt=0.05, lt=0.95)
     cuda_graph_max_bs: int | None = Field(None, ge=1)
     disable_cuda_graph: bool = False
+    max_running_requests: int | None = Field(None, ge=1, description="None: SGLang sizes it")
+    chunked_prefill_size: int | None = Field(None, ge=64, description="None: SGLang sizes it")
     disable_radix_cache: bool | None = Field(None, description="None: let SGLang decide per backend")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     log_level: str = "warning"
@@ -282,6 +284,14 @@ class TimeoutsConfig(_Strict):
     )
 
 
+class VerifyConfig(_Strict):
+    perturb_schedule: bool = Field(
+        True,
+        description="run B of a twice-run sends its requests differently (order, submissions, engine batch "
+        "limits; detrl.schedule), so only a batch-invariant engine gives IDENTICAL",
+    )
+
+
 class RunConfig(_Strict):
     profile: str = "custom"
     seed: int = 0
@@ -296,6 +306,7 @@ class RunConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -474,17 +485,50 @@ NON_SEMANTIC: dict[str, str] = {
     "resources.gpu_share": "how much of the GPU a run's workers may use and the engine's KV-cache size; "
     "every request of a step fits either way (ledgers of runs sharing a GPU measured equal to sequential ones)",
     "timeouts": "how long a phase may take before the run is stopped, not what it computes",
+    "verify": "how run B of a twice-run sends its requests (detrl.schedule); B's ledger header records the "
+    "schedule and the verdict names it",
 }
 
 
-def is_semantic(key: str) -> bool:
-    """`key` is a dotted config path (e.g. `train.lr`, `determinism.env.NCCL_ALGO`)."""
-    return not any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC)
+# Keys that under deterministic inference decide only how requests are batched and launched, never
+# what a request computes: the engine's kernels are batch-invariant, so no bit can change. With
+# determinism off they are semantic (batch-variant kernels make the batch part of the arithmetic).
+# The perturbed run B of every twice-run changes these very keys (detrl.schedule). Left out on
+# purpose: rollout.sglang.mem_fraction_static (a KV pool too small for a step makes SGLang retract a
+# request and re-prefill it, and prefill and decode are different kernels) and disable_radix_cache
+# (a cached prefix skips its prefill).
+SCHEDULE_ONLY: dict[str, str] = {
+    "rollout.sglang.cuda_graph_max_bs": "which decode batch sizes replay a CUDA graph and which run eagerly; "
+    "the same batch-invariant kernels either way",
+    "rollout.sglang.disable_cuda_graph": "every decode batch eager instead of replayed; the kernels above the "
+    "graph limit already run so",
+    "rollout.sglang.max_running_requests": "how many requests decode at once, i.e. the batch composition",
+    "rollout.sglang.chunked_prefill_size": "how a prefill is cut into chunks; attention over the cached prefix "
+    "uses the same fixed split as over new tokens",
+}
 
 
-def semantic_part(recorded: dict[str, Any]) -> dict[str, Any]:
+def non_semantic_keys(deterministic: bool) -> dict[str, str]:
+    """NON_SEMANTIC, plus SCHEDULE_ONLY when determinism is on."""
+    return NON_SEMANTIC | SCHEDULE_ONLY if deterministic else dict(NON_SEMANTIC)
+
+
+def is_semantic(key: str, deterministic: bool = False) -> bool:
+    """`key` is a dotted config path (e.g. `train.lr`, `determinism.env.NCCL_ALGO`); `deterministic`: both
+    runs had determinism on."""
+    return not any(key == k or key.startswith(k + ".") for k in non_semantic_keys(deterministic))
+
+
+def recorded_deterministic(recorded: dict[str, Any]) -> bool:
+    det = recorded.get("determinism")
+    return isinstance(det, dict) and det.get("enabled") is True
+
+
+def semantic_part(recorded: dict[str, Any], version: int = 3) -> dict[str, Any]:
+    """The recorded config without its non-semantic keys. `version` < 3 (older ledgers): without the
+    schedule-only rule."""
     out = copy.deepcopy(recorded)
-    for key in NON_SEMANTIC:
+    for key in non_semantic_keys(version >= 3 and recorded_deterministic(recorded)):
         *parents, leaf = key.split(".")
         node: Any = out
         for part in parents:
@@ -494,9 +538,9 @@ def semantic_part(recorded: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hash_config(recorded: dict[str, Any]) -> str:
+def hash_config(recorded: dict[str, Any], version: int = 3) -> str:
     """config_hash of a recorded config: SHA-256 over its semantic keys."""
-    blob = json.dumps(semantic_part(recorded), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(semantic_part(recorded, version), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -25,7 +25,9 @@ from safetensors.numpy import load_file, save
 from .config import hash_config
 from .util import atomic_write_bytes
 
-LEDGER_VERSION = 2  # 2: config_hash covers the semantic config keys only (1: all recorded keys)
+# 3: with determinism on, the schedule-only keys are not semantic either (config.SCHEDULE_ONLY), and the
+# header records the run's request schedule; 2: config_hash covers the semantic keys only; 1: all keys
+LEDGER_VERSION = 3
 LEDGER_FILE = "ledger.jsonl"
 
 # The order of the phases inside one iteration: verify reports the first that differs.
@@ -116,14 +118,21 @@ def ragged_sha256(rows: Sequence[Any], dtype: Any) -> str:
 class LedgerWriter:
     """Appends records to DIR/ledger.jsonl; each is flushed and fsynced before `append` returns."""
 
-    def __init__(self, path: str | Path, *, truncate_to: int | None = None):
+    def __init__(self, path: str | Path, *, drop_torn_tail: bool = False):
+        """`drop_torn_tail` (resume): a last line cut off mid-write (no newline: never a record) is
+        removed, so the next record starts on a line of its own; its bytes are kept in ledger.jsonl.torn."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_to is not None:  # resume: drop what comes after the checkpointed records
-            with open(self.path, "r+b") as f:
-                f.truncate(truncate_to)
-                f.flush()
-                os.fsync(f.fileno())
+        if drop_torn_tail and self.path.exists():
+            data = self.path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                with open(self.path.with_name(self.path.name + ".torn"), "ab") as torn:
+                    torn.write(data[keep:] + b"\n")
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+                    f.flush()
+                    os.fsync(f.fileno())
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -198,7 +207,7 @@ class _Artifacts(BaseModel):
 class HeaderRecord(BaseModel):
     model_config = _STRICT
     kind: Literal["header"]
-    version: Literal[1, 2]
+    version: Literal[1, 2, 3]
     run_id: str
     detrl: str
     profile: str
@@ -212,12 +221,13 @@ class HeaderRecord(BaseModel):
     fingerprints: dict[str, dict[str, Any]]
     placement: dict[str, Any]
     startup_s: dict[str, float] = {}  # seconds per start-up part (absent in older ledgers)
+    schedule: dict[str, Any] | None = None  # how the run sent its requests (detrl.schedule; absent before v3)
     started_at: str
 
     @model_validator(mode="after")
     def _config_matches_its_hash(self) -> HeaderRecord:
         blob = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
-        expected = hash_config(self.config) if self.version >= 2 else hashlib.sha256(blob).hexdigest()
+        expected = hash_config(self.config, self.version) if self.version >= 2 else hashlib.sha256(blob).hexdigest()
         if expected != self.config_hash:
             raise ValueError("config_hash does not match the recorded config (one of them was changed)")
         return self

@@ -24,6 +24,7 @@ from .megatron.names import ArchMeta, check_tensor_parallel
 from .models import ModelArtifact, fetch_model
 from .records import progress_line, rollout_shape
 from .rollout import SamplingParams
+from .schedule import PLAIN, Schedule
 from .trainer import Sample
 from .util import atomic_write_text
 from .workers import RunError, WeightSyncError, Workers
@@ -81,43 +82,52 @@ def run(
     artifacts: Artifacts,
     *,
     resume: bool = False,
-    restart_without_checkpoint: bool = False,
     perturbations: Sequence[Perturbation] = (),
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    schedule: Schedule = PLAIN,
 ) -> RunSummary:
     """Run the loop once into `run_dir` (ledger.jsonl, fingerprint.json, config.json, steps/,
-    checkpoints/). `resume`: continue an interrupted run from its last checkpoint; the ledger it
-    writes is identical, record for record, to one of a run that never stopped."""
+    checkpoints/). `resume`: continue an interrupted run from its last checkpoint, or from its start
+    when it wrote none, recomputing the recorded iterations after that point: each must equal its
+    record (checkpoints.ResumeDivergence otherwise), so the ledger ends identical, record for record, to
+    one of a run that never stopped. `schedule`: how the rollout requests reach the engine (run B of a
+    twice-run: detrl.schedule.perturbed)."""
     check_tensor_parallel(ArchMeta.from_hf_dir(artifacts.model.path), cfg.resources.tensor_parallel)
     run_dir = Path(run_dir)
-    start = checkpoints.start_point(cfg, run_dir, resume, restart_without_checkpoint)
+    start = checkpoints.start_point(cfg, run_dir, resume)
     if start.done is not None:
         final = (start.done.completion or {}).get("final_weights", "")
         return RunSummary(str(run_dir), len(start.done.iterations), 0.0, final)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    step = Step(cfg, artifacts, perturbations)
+    step = Step(cfg, artifacts, perturbations, schedule)
     summary = RunSummary(str(run_dir), start.iteration, 0.0, "")
+    recorded = start.recorded.iterations if start.recorded else []
 
     ckpt = str(Path(artifacts.megatron.path) / "weights")
-    with Workers(cfg, artifacts.model.path, ckpt, compile_cache=artifacts.compile_cache) as w:
-        header = records.header(cfg, artifacts, w, w.selftest(), step.prompts)
-        if start.checkpoint is None:
-            _write_run_files(run_dir, cfg, header)
+    workers = Workers(
+        cfg, artifacts.model.path, ckpt, compile_cache=artifacts.compile_cache, schedule_args=schedule.engine_args
+    )
+    with workers as w:
+        header = records.header(cfg, artifacts, w, w.selftest(), step.prompts, schedule)
+        if start.resuming:
+            checkpoints.restore(w, run_dir, start, header)
         else:
-            checkpoints.restore(w, run_dir, start.checkpoint, header)
-        truncate = start.checkpoint.ledger_bytes if start.checkpoint else None
-        with LedgerWriter(run_dir / LEDGER_FILE, truncate_to=truncate) as ledger:
-            if start.checkpoint is None:
+            _write_run_files(run_dir, cfg, header)
+        with LedgerWriter(run_dir / LEDGER_FILE, drop_torn_tail=start.resuming) as ledger:
+            if not start.resuming:
                 ledger.append(header)
             for it in range(start.iteration, cfg.train.steps):
                 data = step(w, it)
                 record = records.iteration(data)
-                if cfg.ledger.keep_step_data:
-                    save_step_data(run_dir, it, records.step_arrays(data))
-                ledger.append(record)
+                if it < len(recorded):  # resumed: recomputed, proven equal, the record and its data kept
+                    checkpoints.check_recomputed(run_dir, recorded[it], record)
+                else:
+                    if cfg.ledger.keep_step_data:
+                        save_step_data(run_dir, it, records.step_arrays(data))
+                    ledger.append(record)
                 check_on_policy(cfg, data)  # after the record: the ledger keeps what was measured
-                if checkpoints.due(cfg, it):
+                if checkpoints.due(cfg, it) and not checkpoints.saved(run_dir, it):
                     checkpoints.save(w, run_dir, it, cfg)
                 summary.stats.append(record["stats"])
                 summary.iterations, summary.final_weights = it + 1, record["hashes"]["weights"]
@@ -146,8 +156,10 @@ def _write_run_files(run_dir: Path, cfg: RunConfig, header: dict[str, Any]) -> N
 class Step:
     """One GRPO iteration, phase by phase, over a run's workers."""
 
-    def __init__(self, cfg: RunConfig, artifacts: Artifacts, perturbations: Sequence[Perturbation]):
-        self.cfg = cfg
+    def __init__(
+        self, cfg: RunConfig, artifacts: Artifacts, perturbations: Sequence[Perturbation], schedule: Schedule = PLAIN
+    ):
+        self.cfg, self.schedule = cfg, schedule
         tokenizer = AutoTokenizer.from_pretrained(artifacts.model.path)
         self.prompts = PromptSet(read_dataset(artifacts.data), tokenizer, cfg.data, cfg.seed)
         self.reward = reward_fn(cfg.reward, tokenizer)
@@ -171,7 +183,7 @@ class Step:
         batch = self.prompts.batch(it, P)
         prompt_ids = [p for p in batch.prompt_ids for _ in range(G)]
         seeds = [sample_seed(cfg.sampling_seed, it, j, P * G) for j in range(P * G)] if cfg.pins_seeds else None
-        gens = w.generate(it, prompt_ids, seeds, self.params)
+        gens = self.schedule.generate(lambda p, s: w.generate(it, p, s, self.params), prompt_ids, seeds, it)
         t_roll = time.perf_counter()
         # 3. rewards and group-normalized advantages
         answers = [a for a in batch.answers for _ in range(G)]

@@ -1,6 +1,7 @@
 """Per-iteration curves of two runs as one PNG: reward, loss, response length and the
-trainer-vs-rollout log-prob difference, run A over run B (B dashed, so identical runs show one line
-drawn twice)."""
+trainer-vs-rollout log-prob difference, run A over run B (B dashed with crosses, so identical runs show
+one line drawn twice). A red line marks the iteration where the runs first part, named with its phase:
+the curves of the two runs can lie on top of each other even then (a flipped bit moves no mean)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,22 @@ PANELS = (
 )
 
 
-def curves_png(runs: Mapping[str, Sequence[dict[str, Any]]], title: str = "") -> bytes:
+def curves_png(
+    runs: Mapping[str, Sequence[dict[str, Any]]], title: str = "", diverged_at: tuple[int, str] | None = None
+) -> bytes:
+    """`diverged_at`: (iteration, phase) of the first divergence, marked in every panel."""
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), dpi=80)
-    styles = {"A": {"color": "tab:blue", "lw": 3, "alpha": 0.6}, "B": {"color": "tab:orange", "ls": "--", "lw": 1.5}}
+    styles = {
+        "A": {"color": "tab:blue", "lw": 3, "alpha": 0.6, "marker": "o"},
+        "B": {"color": "tab:orange", "ls": "--", "lw": 1.5, "marker": "x"},
+    }
     for ax, (key, label) in zip(axes.flat, PANELS):
         for name, stats in runs.items():
             ys = [s.get(key) for s in stats]
             xs = [i for i, y in enumerate(ys) if isinstance(y, (int, float))]
-            ax.plot(xs, [ys[i] for i in xs], marker="o", label=f"run {name}", **styles.get(name, {}))
+            ax.plot(xs, [ys[i] for i in xs], label=f"run {name}", **styles.get(name, {"marker": "o"}))
+        if diverged_at is not None:
+            ax.axvline(diverged_at[0], color="tab:red", lw=1.2, label=f"first divergence: {diverged_at[1]}")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -17,11 +17,17 @@ from .determinism import fingerprint
 from .ledger import LEDGER_VERSION, array_sha256, combine, ragged, ragged_sha256
 from .onpolicy import Mismatch, mismatch
 from .rollout import Generation
+from .schedule import PLAIN, Schedule
 from .util import utc_stamp
 
 
 def header(
-    cfg: RunConfig, artifacts: Any, workers: Any, selftest: dict[str, Any] | None, prompts: Any
+    cfg: RunConfig,
+    artifacts: Any,
+    workers: Any,
+    selftest: dict[str, Any] | None,
+    prompts: Any,
+    schedule: Schedule = PLAIN,
 ) -> dict[str, Any]:
     return {
         "kind": "header",
@@ -43,6 +49,7 @@ def header(
         "fingerprints": {"driver": fingerprint("driver"), **workers.fingerprints},
         "placement": workers.placement,
         "startup_s": workers.startup_s,
+        "schedule": schedule.record(),
         "started_at": utc_stamp(),
     }
 

@@ -63,17 +63,36 @@ def verdict_summary(v: Verdict) -> dict[str, Any]:
         "artifact_diff": v.artifact_diff[:8],
         "environment_diff": v.fingerprint_diff[:8],
         "context": context_lines(v.first.context if v.first else None),
+        "schedule": v.schedule,
     }
+
+
+def schedule_lines(v: Verdict) -> list[str]:
+    """How each run sent its requests, and what an IDENTICAL verdict therefore certifies."""
+    a, b = v.schedule.get("A"), v.schedule.get("B")
+    if a is None or b is None:
+        return []
+    if a == b:
+        what = (
+            "identical records prove repeatability under one schedule, not batch invariance"
+            if v.status == "identical"
+            else "both runs saw the same batches"
+        )
+        return [f"schedule: runs A and B sent their requests the same way ({a}): {what}"]
+    lines = [f"schedule: run A {a}; run B {b}"]
+    if v.status == "identical":
+        lines.append("the same records from differently batched requests: the engine is batch-invariant here")
+    return lines
 
 
 def _divergence_lines(v: Verdict) -> list[str]:
     d = v.first
     if d is None:
         return []
-    lines = [
-        f"first divergence: {f'iteration {d.iteration}, phase ' if d.iteration is not None else ''}"
-        f"{d.phase}: {d.detail}"
-    ]
+    if d.iteration is None:  # every hash matched: the runs are not one experiment
+        lines = [f"not comparable ({d.phase}): {d.detail}"]
+        return lines + ([f"likely cause: {v.likely_cause}"] if v.likely_cause else [])
+    lines = [f"first divergence: iteration {d.iteration}, phase {d.phase}: {d.detail}"]
     if d.tensors:
         shown = ", ".join(d.tensors[:8]) + (f" (+{len(d.tensors) - 8} more)" if len(d.tensors) > 8 else "")
         lines.append(f"tensors that differ: {shown}")
@@ -111,11 +130,16 @@ def format_text(v: Verdict) -> str:
     if v.status == "identical":
         lines.append(f"all {v.iterations[0]} iterations match in every phase ({', '.join(PHASES)})")
     lines += [f"problem: {p}" for p in v.problems]
-    for title, diff in _difference_lines(v)[:2] if v.status == "diverged" else []:
+    if v.status == "identical":  # what the match certifies, next to it
+        lines += schedule_lines(v)
+    early = 2 if v.status in ("diverged", "different_experiments") else 0  # what makes them differ, first
+    for title, diff in _difference_lines(v)[:early]:
         lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
     lines += _divergence_lines(v)
-    for title, diff in _difference_lines(v)[2 if v.status == "diverged" else 0 :]:
+    for title, diff in _difference_lines(v)[early:]:
         lines.append(f"{title.lower()}: " + "; ".join(diff[:8]))
+    if v.status != "identical":
+        lines += schedule_lines(v)
     shape = shape_lines(v)
     if shape:
         lines += ["rollout shape:"] + [f"  {x}" for x in shape]
@@ -132,8 +156,9 @@ def format_markdown(v: Verdict) -> str:
         out.append(f"Every phase of every iteration matched bit for bit: {', '.join(PHASES)}.")
     for p in v.problems:
         out.append(f"- **problem:** {p}")
+    out += [f"- {line}" for line in schedule_lines(v)]
     if v.first is not None:
-        out += ["## First divergence", ""]
+        out += ["", "## First divergence" if v.first.iteration is not None else "## Why not comparable", ""]
         out += [f"- {line}" for line in _divergence_lines(v)]
     for title, diff in _difference_lines(v):
         out += ["", f"## {title}", ""] + [f"- `{d}`" for d in diff[:20]]
@@ -156,7 +181,9 @@ def flow_artifacts(v: Verdict) -> FlowArtifacts:
     markdown image from a data: URI (checked in headless Chromium, scripts/ui_screenshots.py); the PNG
     is about 40 kB. Ledger paths are plain text: a file:// link to the worker's disk is dead in a browser."""
     stats = {k: [it["stats"] for it in read_ledger(d).iterations] for k, d in (("A", v.a), ("B", v.b))}
-    plot = data_uri(curves_png(stats, f"run A vs run B: {v.status}"))
+    at = (v.first.iteration, v.first.phase) if v.first is not None and v.first.iteration is not None else None
+    title = f"run A vs run B: {v.status}" + (f" (first divergence: iteration {at[0]}, {at[1]})" if at else "")
+    plot = data_uri(curves_png(stats, title, at))
     markdown = format_markdown(v) + f"\n## Per iteration\n\n![reward, loss, length, logprob diff]({plot})\n"
     phases = [{"iteration": r["iteration"], **{p: r[p] for p in PHASES}} for r in v.table]
     metrics = ("loss", "grad_norm", *SHAPE_KEYS, "step_s")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, semantic_part
-from .ledger import LEDGER_FILE, read_ledger
+from .ledger import LEDGER_FILE, LEDGER_VERSION, read_ledger
 from .verify import dict_diff
 
 
@@ -34,7 +34,9 @@ def resume_mismatch(run_dir: Path, cfg: RunConfig) -> str | None:
     header = read_ledger(run_dir).header
     if header is None or header.get("config_hash") == cfg.config_hash():
         return None
-    changed = dict_diff(semantic_part(header.get("config") or {}), cfg.semantic_dict())
+    changed = dict_diff(
+        semantic_part(header.get("config") or {}, header.get("version", LEDGER_VERSION)), cfg.semantic_dict()
+    )
     return (
         f"{run_dir} was started with a different config ({'; '.join(changed[:5]) or 'the config hash differs'}); "
         "resume it with the same profile and overrides as the run it continues"

@@ -1,10 +1,15 @@
-"""Compare two ledgers and say one verdict: identical (exit 0), diverged (exit 1, with the first
-iteration, phase and tensors or sample/position that differ and the likely cause), incomplete (exit 2:
-a ledger is missing, torn or unfinished) or invalid (exit 2: a record breaks the ledger schema or order).
-Neither of the last two is ever reported as a match.
-
-Runs configured differently in a semantic key (config.NON_SEMANTIC lists the others), or built from
-different artifacts (model, data, conversion), are different experiments: never IDENTICAL."""
+"""Compare two ledgers and say one verdict:
+- identical (exit 0): every recorded hash matches, and the runs are one experiment run twice;
+- diverged (exit 1): the first iteration, phase and tensors or sample/position that differ, and the
+  likely cause;
+- incomplete (exit 2): a ledger is missing, torn or unfinished;
+- invalid (exit 2): a record breaks the ledger schema or order;
+- different_experiments (exit 2): every recorded hash matches, but the runs differ in a semantic config
+  key (config.NON_SEMANTIC and, with determinism on, config.SCHEDULE_ONLY list the others) or in their
+  artifacts (model, data, conversion): nothing was reproduced, and nothing diverged either;
+- same_run (exit 2): A and B are one run (the same directory, or a copy: one run id), so nothing was
+  reproduced.
+None of the exit-2 verdicts is ever reported as a match."""
 
 from __future__ import annotations
 
@@ -15,11 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from .config import is_semantic
+from .config import is_semantic, recorded_deterministic
 from .ledger import PER_TENSOR, PHASES, Ledger, load_step_data, read_ledger
+from .schedule import describe_record
 
-EXIT = {"identical": 0, "diverged": 1, "incomplete": 2, "invalid": 2}
-HEAD = {"identical": "IDENTICAL", "diverged": "DIVERGED", "incomplete": "INCOMPLETE", "invalid": "INVALID LEDGER"}
+EXIT = {"identical": 0, "diverged": 1, "incomplete": 2, "invalid": 2, "different_experiments": 2, "same_run": 2}
+HEAD = {
+    "identical": "IDENTICAL",
+    "diverged": "DIVERGED",
+    "incomplete": "INCOMPLETE",
+    "invalid": "INVALID LEDGER",
+    "different_experiments": "NOT COMPARABLE (same hashes, different experiments)",
+    "same_run": "SAME RUN (nothing was reproduced)",
+}
 # Fingerprint keys that differ between any two processes and say nothing about numerics.
 VOLATILE = {"pid", "role"}
 
@@ -55,6 +68,7 @@ class Verdict:
     problems: list[str] = field(default_factory=list)
     table: list[dict[str, str]] = field(default_factory=list)
     shape: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # run -> per-iteration rollout shape
+    schedule: dict[str, str] = field(default_factory=dict)  # run -> how its requests reached the engine
 
     @property
     def exit_code(self) -> int:
@@ -175,6 +189,11 @@ def likely_cause(
     artifact_diff: Sequence[str] = (),
 ) -> str:
     reasons = _setup_reasons(config_diff, artifact_diff, ha, hb) + _environment_reasons(fp_diff, ha, hb)
+    if first.phase in ("rollout_tokens", "rollout_logprobs") and ha.get("schedule") != hb.get("schedule"):
+        reasons.append(
+            "run B sent its requests differently (" + describe_record(hb.get("schedule")) + "): the same "
+            "requests in other batches gave other bits, so the engine is not batch-invariant"
+        )
     hint = _phase_hint(first)
     return "; ".join(reasons + [hint]) if reasons else hint
 
@@ -302,8 +321,13 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
         v.status = "incomplete"
         return v
     v.shape = {"A": rollout_shapes(a), "B": rollout_shapes(b)}
+    if "schedule" in a.header or "schedule" in b.header:  # (not recorded before ledger version 3)
+        v.schedule = {"A": describe_record(a.header.get("schedule")), "B": describe_record(b.header.get("schedule"))}
+    if _same_dir(a, b):
+        return _one_run(v, a, "the same directory")
+    det = all(recorded_deterministic(h["config"]) and h.get("version", 0) >= 3 for h in (a.header, b.header))
     for d in dict_diff(a.header["config"], b.header["config"]):
-        (v.config_diff if is_semantic(d.split(": ", 1)[0]) else v.config_diff_other).append(d)
+        (v.config_diff if is_semantic(d.split(": ", 1)[0], det) else v.config_diff_other).append(d)
     v.artifact_diff = artifact_diff(a.header, b.header)
     v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
     for i in range(min(len(a.iterations), len(b.iterations))):
@@ -337,9 +361,29 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
         v.likely_cause = likely_cause(v.first, v.config_diff, v.fingerprint_diff, a.header, b.header, v.artifact_diff)
     if v.problems:
         v.status = "incomplete"
-    elif v.first is not None:
+    elif v.first is not None and v.first.iteration is not None:
         v.status = "diverged"
+    elif a.header.get("run_id") == b.header.get("run_id"):  # a copy (an edited copy diverged above)
+        return _one_run(v, a, "a copy of it")
+    elif v.first is not None:
+        v.status = "different_experiments"
     return v
+
+
+def _one_run(v: Verdict, a: Ledger, how: str) -> Verdict:
+    v.status, v.first, v.likely_cause = "same_run", None, None
+    v.problems.append(
+        f"A and B are one run (run id {(a.header or {}).get('run_id')}; B is {how}): nothing was reproduced. "
+        "Compare two runs of one config, e.g. OUT/run_a and OUT/run_b of `detrl reproduce`"
+    )
+    return v
+
+
+def _same_dir(a: Ledger, b: Ledger) -> bool:
+    try:
+        return a.run_dir.resolve() == b.run_dir.resolve()
+    except OSError:
+        return False
 
 
 TOKEN_PHASES = {

@@ -276,9 +276,10 @@ class TrainerWorker:
 
 
 class RolloutWorker:
-    def __init__(self, cfg_json: str, model_dir: str):
+    def __init__(self, cfg_json: str, model_dir: str, schedule_args: dict[str, int] | None = None):
         quiet.install()
         self.cfg, self.model_dir = config_from_json(cfg_json), model_dir
+        self.schedule_args = schedule_args
         self.engine: Any = None
 
     def env(self) -> dict[str, Any]:
@@ -288,11 +289,13 @@ class RolloutWorker:
         _maybe_hang("setup")
         _need_paths(self.model_dir)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
-        self.engine = make_engine(self.cfg, self.model_dir)
+        self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args)
         return self.engine.info()
 
     def fingerprint(self) -> dict[str, Any]:
-        return fingerprint("rollout", {"engine": self.engine.info()})
+        # the schedule's batch limits are the run's schedule (in the header), not its environment
+        info = {k: v for k, v in self.engine.info().items() if k != "schedule_args"}
+        return fingerprint("rollout", {"engine": info})
 
     def generate(self, prompts: list[list[int]], seeds: list[int] | None, params: SamplingParams) -> list[Generation]:
         _maybe_hang("generate")
@@ -395,10 +398,19 @@ class Workers:
     as a group. Every call waits with its phase's time limit (`wait`)."""
 
     def __init__(
-        self, cfg: RunConfig, model_dir: str, ckpt_dir: str, *, setup: bool = True, compile_cache: str | None = None
+        self,
+        cfg: RunConfig,
+        model_dir: str,
+        ckpt_dir: str,
+        *,
+        setup: bool = True,
+        compile_cache: str | None = None,
+        schedule_args: dict[str, int] | None = None,
     ):
-        """`setup=False`: start the actors with their env and resources but load nothing (preflight)."""
+        """`setup=False`: start the actors with their env and resources but load nothing (preflight).
+        `schedule_args`: the engine's batch limits under a perturbed schedule (detrl.schedule)."""
         self.cfg, self.model_dir, self.ckpt_dir, self.setup = cfg, model_dir, ckpt_dir, setup
+        self.schedule_args = dict(schedule_args or {})
         self.compile_cache = compile_cache
         self.trainers: list[Any] = []
         self.rollout: Any = None
@@ -577,12 +589,15 @@ class Workers:
         trainer_cls, rollout_cls = ray.remote(TrainerWorker), ray.remote(RolloutWorker)
         t_env, r_env = (runtime_env(cfg, role, self.compile_cache) for role in ("trainer", "rollout"))
         args = (cfg_json, self.model_dir, self.ckpt_dir)
+        rollout_args = (cfg_json, self.model_dir, self.schedule_args)
         if not cfg.on_gpu and not res.ray_address:
             # num_cpus=0: long-lived actors that size their own threads; a 1-core host still fits both
             self.trainers = [
                 trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(*args, r, world) for r in range(world)
             ]
-            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(
+                cfg_json, self.model_dir, self.schedule_args
+            )
             return
         if cfg.on_gpu:
             bundles = [{"GPU": res.gpu_share, "CPU": 1}] * (world if res.colocate else world + 1)
@@ -599,7 +614,9 @@ class Workers:
                 trainer_cls.options(num_cpus=1, runtime_env=t_env, scheduling_strategy=on(r)).remote(*args, r, world)
                 for r in range(world)
             ]
-            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(cfg_json, self.model_dir)
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(
+                cfg_json, self.model_dir, self.schedule_args
+            )
             return
         share = res.gpu_share / 2 if res.colocate else res.gpu_share
         self.trainers = [
@@ -613,7 +630,7 @@ class Workers:
         ]
         self.rollout = rollout_cls.options(
             num_cpus=0, num_gpus=share, runtime_env=r_env, scheduling_strategy=on(0 if res.colocate else world)
-        ).remote(cfg_json, self.model_dir)
+        ).remote(*rollout_args)
 
     def _check_env(self) -> None:
         infos = self.wait([a.env.remote() for a in [*self.trainers, self.rollout]], "worker env check")

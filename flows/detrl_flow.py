@@ -13,7 +13,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from detrl import twice
+from detrl import schedule, twice
 from detrl.cli import config_arguments
 from detrl.config import PROFILES, RunConfig
 from detrl.report import verdict_summary
@@ -103,7 +103,7 @@ def detrl_flow(
     data = download_dataset(cfg, cache, refresh)
     megatron = convert_checkpoint(model, cache, refresh)
     mode, why = twice.choose(cfg, model_dir=model.path)
-    print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+    print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {schedule.for_run(cfg, 'B').describe()}")
     start = time.monotonic()
     run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
     verdict = verify_runs(run_a, run_b)

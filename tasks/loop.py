@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from detrl import schedule
 from detrl.config import ConfigError, Perturbation, RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
@@ -59,15 +60,15 @@ def run_loop(
         log.info(f"run {label}: iteration {it + 1}/{n}: {progress_line(stats)}")
         update_progress_artifact(progress, progress=100.0 * (it + 1) / n)
 
-    # resume=True: a retry after a worker crash continues from the run's last checkpoint
+    # resume=True: a retry after a worker crash continues from the run's last checkpoint (or its start)
     summary = run(
         cfg,
         run_dir,
         Artifacts(model, data, megatron, compile_cache=compile_cache_dir(cache_dir) if cache_dir else None),
         resume=True,
-        restart_without_checkpoint=True,
         perturbations=[Perturbation.parse(p) for p in plant],
         progress=report,
+        schedule=schedule.for_run(cfg, label),
     )
     log.info(f"run {label}: {summary.iterations} iterations in {summary.wall_s:.1f}s -> {run_dir}/ledger.jsonl")
     return run_dir

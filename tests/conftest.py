@@ -93,10 +93,12 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
-    """Two tiny-cpu runs of the same config (a, b) in one directory; tests add their own beside them."""
+    """Two tiny-cpu runs of the same config (a, and b scheduled as a twice-run's run B: its requests shuffled
+    and split, detrl.schedule) in one directory; tests add their own beside them."""
     from detrl.loop import run
+    from detrl.schedule import for_run
 
     d = tmp_path_factory.mktemp("runs")
     run(tiny_cfg, d / "a", artifacts)
-    run(tiny_cfg, d / "b", artifacts)
+    run(tiny_cfg, d / "b", artifacts, schedule=for_run(tiny_cfg, "B"))
     return d

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def records(n_iter: int = 2, **config_overrides) -> list[dict]:
     header = {
         "kind": "header",
         "version": LEDGER_VERSION,
-        "run_id": "r" * 32,
+        "run_id": uuid.uuid4().hex,  # each call is another run
         "detrl": "0.1.0",
         "profile": "tiny-cpu",
         "config": cfg.recorded_dict(),
@@ -306,12 +307,14 @@ def test_a_non_semantic_difference_is_identical_and_says_so(tmp_path):
 def test_a_semantic_difference_is_never_identical_and_is_named_first(tmp_path):
     a = write(tmp_path / "a", records())
     b = write(tmp_path / "b", records(**{"train.lr": 0.5, "checkpoint.keep": 5}))
-    v = verify(str(a), str(b))  # every recorded hash equal: still two different experiments
-    assert v.status == "diverged" and v.exit_code == 1
+    v = verify(str(a), str(b))  # every recorded hash equal: still two different experiments, and not DIVERGED
+    assert v.status == "different_experiments" and v.exit_code == 2
     assert v.first.phase == "config" and v.first.iteration is None
     assert v.config_diff == ["train.lr: 0.001 -> 0.5"]
     text = format_text(v).splitlines()
+    assert text[0].startswith("NOT COMPARABLE (same hashes, different experiments)") and "DIVERGED" not in text[0]
     assert text[1] == "semantic config differences: train.lr: 0.001 -> 0.5", text
+    assert not any("first divergence" in line for line in text), text
     assert v.likely_cause.startswith("the two runs were configured differently in semantic keys")
 
 
@@ -324,3 +327,77 @@ def test_different_artifacts_are_named_first_with_both_hashes(tmp_path):
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "prompts")
     assert v.artifact_diff == [f"model.sha256: {_hex('model')!r} -> {_hex('other model')!r}"]
     assert v.likely_cause.startswith("the runs started from different artifacts (model.sha256:")
+
+
+def test_a_run_compared_with_itself_or_a_copy_is_the_same_run_never_identical(tmp_path):
+    recs = records()
+    a = write(tmp_path / "a", recs)
+    for other in (a, write(tmp_path / "copy", recs)):
+        v = verify(str(a), str(other))
+        assert v.status == "same_run" and v.exit_code == 2, v.problems
+        assert format_text(v).startswith("SAME RUN (nothing was reproduced)")
+        assert "nothing was reproduced" in v.problems[0]
+    edited = [dict(r) for r in recs]  # an edited copy is compared byte for byte: it diverged
+    edited[2] = json.loads(json.dumps(recs[2]))
+    edited[2]["hashes"]["loss"] = _hex("edited")
+    v = verify(str(a), str(write(tmp_path / "edited", edited)))
+    assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (1, "loss")
+
+
+SCHEDULE_ONLY_KEYS = {
+    "rollout.sglang.cuda_graph_max_bs": 8,
+    "rollout.sglang.disable_cuda_graph": True,
+    "rollout.sglang.max_running_requests": 16,
+    "rollout.sglang.chunked_prefill_size": 512,
+}
+
+
+@pytest.mark.parametrize("key,value", SCHEDULE_ONLY_KEYS.items())
+def test_schedule_only_keys_are_non_semantic_only_with_determinism_on(tmp_path, key, value):
+    on = verify(str(write(tmp_path / "a", records())), str(write(tmp_path / "b", records(**{key: value}))))
+    assert on.status == "identical" and on.config_diff == [] and on.config_diff_other[0].startswith(key), on
+    assert load_config("tiny-cpu").config_hash() == load_config("tiny-cpu", overrides=[f"{key}={value}"]).config_hash()
+    off = {"determinism.enabled": False}
+    v = verify(str(write(tmp_path / "c", records(**off))), str(write(tmp_path / "d", records(**off, **{key: value}))))
+    assert v.status == "different_experiments" and v.config_diff[0].startswith(key), v
+    cfgs = [load_config("tiny-cpu", overrides=["determinism.enabled=false", *x]) for x in ([], [f"{key}={value}"])]
+    assert cfgs[0].config_hash() != cfgs[1].config_hash()
+
+
+def test_memory_fraction_stays_semantic_with_determinism_on(tmp_path):
+    # a smaller KV pool can make SGLang retract a request and re-prefill it: another kernel
+    key = "rollout.sglang.mem_fraction_static"
+    v = verify(str(write(tmp_path / "a", records())), str(write(tmp_path / "b", records(**{key: 0.2}))))
+    assert v.status == "different_experiments" and v.config_diff[0].startswith(key)
+
+
+def _with_schedule(recs: list, schedule: dict | None) -> list:
+    recs[0]["schedule"] = schedule
+    return recs
+
+
+PERTURBED = {"perturbed": True, "order_seed": 7, "submissions": 3, "engine_args": {"max_running_requests": 16}}
+PLAIN = {"perturbed": False, "order_seed": None, "submissions": 1, "engine_args": {}}
+
+
+def test_the_verdict_names_run_bs_schedule_and_what_identical_certifies(tmp_path):
+    a = write(tmp_path / "a", _with_schedule(records(), PLAIN))
+    b = write(tmp_path / "b", _with_schedule(records(), PERTURBED))
+    v = verify(str(a), str(b))
+    assert v.status == "identical" and v.schedule["A"] == "as given, one submission per iteration"
+    assert v.schedule["B"] == (
+        "requests shuffled per iteration (order seed 7); sent in 3 submissions; engine limits max_running_requests=16"
+    )
+    text = format_text(v)
+    assert "run B requests shuffled" in text and "the engine is batch-invariant here" in text
+    same = verify(str(a), str(write(tmp_path / "c", _with_schedule(records(), PLAIN))))
+    assert "not batch invariance" in format_text(same)
+
+
+def test_a_rollout_that_differs_under_another_schedule_blames_batch_variance(tmp_path):
+    a = write(tmp_path / "a", _with_schedule(records(), PLAIN))
+    recs = _with_schedule(records(), PERTURBED)
+    recs[1]["hashes"]["rollout_tokens"] = _hex("other tokens")
+    v = verify(str(a), str(write(tmp_path / "b", recs)))
+    assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "rollout_tokens")
+    assert "run B sent its requests differently" in v.likely_cause and "not batch-invariant" in v.likely_cause

@@ -15,10 +15,33 @@ from detrl.verify import verify
 pytestmark = pytest.mark.slow
 
 
-def test_two_runs_are_identical(runs):
+def test_two_runs_are_identical_though_run_b_sent_its_requests_differently(runs):
     v = verify(str(runs / "a"), str(runs / "b"))
     assert v.status == "identical" and v.exit_code == 0, v
     assert v.iterations == (3, 3) and v.first is None
+    schedule = read_ledger(runs / "b").header["schedule"]
+    assert (
+        schedule["perturbed"]
+        and schedule["submissions"] >= 2
+        and not read_ledger(runs / "a").header["schedule"]["perturbed"]
+    )
+    assert "the engine is batch-invariant here" in format_text(v)
+
+
+def test_a_batch_variant_engine_passes_one_schedule_and_fails_a_perturbed_run_b(runs, artifacts):
+    """The teeth of the perturbed run B: the hf engine's padded batching is batch-variant (the CPU's M=1 and
+    M>1 matmuls differ), yet with one schedule its two runs repeat each other bit for bit."""
+    from detrl.schedule import for_run
+
+    cfg = load_config("tiny-cpu", overrides=["rollout.hf.batching=padded", "determinism.selftest=false"])
+    for name, schedule in (("pad_a", for_run(cfg, "A")), ("pad_b", for_run(cfg, "A")), ("pad_b2", for_run(cfg, "B"))):
+        run(cfg, runs / name, artifacts, schedule=schedule)
+    same = verify(str(runs / "pad_a"), str(runs / "pad_b"))
+    assert same.status == "identical" and "not batch invariance" in format_text(same)
+    v = verify(str(runs / "pad_a"), str(runs / "pad_b2"))
+    assert v.status == "diverged" and v.first.iteration == 0
+    assert v.first.phase in ("rollout_tokens", "rollout_logprobs"), v.first
+    assert "run B sent its requests differently" in v.likely_cause
 
 
 def test_weights_change_at_every_step(runs):

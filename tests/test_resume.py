@@ -68,23 +68,50 @@ def test_resume_refuses_another_config_and_a_complete_run_is_left_as_is(resumed,
     assert (resumed["crashed"] / "ledger.jsonl").read_bytes() == before
 
 
-def test_resume_without_checkpoints_refuses_and_keeps_the_ledger(tmp_path, runs, cache_dir):
-    """A run made without checkpoint.every has nothing to continue from: --resume must not delete its
-    recorded iterations and start again (it once did), but exit 2 and say how to go on."""
+def _interrupted_copy(src, d, iterations: int, tail: bytes = b""):
+    """A copy of a finished run cut back to its header and `iterations` records (plus `tail`, a torn line)."""
     import shutil
 
-    d = tmp_path / "no-ckpt"
-    shutil.copytree(runs / "a", d)
-    lines = (d / "ledger.jsonl").read_text().splitlines(keepends=True)
-    (d / "ledger.jsonl").write_text("".join(lines[:3]))  # header + 2 iterations: interrupted
+    shutil.copytree(src, d)
+    lines = (d / "ledger.jsonl").read_bytes().splitlines(keepends=True)
+    (d / "ledger.jsonl").write_bytes(b"".join(lines[: 1 + iterations]) + tail)
+    return d
+
+
+def test_a_run_without_checkpoints_resumes_from_its_start_and_keeps_every_record(tmp_path, runs, cache_dir):
+    """No checkpoint.every: the run's start (the converted checkpoint and the seed) is the restart point.
+    The recorded iterations are recomputed, proven equal and kept byte for byte; the rest is appended."""
+    d = _interrupted_copy(runs / "a", tmp_path / "no-ckpt", 2, tail=b'{"kind":"iteration","iter')
     (d / "checkpoints" / ".iter_00001.half").mkdir(parents=True)  # a save killed half way
-    before = (d / "ledger.jsonl").read_bytes()
+    kept = b"".join((d / "ledger.jsonl").read_bytes().splitlines(keepends=True)[:3])
     r = detrl(*tiny_run(d, cache_dir), "--resume")
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "no checkpoint to resume from" in r.stderr and "checkpoint.every" in r.stderr and "new --out" in r.stderr
-    assert (d / "ledger.jsonl").read_bytes() == before and any((d / "steps").iterdir())
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = (d / "ledger.jsonl").read_bytes()
+    assert data.startswith(kept) and read_ledger(d).complete
+    assert (d / "ledger.jsonl.torn").read_bytes() == b'{"kind":"iteration","iter\n'  # the torn line, kept aside
+    assert verify(str(runs / "b"), str(d)).status == "identical"
+    resumes = [json.loads(x) for x in (d / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[-1]["from_checkpoint"] is None and resumes[-1]["recomputes"] == [0, 1]
     assert not (d / "checkpoints" / ".iter_00001.half").exists()
 
+
+def test_a_resume_that_recomputes_other_bits_is_a_divergence_and_the_ledger_is_untouched(tmp_path, runs, cache_dir):
+    d = _interrupted_copy(runs / "a", tmp_path / "edited", 2)
+    lines = (d / "ledger.jsonl").read_text().splitlines(keepends=True)
+    rec = json.loads(lines[2])
+    rec["hashes"]["loss"] = "0" * 64  # still a valid record: the recomputed one must catch it
+    lines[2] = json.dumps(rec) + "\n"
+    (d / "ledger.jsonl").write_text("".join(lines))
+    before = (d / "ledger.jsonl").read_bytes()
+    r = detrl(*tiny_run(d, cache_dir), "--resume")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "DIVERGED" in r.stderr and "recomputed iteration 1" in r.stderr and "first in loss" in r.stderr
+    assert (d / "ledger.jsonl").read_bytes() == before
+    assert json.loads((d / "resume-divergence-00001.json").read_text())["hashes"]["loss"] != "0" * 64
+
+
+def test_resume_refuses_another_config(tmp_path, runs, cache_dir):
+    d = _interrupted_copy(runs / "a", tmp_path / "other", 2)
     # another config: the message names the semantic keys that changed (checkpoint.every is not one)
     r = detrl(*tiny_run(d, cache_dir, "checkpoint.every=1", "rollout.temperature=0.5"), "--resume")
     assert r.returncode == 2 and "different config (rollout.temperature: 1.0 -> 0.5)" in r.stderr, r.stderr[-2000:]

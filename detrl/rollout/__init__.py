@@ -49,7 +49,8 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
+def make_engine(cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int] | None = None) -> RolloutEngine:
+    """`schedule_args`: SGLang batch limits of a perturbed schedule (detrl.schedule); the hf engine has none."""
     # each backend imports on use: sglang is optional (GPU hosts only)
     if cfg.backends.rollout == "hf":
         from .hf import HFEngine
@@ -70,5 +71,6 @@ def make_engine(cfg: RunConfig, model_dir: str) -> RolloutEngine:
             seed=cfg.seed if cfg.pins_seeds else None,
             kv_tokens=cfg.step_kv_tokens() if cfg.resources.gpu_share < 1 else None,
             prefill_logprobs=cfg.train.on_policy == "exact",
+            schedule_args=schedule_args,
         )
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

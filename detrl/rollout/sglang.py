@@ -109,11 +109,13 @@ class SGLangEngine:
         kv_tokens: int | None = None,
         engine_args: Mapping[str, Any] | None = None,
         prefill_logprobs: bool = False,
+        schedule_args: Mapping[str, int] | None = None,
     ):
         """`kv_tokens`: a KV cache of exactly this many tokens (runs sharing a GPU) instead of
         mem_fraction_static of the GPU. `engine_args`: further `sgl.Engine` arguments, last (the
         benchmarks' knob variants). `prefill_logprobs`: the log-probs of each response come from a
-        prefill over prompt + response once it is sampled (exact on-policy, `detrl.onpolicy`)."""
+        prefill over prompt + response once it is sampled (exact on-policy, `detrl.onpolicy`).
+        `schedule_args`: batch limits of a perturbed schedule (detrl.schedule), over the config's."""
         import sglang as sgl
 
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
@@ -121,6 +123,7 @@ class SGLangEngine:
         self.engine: Any = None
         self.plugin: dict[str, Any] | None = None
         self.engine_args = dict(engine_args or {})
+        self.schedule_args = dict(schedule_args or {})
         kwargs: dict[str, Any] = dict(
             model_path=model_dir,
             attention_backend=cfg.attention_backend,
@@ -147,6 +150,11 @@ class SGLangEngine:
             kwargs["disable_cuda_graph"] = True
         if cfg.disable_radix_cache is not None:
             kwargs["disable_radix_cache"] = cfg.disable_radix_cache
+        if cfg.max_running_requests:
+            kwargs["max_running_requests"] = cfg.max_running_requests
+        if cfg.chunked_prefill_size:
+            kwargs["chunked_prefill_size"] = cfg.chunked_prefill_size
+        kwargs.update(self.schedule_args)
         kwargs.update(self.engine_args)
         self.kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
         if self.kernels == "detrl":
@@ -274,6 +282,7 @@ class SGLangEngine:
             "kernels": self.kernels,
             "logprobs": "prefill" if self.prefill_logprobs else "decode",
             **({"engine_args": self.engine_args} if self.engine_args else {}),
+            **({"schedule_args": self.schedule_args} if self.schedule_args else {}),
         }
 
     def shutdown(self) -> None:
