@@ -88,6 +88,9 @@ def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> di
     return {
         "flow_state": state.name,
         "verdict": verdict.status,
+        "first_divergence": None if verdict.first is None else f"{verdict.first.where()}: {verdict.first.detail}",
+        "likely_cause": verdict.likely_cause,
+        "schedule": verdict.schedule,
         "twice": data.get("twice"),
         "flow_s": round(flow_s, 1),
         "twice_run_s": data.get("runs_wall_s"),  # both runs and verify, as the flow measured them

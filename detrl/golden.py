@@ -93,7 +93,8 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
     meta = json.loads(meta_file.read_text())
     golden = read_ledger(gdir)
     verdict = compare(golden, run)
-    status = "matches" if verdict.status == "identical" else "differs"
+    # the known-good ledger may be this very run (a copy, recorded by --update): it matches itself
+    status = "matches" if verdict.status in ("identical", "same_run") else "differs"
     changed = [] if status == "matches" or golden.header is None else _changed(golden.header, run.header)
     return GoldenResult(status, key, str(gdir), verdict, changed, meta.get("recorded_at"))
 

@@ -102,13 +102,16 @@ def perturbed(cfg: RunConfig) -> Schedule:
     """Run B's schedule: derived from the run seed, never the one run A gets."""
     h = int.from_bytes(hashlib.sha256(f"detrl-schedule-{cfg.seed}".encode()).digest()[:8], "little")
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    submissions = min(n, 2 + h % 2)
+    # each submission waits for its longest response: two keep the rollout's cost near run A's
+    submissions = min(n, 2)
     engine_args: dict[str, int] = {}
     if cfg.backends.rollout == "sglang":
         sg = cfg.rollout.sglang
-        # fewer requests decoding at once than a submission holds, so batches form and shrink differently
-        engine_args["max_running_requests"] = max(2, n // (2 * submissions))
-        engine_args["cuda_graph_max_bs_decode"] = _pick((8, 16, 24), sg.cuda_graph_max_bs, h >> 8)
+        per = -(-n // submissions)
+        # a quarter of a submission queued behind the rest, so batches form and shrink differently; decode
+        # batches above the graph limit run eagerly (a few, so the rollout stays fast)
+        engine_args["max_running_requests"] = max(1, 3 * per // 4)
+        engine_args["cuda_graph_max_bs_decode"] = _pick((32, 48, 64), sg.cuda_graph_max_bs, h >> 8)
         engine_args["chunked_prefill_size"] = _pick((512, 1024), sg.chunked_prefill_size, h >> 16)
     return Schedule(seed=int((h >> 24) & 0x7FFFFFFF), submissions=submissions, engine_args=engine_args)
 

@@ -89,8 +89,10 @@ def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_pat
     # the same two ledgers through `verify`: text and markdown views, same exit code
     r2 = detrl("verify", str(out / "run_a"), str(out / "run_b"))
     assert r2.returncode == 1 and "first divergence: iteration 2, phase policy_weights" in r2.stdout
-    r3 = detrl("verify", str(out / "run_a"), str(out / "run_a"), "--markdown")
-    assert r3.returncode == 0 and "IDENTICAL" in r3.stdout
+    r3 = detrl("verify", str(out / "run_a"), str(out / "run_b"), "--markdown")
+    assert r3.returncode == 1 and "DIVERGED" in r3.stdout and "## First divergence" in r3.stdout
+    r4 = detrl("verify", str(out / "run_a"), str(out / "run_a"))  # one run twice certifies nothing
+    assert r4.returncode == 2 and r4.stdout.startswith("SAME RUN"), r4.stdout
     (out / "run_b" / "ledger.jsonl").write_text("")
     assert detrl("verify", str(out / "run_a"), str(out / "run_b")).returncode == 2
 
