@@ -86,7 +86,7 @@ def main() -> int:
     decode = [np.asarray(g.logprobs, np.float32) for g in gens]
     prefill = [np.asarray(x, np.float32) for x in _score(engine, prompts, [g.token_ids for g in gens])]
     answers = [x for x in batch.answers for _ in range(G)]
-    rewards = [step.reward(g.token_ids, y) for g, y in zip(gens, answers)]
+    rewards = [step.reward.score(g.token_ids, y, {}) for g, y in zip(gens, answers)]
     adv = group_advantages(rewards, G).tolist()
     samples = [Sample(p, g.token_ids, adv[i], prefill[i].tolist()) for i, (p, g) in enumerate(zip(prompts, gens))]
     tokens = sum(len(s.response_ids) for s in samples)

@@ -30,6 +30,8 @@ DETERMINISM_ENV: dict[str, str] = {
 
 # The datasets shipped in the package (detrl/assets), by data.name for data.source=builtin.
 BUILTIN_DATASETS = {"gsm8k-sample": "gsm8k_sample.jsonl", "gsm8k-test": "gsm8k_test.jsonl"}
+# Builtin datasets generated from a fixed seed (detrl.arith), by data.name; data.split picks train or test.
+GENERATED_DATASETS = ("arith",)
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,8 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
         name = self.name
+        if self.source == "builtin" and name in GENERATED_DATASETS and self.split not in ("train", "test"):
+            raise ValueError(f"data.split {self.split!r}: the generated {name!r} task has splits train and test")
         if self.source == "hub" and ("/" not in name or _looks_like_location(name)):
             raise ValueError(
                 f"model.name {name!r} is not a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
@@ -108,7 +112,8 @@ class DataConfig(_Strict):
         "openai/gsm8k",
         min_length=1,
         description="hub: dataset id; local: a .jsonl/.parquet file; builtin: gsm8k-sample "
-        "(64 rows) or gsm8k-test (the 1,319-row GSM8K test split)",
+        "(64 rows), gsm8k-test (the 1,319-row GSM8K test split) or arith (generated one-step arithmetic word "
+        "problems, splits train and test)",
     )
     subset: str | None = "main"
     split: str = "train"
@@ -124,12 +129,14 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
         name = self.name
-        if self.source == "builtin" and name not in BUILTIN_DATASETS:
+        if self.source == "builtin" and name not in (*BUILTIN_DATASETS, *GENERATED_DATASETS):
             raise ValueError(
-                f"data.name {name!r} is not a builtin dataset ({', '.join(BUILTIN_DATASETS)}); "
+                f"data.name {name!r} is not a builtin dataset ({', '.join((*BUILTIN_DATASETS, *GENERATED_DATASETS))}); "
                 "for a file set data.source=local, for a hub dataset data.source=hub"
             )
         # a directory is fine: `datasets.load_dataset` reads a repo laid out on disk the same way
+        if self.source == "builtin" and name in GENERATED_DATASETS and self.split not in ("train", "test"):
+            raise ValueError(f"data.split {self.split!r}: the generated {name!r} task has splits train and test")
         if self.source == "hub" and (
             name.endswith((".jsonl", ".parquet", ".json")) or Path(name).expanduser().is_file()
         ):
@@ -301,7 +308,12 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     determinism: DeterminismConfig = Field(default_factory=DeterminismConfig)
     backends: BackendsConfig = Field(default_factory=BackendsConfig)
-    reward: Literal["gsm8k", "hash"] = "gsm8k"
+    reward: str = Field(
+        "gsm8k",
+        description="gsm8k (the final number against the answer's '#### N'), hash (pseudo-random 0/1 from the "
+        "tokens, for random weights) or your own MODULE:FUNCTION / path/to/file.py:FUNCTION, called as "
+        "fn(response, answer, meta) -> float (detrl.rewards)",
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
@@ -310,6 +322,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
+        if self.reward not in ("gsm8k", "hash") and ":" not in self.reward:
+            raise ValueError(
+                f"reward {self.reward!r} is neither a builtin (gsm8k, hash) nor MODULE:FUNCTION "
+                "(e.g. my_rewards:score, or path/to/rewards.py:score)"
+            )
         if self.backends.rollout == "sglang" and self.resources.num_gpus < 1:
             raise ValueError(
                 "backends.rollout=sglang needs resources.num_gpus >= 1; "
@@ -600,6 +617,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         **_GPU_REFERENCE,
         "model": {"source": "gguf", "name": SMOLLM2_GGUF},
         "data": {"source": "builtin", "name": "gsm8k-test", "split": "test"},
+        "reward": "gsm8k",
+    },
+    # RL that learns: the same model on generated one-step arithmetic word problems (detrl.arith), whose
+    # answers it gets right about a quarter of the time at temperature 0.5 (a CPU sample of 32), so GRPO
+    # groups have reward variance; short responses keep an iteration to seconds on a GPU.
+    "arith-smollm2-135m": {
+        **_GPU_REFERENCE,
+        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
+        "data": {
+            "source": "builtin",
+            "name": "arith",
+            "split": "train",
+            "instruction": 'Answer with the number after "####".',
+        },
+        "rollout": {**_GPU_REFERENCE["rollout"], "max_new_tokens": 128, "temperature": 0.5},
+        "train": {**_GPU_REFERENCE["train"], "steps": 50, "lr": 5e-6},
         "reward": "gsm8k",
     },
     # The same model on the CPU, sized for CI: the reference engine, a few prompts, samples and tokens.

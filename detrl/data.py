@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,11 @@ def _rows_from_datasets(name: str, cfg: DataConfig, refresh: bool = False) -> li
     return [dict(r) for r in ds]
 
 
-def _canonical_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list[dict[str, str]]:
+def _canonical_rows(
+    rows: list[dict[str, Any]], cfg: DataConfig, where: str, gsm8k_answers: bool = True
+) -> list[dict[str, Any]]:
+    """Rows as {question, answer[, meta]}: `meta` holds the row's other fields, which a user reward gets.
+    `gsm8k_answers`: every answer must end in '#### <number>' (the gsm8k reward reads it)."""
     if not rows:
         raise DataError(f"{where}: no rows")
     missing = [f for f in (cfg.question_field, cfg.answer_field) if f not in rows[0]]
@@ -101,18 +105,27 @@ def _canonical_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
         q, a = r.get(cfg.question_field), r.get(cfg.answer_field)
         if not isinstance(q, str) or not isinstance(a, str) or not q.strip():
             raise DataError(f"{where}: row {i} has an empty or non-text question/answer")
-        if extract_gold(a) is None:
-            raise DataError(f"{where}: row {i} answer has no final '#### <number>': {a[-80:]!r}")
-        out.append({"question": q, "answer": a})
+        if gsm8k_answers and extract_gold(a) is None:
+            raise DataError(
+                f"{where}: row {i} answer has no final '#### <number>' (the gsm8k reward reads it): {a[-80:]!r}"
+            )
+        meta = {k: v for k, v in r.items() if k not in (cfg.question_field, cfg.answer_field)}
+        out.append({"question": q, "answer": a, **({"meta": meta} if meta else {})})
     if cfg.limit is not None:
         out = out[: cfg.limit]
     return out
 
 
-def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = False) -> DatasetArtifact:
+def fetch_dataset(
+    cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = False, gsm8k_answers: bool = True
+) -> DatasetArtifact:
     """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic), from its
     source every time (a changed cache file is rewritten); `refresh` also downloads a hub dataset again."""
-    if cfg.source == "builtin":
+    if cfg.source == "builtin" and cfg.name == "arith":
+        from . import arith
+
+        rows, where = arith.rows(cfg.split), f"builtin:arith/{cfg.split}"
+    elif cfg.source == "builtin":
         if cfg.name not in BUILTIN:
             raise ConfigError(f"data.name {cfg.name!r} is not a builtin dataset; builtin: {sorted(BUILTIN)}")
         rows, where = _rows_from_file(BUILTIN[cfg.name], cfg), f"builtin:{cfg.name}"
@@ -120,7 +133,7 @@ def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = Fal
         rows, where = _rows_from_file(Path(cfg.name).expanduser(), cfg), cfg.name
     else:
         rows, where = _rows_from_datasets(cfg.name, cfg, refresh), f"hub:{cfg.name}"
-    canon = _canonical_rows(rows, cfg, where)
+    canon = _canonical_rows(rows, cfg, where, gsm8k_answers)
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in canon)
     digest = hashlib.sha256(text.encode()).hexdigest()
     out = Path(cache_dir) / "datasets" / f"{slug(cfg.name)}-{cfg.split}-{digest[:16]}.jsonl"
@@ -130,7 +143,7 @@ def fetch_dataset(cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = Fal
     return art
 
 
-def read_dataset(artifact: DatasetArtifact) -> list[dict[str, str]]:
+def read_dataset(artifact: DatasetArtifact) -> list[dict[str, Any]]:
     path = Path(artifact.path)
     if not path.exists() or file_sha256(path) != artifact.sha256:
         raise DataError(f"dataset file {artifact.path} is missing or changed since it was fetched")
@@ -157,13 +170,14 @@ class PromptBatch:
     indices: list[int]  # dataset row of each prompt
     prompt_ids: list[list[int]]
     answers: list[str]
+    metas: list[dict[str, Any]]  # each row's other fields (a user reward's `meta`)
 
 
 class PromptSet:
     """Tokenized prompts and a seeded order: iteration k takes the k-th slice of an endless
     sequence of per-epoch permutations, so any iteration's prompts follow from (seed, k) alone."""
 
-    def __init__(self, rows: Sequence[dict[str, str]], tokenizer: Any, cfg: DataConfig, seed: int):
+    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         prompts = [format_prompt(tokenizer, r["question"], cfg) for r in rows]
         keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.max_prompt_tokens]
@@ -190,7 +204,10 @@ class PromptSet:
                 cache[epoch] = self._order(epoch)
             idx.append(int(cache[epoch][pos]))
         return PromptBatch(
-            indices=idx, prompt_ids=[self.prompts[i] for i in idx], answers=[self.rows[i]["answer"] for i in idx]
+            indices=idx,
+            prompt_ids=[self.prompts[i] for i in idx],
+            answers=[self.rows[i]["answer"] for i in idx],
+            metas=[dict(self.rows[i].get("meta") or {}) for i in idx],
         )
 
 
@@ -268,11 +285,3 @@ def hash_reward(response_ids: Sequence[int]) -> float:
     """A deterministic pseudo-random 0/1 from the response tokens. A random-init model scores 0 on
     GSM8K everywhere, advantages vanish and the weights never move; this keeps the check honest."""
     return float(hashlib.sha256(np.asarray(response_ids, dtype=np.int64).tobytes()).digest()[0] & 1)
-
-
-def reward_fn(kind: str, tokenizer: Any) -> Callable[[Sequence[int], str], float]:
-    if kind == "hash":
-        return lambda ids, answer: hash_reward(ids)
-    if kind == "gsm8k":
-        return lambda ids, answer: gsm8k_reward(tokenizer.decode(list(ids), skip_special_tokens=True), answer)
-    raise ConfigError(f"unknown reward {kind!r}")

@@ -51,8 +51,11 @@ class Report:
 
 def check_resources(cfg: RunConfig) -> None:
     """Fail early, before any download or conversion, when a local run cannot get its GPUs or its
-    model source is unusable (a GGUF that is missing or of an unsupported kind)."""
+    model source is unusable (a GGUF that is missing or of an unsupported kind), or its reward cannot run."""
+    from . import rewards
+
     check_source(cfg.model)
+    rewards.check(cfg.reward)
     if not cfg.on_gpu or cfg.resources.ray_address:
         return
     have = twice.local_gpus()

@@ -202,6 +202,7 @@ class _Artifacts(BaseModel):
     model: _Hashed
     data: _Hashed
     megatron: _Converted
+    reward: _Hashed | None = None  # name and source hash (absent before ledger version 3)
 
 
 class HeaderRecord(BaseModel):

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from transformers import AutoTokenizer
 
-from . import checkpoints, records
+from . import checkpoints, records, rewards
 from .config import Perturbation, RunConfig
 from .convert import ConvertedArtifact, convert_cached
-from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, reward_fn, sample_seed
+from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
 from .grpo import group_advantages
 from .ledger import LEDGER_FILE, LedgerWriter, save_step_data
 from .megatron.names import ArchMeta, check_tensor_parallel
@@ -67,7 +67,7 @@ def prepare(cfg: RunConfig, cache_dir: str | Path, *, refresh: bool = False) -> 
     """Download (or generate) the model and dataset and convert the model; each step cached, each
     cache entry checked against its recorded hash (`refresh`: rebuilt instead)."""
     model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu", refresh=refresh)
-    data = fetch_dataset(cfg.data, cache_dir, refresh=refresh)
+    data = fetch_dataset(cfg.data, cache_dir, refresh=refresh, gsm8k_answers=cfg.reward == "gsm8k")
     megatron = convert_cached(model, cache_dir, refresh=refresh)
     return Artifacts(model, data, megatron, compile_cache=compile_cache_dir(cache_dir))
 
@@ -109,7 +109,7 @@ def run(
         cfg, artifacts.model.path, ckpt, compile_cache=artifacts.compile_cache, schedule_args=schedule.engine_args
     )
     with workers as w:
-        header = records.header(cfg, artifacts, w, w.selftest(), step.prompts, schedule)
+        header = records.header(cfg, artifacts, w, w.selftest(), step.prompts, schedule, step.reward.identity())
         if start.resuming:
             checkpoints.restore(w, run_dir, start, header)
         else:
@@ -162,7 +162,9 @@ class Step:
         self.cfg, self.schedule = cfg, schedule
         tokenizer = AutoTokenizer.from_pretrained(artifacts.model.path)
         self.prompts = PromptSet(read_dataset(artifacts.data), tokenizer, cfg.data, cfg.seed)
-        self.reward = reward_fn(cfg.reward, tokenizer)
+        first = self.prompts.batch(0, 1)
+        probe_meta = {**first.metas[0], "iteration": 0, "sample": 0}
+        self.reward = rewards.load(cfg.reward, tokenizer, (first.answers[0], probe_meta))
         self.params = SamplingParams(
             cfg.rollout.max_new_tokens,
             cfg.rollout.temperature,
@@ -187,7 +189,9 @@ class Step:
         t_roll = time.perf_counter()
         # 3. rewards and group-normalized advantages
         answers = [a for a in batch.answers for _ in range(G)]
-        rewards = np.asarray([self.reward(g.token_ids, a) for g, a in zip(gens, answers)], dtype=np.float32)
+        metas = [{**batch.metas[j // G], "iteration": it, "sample": j} for j in range(P * G)]
+        scores = [self.reward.score(g.token_ids, a, m) for g, a, m in zip(gens, answers, metas)]
+        rewards = np.asarray(scores, dtype=np.float32)
         adv = group_advantages(rewards.tolist(), G).numpy()
         # 4. train step
         samples = [Sample(list(p), g.token_ids, float(a), g.logprobs) for p, g, a in zip(prompt_ids, gens, adv)]

@@ -28,6 +28,7 @@ def header(
     selftest: dict[str, Any] | None,
     prompts: Any,
     schedule: Schedule = PLAIN,
+    reward: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "kind": "header",
@@ -41,6 +42,7 @@ def header(
             "model": asdict(artifacts.model),
             "data": asdict(artifacts.data),
             "megatron": asdict(artifacts.megatron),
+            **({"reward": reward} if reward else {}),
         },
         "engine": workers.engine_info,
         "selftest": selftest,

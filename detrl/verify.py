@@ -203,6 +203,11 @@ def _setup_reasons(
 ) -> list[str]:
     """What the runs were given: artifacts, semantic config, determinism off."""
     reasons = []
+    if any(d.startswith("reward.") for d in artifact_diff):
+        reasons.append(
+            "the reward's code differs between the runs (its module's source hash changed): the same "
+            "responses can be paid differently"
+        )
     if artifact_diff:
         reasons.append(
             "the runs started from different artifacts (" + "; ".join(artifact_diff[:3]) + "): a cache "

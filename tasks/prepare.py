@@ -37,7 +37,7 @@ def download_model(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> Mod
 
 @task(name="download-dataset", cache_policy=NO_CACHE)
 def download_dataset(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> DatasetArtifact:
-    art = fetch_dataset(cfg.data, cache_dir, refresh=refresh)
+    art = fetch_dataset(cfg.data, cache_dir, refresh=refresh, gsm8k_answers=cfg.reward == "gsm8k")
     get_run_logger().info(f"dataset {art.source}:{art.name}: {art.rows} rows (sha256 {art.sha256[:16]})")
     return art
 
