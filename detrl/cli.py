@@ -13,12 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from . import schedule, twice
-from .config import PROFILES, ConfigError, Perturbation, load_config, resolve_profile
+from .config import PROFILES, ConfigError, load_config, parse_plants, resolve_profile
 from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # not 1: a CI reading 1 as "nondeterminism found" must never get it from a crash
 EXIT_RUN_FAILED = 3
+
+
+def emit(text: str) -> None:
+    """print, except that a reader who closed the pipe (`detrl verify A B | head -1`) is no error: the rest of
+    the output goes nowhere and the command still exits with its own code."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def config_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +66,12 @@ def _load(args: argparse.Namespace, *, check: bool = True):
     profile = args.profile
     if profile == "auto":
         profile, why = resolve_profile("auto")
-        print(f"profile auto -> {profile} ({why})", flush=True)
+        emit(f"profile auto -> {profile} ({why})")
     cfg = load_config(profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+    if getattr(args, "cache", None):
+        from .rundir import check_cache_dir
+
+        check_cache_dir(args.cache)
     if check:
         from .doctor import check_resources
 
@@ -63,21 +79,22 @@ def _load(args: argparse.Namespace, *, check: bool = True):
     return cfg
 
 
-def _plants(items: Sequence[str]):
-    return [Perturbation.parse(item) for item in items]
+def _plants(items: Sequence[str], cfg: Any):
+    return parse_plants(list(items), cfg)
 
 
 def _progress(label: str):
     from .records import progress_line
 
     def show(it: int, n: int, stats: dict[str, Any]) -> None:
-        print(f"[{label}] iteration {it + 1}/{n}: {progress_line(stats)}", flush=True)
+        emit(f"[{label}] iteration {it + 1}/{n}: {progress_line(stats)}")
 
     return show
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, plants = _load(args), _plants(args.plant)  # bad input is refused before the heavy imports
+    cfg = _load(args)
+    plants = _plants(args.plant, cfg)  # bad input is refused before the heavy imports
     from .loop import prepare, run
     from .rundir import check_out_dir
 
@@ -86,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run(
         cfg, args.out, arts, resume=args.resume, perturbations=plants, progress=_progress(Path(args.out).name)
     )
-    print(
+    emit(
         f"ledger: {Path(args.out) / 'ledger.jsonl'} ({summary.iterations} iterations, "
         f"{summary.wall_s:.1f}s, final weights {summary.final_weights[:16]})"
     )
@@ -94,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    cfg, plants = _load(args), _plants(args.plant)
+    cfg = _load(args)
+    plants = _plants(args.plant, cfg)
     from .loop import prepare, run
     from .report import format_text
     from .rundir import check_out_dir
@@ -105,10 +123,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     twice.choose(cfg)  # a schedule this machine cannot hold stops here, before any download
     arts = prepare(cfg, args.cache, refresh=args.refresh)
     mode, why = twice.choose(cfg, model_dir=arts.model.path)
-    print(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+    emit(f"runs A and B: {mode.replace('_', ' ')} ({why})")
     rcfg = twice.run_config(cfg, mode)
     run_b = schedule.for_run(cfg, "B")
-    print(f"run B's schedule: {run_b.describe()}")
+    emit(f"run B's schedule: {run_b.describe()}")
     twice.run_both(
         lambda: run(rcfg, out / "run_a", arts, progress=_progress("run A")),
         lambda: run(rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"), schedule=run_b),
@@ -116,7 +134,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         hold=shared_ray(cfg),
     )
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
-    print(verdict.to_json() if args.json else format_text(verdict))
+    emit(verdict.to_json() if args.json else format_text(verdict))
     return verdict.exit_code
 
 
@@ -126,11 +144,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     verdict = verify(args.a, args.b)
     if args.json:
-        print(verdict.to_json())
+        emit(verdict.to_json())
     elif args.markdown:
-        print(format_markdown(verdict))
+        emit(format_markdown(verdict))
     else:
-        print(format_text(verdict))
+        emit(format_text(verdict))
     return verdict.exit_code
 
 
@@ -138,9 +156,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
     report = doctor.run(_load(args, check=False))
-    print(report.table())
+    emit(report.table())
     bad = report.failures()
-    print(f"\n{len(report.checks) - len(bad)} passed, {len(bad)} failed")
+    emit(f"\n{len(report.checks) - len(bad)} passed, {len(bad)} failed")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -156,8 +174,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         res = batch_invariance(engine, quick=not args.full, vocab=vocab_bound(model.path))
     finally:
         engine.shutdown()
-    print(f"engine: {engine.info() if hasattr(engine, 'info') else cfg.backends.rollout}")
-    print("\n".join(res.lines()))
+    emit(f"engine: {engine.info() if hasattr(engine, 'info') else cfg.backends.rollout}")
+    emit("\n".join(res.lines()))
     return EXIT_OK if res.passed else EXIT_FAILED
 
 
@@ -165,21 +183,21 @@ def cmd_golden(args: argparse.Namespace) -> int:
     from . import golden
 
     res = golden.check(args.run, args.store, update=args.update)
-    print(res.text())
+    emit(res.text())
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
     for name in PROFILES:
         cfg = load_config(name)
-        print(
+        emit(
             f"{name}: model {cfg.model.source}:{cfg.model.name}, data {cfg.data.source}:{cfg.data.name}, "
             f"{cfg.rollout.prompts_per_step}x{cfg.rollout.samples_per_prompt} samples, "
             f"{cfg.rollout.max_new_tokens} new tokens, {cfg.train.steps} steps, rollout {cfg.backends.rollout}, "
             f"{'GPU' if cfg.on_gpu else 'CPU'}"
         )
     if args.show:
-        print(json.dumps(load_config(args.show).model_dump(mode="json"), indent=1))
+        emit(json.dumps(load_config(args.show).model_dump(mode="json"), indent=1))
     return EXIT_OK
 
 
@@ -238,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"detrl: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # stdout closed outside emit(): quiet, like a completed command
+        return EXIT_OK
     except Exception as exc:
         from .data import DataError
         from .determinism import DeterminismError

@@ -180,7 +180,7 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(1.0, gt=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, description="base sampling seed; None = the run seed")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="base sampling seed; None = the run seed")
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
 
@@ -301,7 +301,7 @@ class VerifyConfig(_Strict):
 
 class RunConfig(_Strict):
     profile: str = "custom"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="the run seed: data order, sampling seeds, init")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -481,6 +481,26 @@ class Perturbation:
         if when not in ("before_step", "after_step"):
             raise ConfigError(f"planted perturbation {text!r}: when must be before_step or after_step")
         return cls(iteration=int(parts[0]), tensor=parts[1], when=when)
+
+
+def parse_plants(items: list[str], cfg: RunConfig, meta: Any = None) -> list[Perturbation]:
+    """Planted flips a run will really apply: each at an iteration the run reaches, on a tensor of the
+    trainer (by name pattern, or exactly when the model's `meta` is known). ConfigError otherwise: a flip
+    that never happens would let the check "pass" without testing anything."""
+    from .megatron.names import tensor_problem
+
+    out = []
+    for item in items:
+        p = Perturbation.parse(item)
+        if p.iteration >= cfg.train.steps:
+            raise ConfigError(
+                f"planted perturbation {item!r}: iteration {p.iteration} is never reached (train.steps="
+                f"{cfg.train.steps}, iterations 0..{cfg.train.steps - 1})"
+            )
+        if (why := tensor_problem(p.tensor, meta)) is not None:
+            raise ConfigError(f"planted perturbation {item!r}: {why}")
+        out.append(p)
+    return out
 
 
 # The one list of config keys that cannot change what a run records, each with the reason. Every

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import BUILTIN_DATASETS, ConfigError, DataConfig
-from .util import atomic_write_text, file_sha256, retry_network, slug
+from .util import REFRESH_HINT, CacheError, atomic_write_text, file_sha256, retry_network, slug
 
 BUILTIN = {name: Path(__file__).parent / "assets" / file for name, file in BUILTIN_DATASETS.items()}
 
@@ -119,8 +119,9 @@ def _canonical_rows(
 def fetch_dataset(
     cfg: DataConfig, cache_dir: str | Path, *, refresh: bool = False, gsm8k_answers: bool = True
 ) -> DatasetArtifact:
-    """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic), from its
-    source every time (a changed cache file is rewritten); `refresh` also downloads a hub dataset again."""
+    """Materialize the configured dataset as canonical jsonl under `cache_dir` (atomic), read from its source
+    every time; a cached file whose bytes changed stops the run (CacheError) unless `refresh`, which also
+    downloads a hub dataset again and rewrites the file."""
     if cfg.source == "builtin" and cfg.name == "arith":
         from . import arith
 
@@ -137,7 +138,13 @@ def fetch_dataset(
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in canon)
     digest = hashlib.sha256(text.encode()).hexdigest()
     out = Path(cache_dir) / "datasets" / f"{slug(cfg.name)}-{cfg.split}-{digest[:16]}.jsonl"
-    if not (out.exists() and file_sha256(out) == digest):
+    if out.exists() and not refresh and (now := file_sha256(out)) != digest:
+        # one rule for every cache entry: a changed file stops the run, named, until --refresh rebuilds it
+        raise CacheError(
+            f"cache entry {out} does not match the hash in its name (expected {digest[:16]}, now {now[:16]}): "
+            "the file changed on disk; " + REFRESH_HINT
+        )
+    if not out.exists() or refresh:
         atomic_write_text(out, text)
     art = DatasetArtifact(path=str(out), sha256=digest, rows=len(canon), source=cfg.source, name=cfg.name)
     return art

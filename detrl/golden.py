@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .ledger import LEDGER_FILE, STEP_DIR, read_ledger
 from .util import atomic_dir, default_dir, utc_stamp
 from .verify import Verdict, compare, dict_diff
@@ -67,7 +68,9 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
     golden when there is none (or when `update`)."""
     run = read_ledger(run_dir)
     if not run.complete:
-        raise ValueError(f"{run_dir}: only a complete ledger can be compared with or become a golden: {run.problems}")
+        raise ConfigError(
+            f"{run_dir}: only a complete, valid ledger can be compared with or become a golden: {run.problems[:2]}"
+        )
     assert run.header is not None  # a complete ledger has one
     key = golden_key(run.header)
     gdir = Path(store or default_dir("golden")) / key

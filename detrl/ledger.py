@@ -226,6 +226,20 @@ class HeaderRecord(BaseModel):
     started_at: str
 
     @model_validator(mode="after")
+    def _config_is_a_run_config(self) -> HeaderRecord:
+        """Every recorded config value has its key's exact type (semantic or not): "2" or 2.0 for an int
+        is a changed ledger, not the same value."""
+        from .config import RunConfig
+
+        try:
+            RunConfig.model_validate(self.config, strict=True)
+        except ValidationError as err:
+            e = err.errors()[0]
+            loc = ".".join(str(x) for x in e["loc"])
+            raise ValueError(f"config.{loc}: {e['msg']} (got {e.get('input')!r:.60})") from None
+        return self
+
+    @model_validator(mode="after")
     def _config_matches_its_hash(self) -> HeaderRecord:
         blob = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
         expected = hash_config(self.config, self.version) if self.version >= 2 else hashlib.sha256(blob).hexdigest()
@@ -241,6 +255,7 @@ class IterationRecord(BaseModel):
     hashes: _Hashes
     tensors: _Tensors
     stats: dict[str, float | None]
+    step_data: str | None = PydField(None, pattern=_HEX64)  # SHA-256 of steps/iter_N.safetensors (v3)
 
     @model_validator(mode="after")
     def _combined_hashes_match(self) -> IterationRecord:
@@ -336,6 +351,29 @@ def _check(led: Ledger, where: str, rec: Any, expected: str | None) -> str | Non
     return None
 
 
+class _NotStrictJSON(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise _NotStrictJSON(f"the key {dup!r} appears twice in one object (which one counts is undefined)")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJSON(f"{name} is not a JSON number")
+
+
+def strict_json(line: bytes) -> Any:
+    """A record as JSON allows nothing ambiguous: no BOM, no duplicated key, no NaN or Infinity."""
+    if line.startswith(b"\xef\xbb\xbf"):
+        raise _NotStrictJSON("a byte-order mark before the record")
+    return json.loads(line, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+
+
 def read_ledger(path_or_dir: str | Path) -> Ledger:
     """Parse and validate a ledger; never raises on content: every defect goes to `problems`.
     Reading stops at the first invalid record."""
@@ -351,7 +389,11 @@ def read_ledger(path_or_dir: str | Path) -> Ledger:
     for n, line in enumerate(lines, 1):
         where = f"{p}:{n}"
         try:
-            rec = json.loads(line)
+            rec = strict_json(line)
+        except _NotStrictJSON as exc:
+            led.problems.append(f"{where}: not strict JSON: {exc}")
+            led.invalid = True
+            return led
         except ValueError:
             led.problems.append(f"{where}: not valid JSON")
             led.invalid = True
@@ -367,6 +409,11 @@ def read_ledger(path_or_dir: str | Path) -> Ledger:
             led.iterations.append(rec)
         else:
             led.completion = rec
+    bad_steps = _step_file_problems(led)
+    if bad_steps:
+        led.problems += bad_steps
+        led.invalid = True
+        return led
     if torn:
         led.problems.append(f"{p}:{len(lines) + 1}: the last line is torn (no newline): the run was cut off mid-write")
     elif led.header is None:
@@ -387,12 +434,28 @@ def step_data_path(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / STEP_DIR / f"iter_{iteration:05d}.safetensors"
 
 
-def save_step_data(run_dir: str | Path, iteration: int, arrays: Mapping[str, np.ndarray]) -> None:
-    atomic_write_bytes(
-        step_data_path(run_dir, iteration), save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-    )
+def step_data_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+
+def save_step_data(run_dir: str | Path, iteration: int, blob: bytes) -> None:
+    atomic_write_bytes(step_data_path(run_dir, iteration), blob)
+
+
+def _step_file_problems(led: Ledger) -> list[str]:
+    """Every step-data file an iteration record hashes (`step_data`) must have exactly those bytes: a
+    verdict never reads tokens from a swapped, truncated or edited file. A file that is gone is only a
+    coarser verdict (the hashes still compare)."""
+    out = []
+    for rec in led.iterations:
+        want = rec.get("step_data")
+        p = step_data_path(led.run_dir, rec["iteration"])
+        if want is not None and p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() != want:
+            out.append(f"{p}: its bytes are not the ones iteration {rec['iteration']}'s record hashes (step_data)")
+    return out
 
 
 def load_step_data(run_dir: str | Path, iteration: int) -> dict[str, np.ndarray] | None:
+    """The step data of `iteration` (read_ledger has proven the file's bytes against its record's hash)."""
     p = step_data_path(run_dir, iteration)
     return load_file(str(p)) if p.exists() else None

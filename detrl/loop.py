@@ -4,6 +4,8 @@ every phase's hash in the ledger."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -15,15 +17,16 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from . import checkpoints, records, rewards
-from .config import Perturbation, RunConfig
+from .config import Perturbation, RunConfig, parse_plants
 from .convert import ConvertedArtifact, convert_cached
 from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
 from .grpo import group_advantages
-from .ledger import LEDGER_FILE, LedgerWriter, save_step_data
+from .ledger import LEDGER_FILE, LedgerWriter, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
 from .models import ModelArtifact, fetch_model
 from .records import progress_line, rollout_shape
 from .rollout import SamplingParams
+from .rundir import check_out_dir, exclusive
 from .schedule import PLAIN, Schedule
 from .trainer import Sample
 from .util import atomic_write_text
@@ -92,8 +95,32 @@ def run(
     record (checkpoints.ResumeDivergence otherwise), so the ledger ends identical, record for record, to
     one of a run that never stopped. `schedule`: how the rollout requests reach the engine (run B of a
     twice-run: detrl.schedule.perturbed)."""
-    check_tensor_parallel(ArchMeta.from_hf_dir(artifacts.model.path), cfg.resources.tensor_parallel)
+    meta = ArchMeta.from_hf_dir(artifacts.model.path)
+    check_tensor_parallel(meta, cfg.resources.tensor_parallel)
+    parse_plants([f"{p.iteration}:{p.tensor}:{p.when}" for p in perturbations], cfg, meta)  # this model's names
     run_dir = Path(run_dir)
+    if not resume:
+        check_out_dir(run_dir)  # before the lock creates the directory: nothing of another run is mixed in
+    created = not run_dir.exists()
+    try:
+        with exclusive(run_dir):
+            return _run_locked(cfg, run_dir, artifacts, resume, perturbations, progress, schedule)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+
+
+def _run_locked(
+    cfg: RunConfig,
+    run_dir: Path,
+    artifacts: Artifacts,
+    resume: bool,
+    perturbations: Sequence[Perturbation],
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+    schedule: Schedule,
+) -> RunSummary:
     start = checkpoints.start_point(cfg, run_dir, resume)
     if start.done is not None:
         final = (start.done.completion or {}).get("final_weights", "")
@@ -120,11 +147,14 @@ def run(
             for it in range(start.iteration, cfg.train.steps):
                 data = step(w, it)
                 record = records.iteration(data)
+                blob = step_data_bytes(records.step_arrays(data)) if cfg.ledger.keep_step_data else None
+                if blob is not None:  # the record hashes the file a verdict reads tokens from
+                    record["step_data"] = hashlib.sha256(blob).hexdigest()
                 if it < len(recorded):  # resumed: recomputed, proven equal, the record and its data kept
                     checkpoints.check_recomputed(run_dir, recorded[it], record)
                 else:
-                    if cfg.ledger.keep_step_data:
-                        save_step_data(run_dir, it, records.step_arrays(data))
+                    if blob is not None:
+                        save_step_data(run_dir, it, blob)
                     ledger.append(record)
                 check_on_policy(cfg, data)  # after the record: the ledger keeps what was measured
                 if checkpoints.due(cfg, it) and not checkpoints.saved(run_dir, it):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -21,6 +23,23 @@ def target(param: str | None) -> str | None:
 
 def is_webhook(dest: str) -> bool:
     return dest.startswith(("http://", "https://"))
+
+
+_BLOCK = re.compile(r"^[a-z0-9][a-z0-9-]*/[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def target_problem(dest: str) -> str | None:
+    """Why `dest` is not a notify target (None if it may be): an http(s) URL with a host, or a Prefect block's
+    TYPE/NAME (whether that block exists is checked by the flow, which has Prefect)."""
+    if is_webhook(dest):
+        host = urllib.parse.urlsplit(dest).hostname
+        return None if host else f"notify target {dest!r} is a URL without a host"
+    if _BLOCK.fullmatch(dest):
+        return None
+    return (
+        f"notify target {dest!r} is neither an http(s) URL nor a Prefect notification block as TYPE/NAME "
+        "(e.g. slack-webhook/nightly); set the flow's notify parameter or $DETRL_NOTIFY to one"
+    )
 
 
 def message(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import data
 from .config import ConfigError
 from .data import gsm8k_reward, hash_reward
 
@@ -47,6 +48,14 @@ def _source_sha(module: Any) -> str:
     except (OSError, TypeError):
         src = Path(getattr(module, "__file__", "") or "").read_text() if getattr(module, "__file__", None) else ""
     return hashlib.sha256(src.encode()).hexdigest()
+
+
+def _functions_sha(*fns: Any) -> str:
+    """A builtin's identity: the source of its functions, not of the module around them."""
+    return hashlib.sha256("".join(inspect.getsource(f) for f in fns).encode()).hexdigest()
+
+
+_GSM8K = (data.gsm8k_reward, data.extract_answer, data.extract_gold, data.normalize_number, data._last_boxed)
 
 
 def _import(spec: str) -> tuple[Any, UserFn]:
@@ -100,13 +109,13 @@ def load(spec: str, tokenizer: Any, probe: tuple[str, dict[str, Any]] = ("#### 0
     """The reward named `spec`; a user reward is imported and called once on `probe` (an empty response
     with a real row's answer and meta, before any worker starts). `tokenizer` decodes responses."""
     if spec == "hash":
-        return Reward("hash", _source_sha(sys.modules[hash_reward.__module__]), lambda ids, a, meta: hash_reward(ids))
+        return Reward("hash", _functions_sha(hash_reward), lambda ids, a, meta: hash_reward(ids))
     if spec == "gsm8k":
 
         def gsm8k(ids: Sequence[int], answer: str, meta: dict[str, Any]) -> float:
             return gsm8k_reward(tokenizer.decode(list(ids), skip_special_tokens=True), answer)
 
-        return Reward("gsm8k", _source_sha(sys.modules[gsm8k_reward.__module__]), gsm8k)
+        return Reward("gsm8k", _functions_sha(*_GSM8K), gsm8k)
     module, fn = _import(spec)
     try:
         _checked(spec, fn, "", *probe)

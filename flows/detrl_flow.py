@@ -15,14 +15,14 @@ from prefect.states import Failed, State
 
 from detrl import schedule, twice
 from detrl.cli import config_arguments
-from detrl.config import PROFILES, RunConfig
+from detrl.config import PROFILES, RunConfig, parse_plants
 from detrl.report import verdict_summary
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
 from detrl.workers import shared_ray
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
-from tasks.notify import notify_hook
+from tasks.notify import check_target, notify_hook
 from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
 from tasks.verify import verify_runs
 
@@ -94,6 +94,8 @@ def detrl_flow(
         "determinism.enabled": determinism,
     }
     cfg = resolve_config(profile, seed, {k: v for k, v in typed.items() if v is not None}, overrides, config_file)
+    parse_plants(plant, cfg)  # a flip the runs would never apply fails here, before any work
+    check_target(notify)  # and a notify target that could never be reached
     out = Path(runs_dir or default_dir("runs"))
     out = check_out_dir(out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
     preflight.with_options(timeout_seconds=cfg.startup_timeout())(cfg)

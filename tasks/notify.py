@@ -10,7 +10,26 @@ from prefect.blocks.core import Block
 from prefect.logging import get_logger
 from prefect.utilities.urls import url_for
 
-from detrl.notify import is_webhook, message, post_json, target
+from detrl.config import ConfigError
+from detrl.notify import is_webhook, message, post_json, target, target_problem
+
+
+def check_target(param: str | None) -> None:
+    """At flow start, before any work: the notify target (parameter or $DETRL_NOTIFY) is an http(s) URL or
+    a notification block that exists. ConfigError with the fix otherwise."""
+    dest = target(param)
+    if dest is None:
+        return
+    if (why := target_problem(dest)) is not None:
+        raise ConfigError(why)
+    if not is_webhook(dest):
+        try:
+            Block.load(dest)
+        except Exception as exc:
+            raise ConfigError(
+                f"notify target {dest!r}: no Prefect block of that TYPE/NAME here ({type(exc).__name__}); create "
+                "it (Prefect UI, Blocks) or use an http(s) webhook URL"
+            ) from None
 
 
 def _result(state: Any) -> dict[str, Any] | None:

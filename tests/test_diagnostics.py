@@ -106,7 +106,7 @@ def test_golden_refuses_an_incomplete_run(runs, tmp_path):
     shutil.copytree(runs / "a", torn)
     data = (torn / "ledger.jsonl").read_bytes()
     (torn / "ledger.jsonl").write_bytes(data[:-30])
-    with pytest.raises(ValueError, match="only a complete ledger"):
+    with pytest.raises(ValueError, match="only a complete, valid ledger"):
         golden.check(torn, tmp_path / "store")
 
 

@@ -167,3 +167,26 @@ def check_tensor_parallel(m: ArchMeta, tp: int) -> None:
             f"resources.tensor_parallel={tp} must divide the model's {', '.join(bad)}; "
             f"choose a tensor_parallel that divides {math.gcd(*sizes.values())}"
         )
+
+
+def tensor_problem(name: str, meta: ArchMeta | None = None) -> str | None:
+    """Why `name` is not a trainer tensor (None if it is): a Megatron name of NAMES, and with `meta` one of
+    this model's (its layer count, tied embeddings, QKV bias). Says the closest name."""
+    import difflib
+    import re
+
+    if meta is None:
+        known = [k for k in NAMES]
+        pattern = re.sub(r"\.\d+\.", ".{}.", name, count=1)
+        if pattern in known:
+            return None
+    else:
+        known = [mc for mc, _, _ in _names(meta)]
+        if name in known:
+            return None
+    hint = difflib.get_close_matches(name, [k.format(0) for k in known], n=1)
+    return (
+        f"the model has no tensor {name!r}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + (f"; it has {len(known)}, e.g. {known[-1]!r}" if meta is not None else "")
+    )
