@@ -20,8 +20,9 @@ def hashing_cost_per_step(artifacts, cfg, repeats: int = 5) -> float:
     """Seconds of hashing one step does: the exported policy (trainer side), the same tensors as
     the engine holds them (engine side), the trainer's weights after the step, and the per-phase
     arrays of a batch of this shape."""
-    from detrl.ledger import array_sha256, ragged_sha256, tensor_digests
+    from detrl.ledger import array_sha256, ragged_sha256
     from detrl.megatron.checkpoint import load_hf_state
+    from detrl.tensor_hash import tensor_digests
 
     state = {k: v.float() for k, v in load_hf_state(artifacts.model.path).items()}
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt

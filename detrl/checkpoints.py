@@ -81,6 +81,9 @@ def save(workers: Any, run_dir: Path, it: int, cfg: RunConfig) -> None:
         )
     for old in sorted((run_dir / CKPT_DIR).glob("iter_*"))[: -cfg.checkpoint.keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # atomic_dir's swap lock: one writer holds a run directory (rundir.exclusive), so it has no one to guard
+    for lock in (run_dir / CKPT_DIR).glob(".iter_*.lock"):
+        lock.unlink(missing_ok=True)
 
 
 def start_point(cfg: RunConfig, run_dir: Path, resume: bool) -> Start:

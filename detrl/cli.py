@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import schedule, twice
 from .config import PROFILES, ConfigError, load_config, parse_plants, resolve_profile
 from .util import default_dir
 
@@ -113,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plants = _plants(args.plant, cfg)
+    from . import schedule, twice
     from .loop import prepare, run
     from .report import format_text
     from .rundir import check_out_dir
@@ -179,6 +179,14 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return EXIT_OK if res.passed else EXIT_FAILED
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.run, args.cache, args.checkpoint)
+    emit(res.text())
+    return EXIT_FAILED if res.matches is False else EXIT_OK
+
+
 def cmd_golden(args: argparse.Namespace) -> int:
     from . import golden
 
@@ -234,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_arguments(p)
     p.add_argument("--full", action="store_true", help="batches up to 16 and longer generations")
     p.set_defaults(fn=cmd_selftest)
+
+    p = sub.add_parser(
+        "eval", help="the held-out eval of a run's checkpoint; exit 1 if it differs from the run's own eval"
+    )
+    p.add_argument("run")
+    p.add_argument("--checkpoint", type=int, metavar="ITER", help="the checkpoint after ITER (default: the latest)")
+    p.add_argument("--cache", default=default_dir("cache"), help="where the run's model and data are cached")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("golden", help="compare a run with the known-good ledger of its config (record it if none)")
     p.add_argument("run")

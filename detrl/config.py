@@ -291,6 +291,17 @@ class TimeoutsConfig(_Strict):
     )
 
 
+class EvalConfig(_Strict):
+    every: int = Field(
+        0,
+        ge=0,
+        description="greedy decoding of held-out prompts every K iterations and at the last one (0: never), on "
+        "the policy entering the iteration, through the run's engine; accuracy by the run's reward, tokens hashed",
+    )
+    prompts: int = Field(64, ge=1, description="the last N dataset rows, held out of training when every > 0")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.max_new_tokens")
+
+
 class VerifyConfig(_Strict):
     perturb_schedule: bool = Field(
         True,
@@ -319,6 +330,7 @@ class RunConfig(_Strict):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -421,6 +433,10 @@ class RunConfig(_Strict):
     def gpus_per_run(self) -> int:
         res = self.resources
         return res.trainer_ranks + (0 if res.colocate else 1) if self.on_gpu else 0
+
+    def eval_due(self, it: int) -> bool:
+        every = self.eval.every
+        return bool(every) and (it % every == 0 or it == self.train.steps - 1)
 
     def step_kv_tokens(self) -> int:
         """KV-cache tokens one step's batch can need at once (every sample at its longest), plus 10 %."""
@@ -725,7 +741,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not a YAML scalar, list or mapping ({reason})") from None
     return key.split("."), value
 
 

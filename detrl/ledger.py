@@ -1,7 +1,7 @@
 """The run ledger: one JSON line per record (header, one per iteration, completion), each appended
 with a single write + fsync, so a crash leaves at most one torn last line, which readers detect.
-Also the hashing of tensors and ragged arrays, and the per-step data files verify uses for
-max |diff|."""
+Also the hashing of arrays, and the per-step data files verify uses for max |diff|. No torch here
+(tensor digests are `detrl.tensor_hash`): `detrl verify` reads ledgers without importing it."""
 
 from __future__ import annotations
 
@@ -10,14 +10,11 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
-import xxhash
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic import Field as PydField
 from safetensors.numpy import load_file, save
@@ -47,43 +44,6 @@ PER_TENSOR = ("policy_weights", "weights")
 
 
 # ---------------------------------------------------------------- hashing
-
-# Weight tensors are hashed with XXH3-128 by default: 11 GB/s against 1.25 GB/s for SHA-256 on the
-# CI machine, and an accidental difference between two runs is caught just the same (nobody forges
-# a collision here). `ledger.tensor_hash=sha256` switches to SHA-256. All other fields use SHA-256.
-TENSOR_HASHES = ("xxh3_128", "sha256")
-
-
-def _hasher(algo: str, header: bytes):
-    if algo == "sha256":
-        return hashlib.sha256(header)
-    if algo == "xxh3_128":
-        return xxhash.xxh3_128(header)
-    raise ValueError(f"unknown tensor hash {algo!r}; choose from {TENSOR_HASHES}")
-
-
-def tensor_digest(t: torch.Tensor, algo: str = "xxh3_128") -> str:
-    """Hash over dtype, shape and the raw bytes (so 1.0 in fp32 and bf16 hash differently),
-    prefixed with the algorithm so digests of different kinds never compare equal."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    h = _hasher(algo, f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return f"{algo}:{h.hexdigest()}"
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def tensor_digests(named: Mapping[str, torch.Tensor], algo: str = "xxh3_128") -> dict[str, str]:
-    """Per-tensor digests, hashed in threads (both hashers release the GIL on large buffers)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-    names = list(named)
-    return dict(zip(names, _POOL.map(lambda n: tensor_digest(named[n], algo), names)))
 
 
 def combine(hashes: Mapping[str, str]) -> str:
@@ -248,6 +208,13 @@ class HeaderRecord(BaseModel):
         return self
 
 
+class _Eval(BaseModel):
+    model_config = _STRICT
+    tokens: str = PydField(pattern=_HEX64)  # the greedy responses to the held-out prompts
+    accuracy: float
+    prompts: int = PydField(ge=1)
+
+
 class IterationRecord(BaseModel):
     model_config = _STRICT
     kind: Literal["iteration"]
@@ -256,6 +223,7 @@ class IterationRecord(BaseModel):
     tensors: _Tensors
     stats: dict[str, float | None]
     step_data: str | None = PydField(None, pattern=_HEX64)  # SHA-256 of steps/iter_N.safetensors (v3)
+    eval: _Eval | None = None  # eval.every: the held-out greedy eval of the policy entering the iteration
 
     @model_validator(mode="after")
     def _combined_hashes_match(self) -> IterationRecord:

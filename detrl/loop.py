@@ -19,9 +19,9 @@ from transformers import AutoTokenizer
 from . import checkpoints, records, rewards
 from .config import Perturbation, RunConfig, parse_plants
 from .convert import ConvertedArtifact, convert_cached
-from .data import DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
+from .data import DataError, DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
 from .grpo import group_advantages
-from .ledger import LEDGER_FILE, LedgerWriter, save_step_data, step_data_bytes
+from .ledger import LEDGER_FILE, LedgerWriter, ragged_sha256, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
 from .models import ModelArtifact, fetch_model
 from .records import progress_line, rollout_shape
@@ -191,7 +191,15 @@ class Step:
     ):
         self.cfg, self.schedule = cfg, schedule
         tokenizer = AutoTokenizer.from_pretrained(artifacts.model.path)
-        self.prompts = PromptSet(read_dataset(artifacts.data), tokenizer, cfg.data, cfg.seed)
+        rows = read_dataset(artifacts.data)
+        held = cfg.eval.prompts if cfg.eval.every else 0
+        if held and len(rows) <= held:
+            raise DataError(
+                f"eval.prompts={held} would hold out every one of the dataset's {len(rows)} rows; lower eval.prompts"
+            )
+        self.prompts = PromptSet(rows[: len(rows) - held], tokenizer, cfg.data, cfg.seed)
+        # the held-out rows, in dataset order: never trained on
+        self.eval_set = PromptSet(rows[len(rows) - held :], tokenizer, cfg.data, cfg.seed) if held else None
         first = self.prompts.batch(0, 1)
         probe_meta = {**first.metas[0], "iteration": 0, "sample": 0}
         self.reward = rewards.load(cfg.reward, tokenizer, (first.answers[0], probe_meta))
@@ -202,6 +210,9 @@ class Step:
             stop_ids(tokenizer, artifacts.model.path),
         )
         self.plant = {(p.iteration, p.when): p for p in perturbations}
+        self.eval_params = SamplingParams(
+            cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, 0.0, 1.0, self.params.stop_token_ids
+        )
 
     def __call__(self, w: Workers, it: int) -> records.StepData:
         cfg, P, G = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.samples_per_prompt
@@ -210,6 +221,7 @@ class Step:
         # 1. policy sync; at iteration 0 the engine loaded the same checkpoint from disk, and proving
         # it holds the trainer's weights checks the conversion
         sent = w.sync_policy(it, update=it > 0 or (0, "before_step") in self.plant)
+        evaluation = self.evaluate(w, it) if self.cfg.eval_due(it) else None
         t_sync = time.perf_counter()
         # 2. prompts and rollout
         batch = self.prompts.batch(it, P)
@@ -239,8 +251,27 @@ class Step:
             "step_s": time.perf_counter() - t0,
         }
         return records.StepData(
-            it, batch.prompt_ids, gens, rewards, adv, trainer_lp, losses, norms, sent, weights, times
+            it, batch.prompt_ids, gens, rewards, adv, trainer_lp, losses, norms, sent, weights, times, evaluation
         )
+
+    def evaluate(self, w: Workers, it: int) -> dict[str, Any]:
+        """Greedy decoding of the held-out prompts by the policy entering iteration `it` (scheduled as the
+        rollout is), scored by the run's reward."""
+        assert self.eval_set is not None
+        t = time.perf_counter()
+        prompts, answers = self.eval_set.prompts, [r["answer"] for r in self.eval_set.rows]
+        metas = [dict(r.get("meta") or {}) for r in self.eval_set.rows]
+        gens = self.schedule.generate(lambda p, s: w.generate(it, p, s, self.eval_params), prompts, None, it)
+        scores = [
+            self.reward.score(g.token_ids, a, {**m, "iteration": it, "sample": j, "eval": True})
+            for j, (g, a, m) in enumerate(zip(gens, answers, metas))
+        ]
+        return {
+            "tokens": ragged_sha256([g.token_ids for g in gens], np.int64),
+            "accuracy": float(np.mean(scores)),
+            "prompts": len(gens),
+            "eval_s": time.perf_counter() - t,
+        }
 
     def _maybe_flip(self, w: Workers, it: int, when: str) -> None:
         if (p := self.plant.get((it, when))) is not None:

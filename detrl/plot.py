@@ -22,6 +22,7 @@ PANELS = (
     ("logprob_max_abs_diff", "trainer vs rollout log-prob max |diff|"),
     ("logprob_mismatched_tokens", "tokens whose trainer and rollout log-probs differ"),
     ("eos_fraction", "responses ended by EOS"),
+    ("eval_accuracy", "held-out accuracy (greedy, eval.every)"),
 )
 
 
@@ -29,7 +30,8 @@ def curves_png(
     runs: Mapping[str, Sequence[dict[str, Any]]], title: str = "", diverged_at: tuple[int, str] | None = None
 ) -> bytes:
     """`diverged_at`: (iteration, phase) of the first divergence, marked in every panel."""
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6), dpi=80)
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6), dpi=80)
+    axes.flat[-1].axis("off")
     styles = {
         "A": {"color": "tab:blue", "lw": 3, "alpha": 0.6, "marker": "o"},
         "B": {"color": "tab:orange", "ls": "--", "lw": 1.5, "marker": "x"},

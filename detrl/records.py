@@ -71,6 +71,7 @@ class StepData:
     sent: dict[str, str]  # digests of the policy the engine proved it holds
     weights: dict[str, str]  # digests of the trainer's weights after the step
     times: dict[str, float]
+    evaluation: dict[str, Any] | None = None  # the held-out greedy eval of the policy entering the iteration
 
     @cached_property
     def rollout_logprobs(self) -> list[np.ndarray]:  # hashed and saved: converted once
@@ -83,6 +84,15 @@ class StepData:
 
 
 def iteration(d: StepData) -> dict[str, Any]:
+    rec = _iteration(d)
+    if d.evaluation is not None:
+        ev = d.evaluation
+        rec["eval"] = {"tokens": ev["tokens"], "accuracy": ev["accuracy"], "prompts": ev["prompts"]}
+        rec["stats"].update(eval_accuracy=ev["accuracy"], eval_s=ev["eval_s"])
+    return rec
+
+
+def _iteration(d: StepData) -> dict[str, Any]:
     rollout_lp = d.rollout_logprobs
     return {
         "kind": "iteration",
@@ -165,6 +175,7 @@ def progress_line(stats: dict[str, Any]) -> str:
         f"{stats['response_len_max']} EOS {stats['eos_fraction']:.0%} "
         f"|lp trainer-rollout| {stats['logprob_max_abs_diff']:.2e}"
         f"{_mismatched(stats)} step {stats['step_s']:.2f}s"
+        + (f" held-out accuracy {stats['eval_accuracy']:.3f}" if "eval_accuracy" in stats else "")
     )
 
 

@@ -186,7 +186,7 @@ def flow_artifacts(v: Verdict) -> FlowArtifacts:
     plot = data_uri(curves_png(stats, title, at))
     markdown = format_markdown(v) + f"\n## Per iteration\n\n![reward, loss, length, logprob diff]({plot})\n"
     phases = [{"iteration": r["iteration"], **{p: r[p] for p in PHASES}} for r in v.table]
-    metrics = ("loss", "grad_norm", *SHAPE_KEYS, "step_s")
+    metrics = ("loss", "grad_norm", *SHAPE_KEYS, "eval_accuracy", "step_s")
     curves = [
         {"run": k, "iteration": i, **{m: round(s[m], 6) for m in metrics if m in s}}
         for k, rows in stats.items()

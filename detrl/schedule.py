@@ -102,8 +102,9 @@ def perturbed(cfg: RunConfig) -> Schedule:
     """Run B's schedule: derived from the run seed, never the one run A gets."""
     h = int.from_bytes(hashlib.sha256(f"detrl-schedule-{cfg.seed}".encode()).digest()[:8], "little")
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    # each submission waits for its longest response: two keep the rollout's cost near run A's
-    submissions = min(n, 2)
+    # on SGLang each submission waits for its longest response: two keep the rollout's cost near run A's; the
+    # hf engine computes sequence by sequence (per_sequence) or per submission (padded), so four cost nothing
+    submissions = min(n, 2 if cfg.backends.rollout == "sglang" else 4)
     engine_args: dict[str, int] = {}
     if cfg.backends.rollout == "sglang":
         sg = cfg.rollout.sglang

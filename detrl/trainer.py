@@ -22,12 +22,12 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from .config import RunConfig, TrainConfig
 from .grpo import ppo_clip_token_loss
-from .ledger import tensor_digests
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from .megatron.exact import engine_forward
 from .megatron.model import attention_mask, build_gpt_model
 from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf, tp_partition_dim
 from .megatron.parallel import model_parallel
+from .tensor_hash import tensor_digests
 
 
 @dataclass

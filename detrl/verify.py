@@ -118,6 +118,9 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
     """Refine a divergence with the per-step data both runs kept: sample, position, max |diff|."""
     it = div.iteration
     assert it is not None, "only a divergence at an iteration is located"
+    if div.phase == "eval":
+        div.detail = "the held-out greedy eval's tokens differ (no per-token data kept for the eval)"
+        return
     if div.phase in PER_TENSOR:
         ta: dict[str, str] = dict(map(tuple, la.iterations[it]["tensors"][div.phase]))
         tb: dict[str, str] = dict(map(tuple, lb.iterations[it]["tensors"][div.phase]))
@@ -164,6 +167,8 @@ PHASE_CAUSE = {
     "policy_weights": "the policy entering this iteration differs: the trainer's weights changed between "
     "iterations (a bit flip, memory corruption, an out-of-band write) or the weight export "
     "is not deterministic",
+    "eval": "the engine's greedy answers to the held-out prompts differ for the same policy: the engine is not "
+    "deterministic for these batches (or one run evaluated where the other did not: eval.every)",
     "prompts": "the data order differs: a different seed or dataset content",
     "rollout_tokens": "the rollout engine is not deterministic for the same weights and prompts: check "
     "--enable-deterministic-inference, the attention backend (flashinfer/triton, not fa3), "
@@ -339,8 +344,13 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
         ha, hb = a.iterations[i]["hashes"], b.iterations[i]["hashes"]
         row = {"iteration": str(i)}
         differing = [p for p in PHASES if ha.get(p) != hb.get(p)]
+        ea, eb = (a.iterations[i].get("eval") or {}).get("tokens"), (b.iterations[i].get("eval") or {}).get("tokens")
+        if ea != eb:  # the eval runs after the policy sync, before the rollout
+            differing.insert(1 if "policy_weights" in differing else 0, "eval")
         for p in PHASES:
             row[p] = "match" if p not in differing else "DIFF"
+        if ea or eb:
+            row["eval"] = "match" if ea == eb else "DIFF"
         v.table.append(row)
         if differing and v.first is None:
             v.first = Divergence(iteration=i, phase=differing[0], detail="", other_phases=differing[1:])

@@ -27,10 +27,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from . import quiet, reaper
 from .config import DETERMINISM_ENV, Perturbation, RunConfig, config_from_json
 from .determinism import DeterminismError, apply_process_settings, env_problems, fa3_importable, fingerprint, read_env
-from .ledger import tensor_digests
 from .megatron.parallel import tcp_store
 from .rollout import Generation, SamplingParams, make_engine
 from .selftest import batch_invariance, vocab_bound
+from .tensor_hash import tensor_digests
 from .trainer import GRPOTrainer, Sample
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)

@@ -4,9 +4,14 @@ run loop B -> verify. Ends Failed when the two runs differ, and then notifies (`
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
+
+# The temporary server a local flow starts must not try to send telemetry: offline it logs an ERROR a user
+# cannot act on. Set before Prefect reads its settings; an explicit setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow
 from prefect.futures import wait

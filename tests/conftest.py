@@ -1,3 +1,11 @@
+"""Shared fixtures and helpers (no test module imports another). Two tiers:
+
+pytest                                    # the unit tier: no Ray, no subprocess, no loop run
+pytest -m integration                     # the integration tier: loop runs, the CLI, Prefect
+bash scripts/test.sh                      # both tiers, lint and types (what CI runs)
+pytest -m gpu                             # on a GPU host: the GPU tests
+"""
+
 import os
 import socket
 import subprocess
@@ -53,7 +61,16 @@ def _cuda() -> bool:
         return False
 
 
+# The integration tier: tests that run the loop through Ray (the `runs` and `ray_session` fixtures), are
+# marked here; tests that start the CLI or Prefect in another process carry the mark themselves.
+INTEGRATION_FIXTURES = {"runs", "ray_session"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection sees the marks
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run these on the GPU host: pytest -m gpu)")

@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import ROOT, detrl, tiny_run
 
+pytestmark = pytest.mark.integration  # the CLI in fresh processes, real conversions
+
 
 @pytest.mark.parametrize(
     "args,message",
@@ -36,7 +38,7 @@ def test_unreachable_model_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "c" / "megatron").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_path, runs):
     out = tmp_path / "rep"
     r = detrl(

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 class Receiver:

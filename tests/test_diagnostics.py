@@ -13,7 +13,7 @@ from detrl.ledger import PER_TENSOR, combine
 from detrl.loop import run
 from detrl.verify import verify
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def _checks(report, name):

@@ -152,7 +152,7 @@ def test_detrl_rms_norm_is_batch_invariant_and_close_to_sglangs():
         assert torch.allclose(out.float(), native[0].float(), rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode_diverges(tmp_path):
     from detrl import twice
     from detrl.ledger import read_ledger

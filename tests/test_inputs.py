@@ -85,6 +85,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 PIPES = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
 
 
+@pytest.mark.integration
 def test_one_writer_per_run_directory_and_a_dead_holder_never_blocks(tmp_path):
     d = tmp_path / "run"
     with exclusive(d):
@@ -126,6 +127,7 @@ def test_one_writer_per_run_directory_and_a_dead_holder_never_blocks(tmp_path):
         check_out_dir(d)  # our own lock file is not "another run's" content
 
 
+@pytest.mark.integration
 def test_two_runs_into_one_new_directory_one_runs_and_the_other_exits_2(tmp_path, cache_dir, artifacts):
     out = tmp_path / "same"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -247,14 +249,20 @@ def test_verify_into_a_closed_pipe_is_quiet_and_keeps_its_exit_code(runs):
         assert first.startswith(b"IDENTICAL") and code == 0 and "Traceback" not in err, err
 
 
-# The bytes a verdict depends on: every iteration's hashes, tensors and step-data hash, and the header's
-# config, artifacts and config hash (stats, times and the environment only describe the run).
+# The bytes a verdict depends on: every iteration's hashes, tensors, step-data hash and eval, and the header's
+# config, artifacts' content keys and config hash (stats, times, paths, labels and the environment only
+# describe the run).
 def _depended_on(led):
+    from detrl.verify import ARTIFACT_KEYS
+
     head = led.header or {}
+    artifacts = {
+        n: {k: v for k, v in a.items() if k in ARTIFACT_KEYS} for n, a in (head.get("artifacts") or {}).items()
+    }
     return (
-        [(r["hashes"], r["tensors"], r.get("step_data")) for r in led.iterations],
+        [(r["hashes"], r["tensors"], r.get("step_data"), (r.get("eval") or {}).get("tokens")) for r in led.iterations],
         head.get("config"),
-        head.get("artifacts"),
+        artifacts,
         head.get("config_hash"),
     )
 
@@ -294,3 +302,54 @@ def test_no_single_byte_or_record_edit_of_run_b_passes_unless_it_left_what_the_v
     v = verify(str(runs / "a"), str(d))
     if v.exit_code == 0:
         assert _depended_on(read_ledger(d)) == before, (target, v.problems)
+
+
+KEYS = [
+    "seed",
+    "rollout.seed",
+    "train.steps",
+    "train.lr",
+    "rollout.temperature",
+    "rollout.max_new_tokens",
+    "resources.num_gpus",
+    "checkpoint.keep",
+    "data.name",
+    "model.name",
+    "reward",
+    "train.on_policy",
+    "eval.every",
+    "determinism.env.NCCL_ALGO",
+    "no.such.key",
+]
+VALUES = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=16),
+    st.booleans(),
+    st.just("[1, 2"),
+    st.just("a: b: c"),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.one_of(st.none(), st.integers(-(2**70), 2**70)),
+    key=st.sampled_from(KEYS),
+    value=VALUES,
+    plant=st.one_of(st.none(), st.text(max_size=24), st.just("1:decoder.layers.0.mlp.linear_fc1.weight")),
+)
+def test_random_arguments_get_exit_2_and_never_a_traceback(tmp_path_factory, capsys, seed, key, value, plant):
+    """Whatever the values, `run` answers before any work: into a busy --out every run is refused, so any
+    input either is refused for itself or reaches that refusal; exit 2 with one message, never a traceback."""
+    base = tmp_path_factory.mktemp("cli")
+    busy = base / "busy"
+    busy.mkdir()
+    (busy / "other.txt").write_text("someone else's file")
+    args = ["run", "--profile", "tiny-cpu", "--out", str(busy), "--cache", str(base / "cache")]
+    args += ["--set", f"{key}={value}"]
+    args += [] if seed is None else ["--seed", str(seed)]
+    args += [] if plant is None else ["--plant", plant]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.startswith("detrl: error:"), (args, err[-600:])
+    assert not (base / "cache").exists()

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import detrl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,12 +173,15 @@ def test_a_structurally_bad_ledger_is_invalid_with_file_and_line(tmp_path, name)
         assert format_text(v).startswith("INVALID LEDGER")
 
 
-def test_the_cli_says_exit_2_and_where_for_an_invalid_ledger(tmp_path):
+def test_the_cli_says_exit_2_and_where_for_an_invalid_ledger(tmp_path, capsys):
+    from detrl.cli import main
+
     good = write(tmp_path / "good", records())
     bad = write(tmp_path / "bad", _dup_completion(records()))
-    r = detrl("verify", str(good), str(bad))
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "INVALID LEDGER" in r.stdout and f"{bad / LEDGER_FILE}:5:" in r.stdout and "Traceback" not in r.stderr
+    code = main(["verify", str(good), str(bad)])
+    out = capsys.readouterr()
+    assert code == 2, out.out + out.err
+    assert "INVALID LEDGER" in out.out and f"{bad / LEDGER_FILE}:5:" in out.out and "Traceback" not in out.err
 
 
 # Hypothesis: arbitrary structural edits of any record, anywhere. Whatever they are, verify never

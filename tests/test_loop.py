@@ -12,7 +12,7 @@ from detrl.loop import run
 from detrl.report import format_text
 from detrl.verify import verify
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def test_two_runs_are_identical_though_run_b_sent_its_requests_differently(runs):

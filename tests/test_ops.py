@@ -21,7 +21,7 @@ from detrl.config import load_config
 from detrl.loop import prepare
 from detrl.util import CacheError, is_network_error
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def _session_processes(driver_pid: int) -> dict[int, str]:

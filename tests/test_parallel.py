@@ -15,7 +15,7 @@ from detrl.ledger import read_ledger
 from detrl.loop import run
 from detrl.verify import verify
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 TP2 = ["train.steps=2", "resources.trainer_ranks=2", "resources.tensor_parallel=2"]
 
 

@@ -20,7 +20,7 @@ from detrl.ledger import read_ledger
 from detrl.loop import run
 from detrl.verify import verify
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 SETS = ["checkpoint.every=1", "train.steps=4", "resources.trainer_ranks=4", "resources.tensor_parallel=2"]
 
 
@@ -58,6 +58,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(resumed):
     resumes = [json.loads(x) for x in (crashed / "resumes.jsonl").read_text().splitlines()]
     assert [r["from_checkpoint"] for r in resumes] == [resumed["checkpoint"]]
     assert len(list((crashed / "checkpoints").glob("iter_*"))) <= 2  # checkpoint.keep
+    assert not list(crashed.rglob("*.lock")), list(crashed.rglob("*.lock"))  # no lock file left behind
 
 
 def test_resume_refuses_another_config_and_a_complete_run_is_left_as_is(resumed, artifacts):

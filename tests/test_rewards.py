@@ -71,6 +71,7 @@ def test_a_reward_that_cannot_run_is_refused_with_the_fix(tmp_path, case):
         rewards.load(spec.format(path=path), _Tok())
 
 
+@pytest.mark.integration
 def test_a_bad_reward_exits_2_before_any_work(tmp_path, cache_dir):
     path = _module(tmp_path, "def score(response, answer):\n    return 1.0\n")
     out = tmp_path / "out"

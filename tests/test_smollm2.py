@@ -19,6 +19,8 @@ from detrl.megatron.names import ArchMeta, hf_to_megatron, megatron_to_hf
 from detrl.megatron.parallel import model_parallel
 from detrl.models import fetch_model
 
+pytestmark = pytest.mark.integration  # the CLI in fresh processes, real conversions
+
 
 @pytest.fixture(scope="module")
 def smollm2(cache_dir):

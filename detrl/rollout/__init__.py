@@ -16,7 +16,7 @@ from ..config import RunConfig
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
 

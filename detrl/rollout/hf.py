@@ -37,7 +37,12 @@ def sample_token(
     logits: torch.Tensor, seed: int | None, position: int, temperature: float, top_p: float
 ) -> tuple[int, float]:
     """Gumbel-max over the (top-p truncated) temperature-scaled distribution, noise in float64 from a
-    generator seeded by (seed, position). Returns the token and its log-prob before truncation."""
+    generator seeded by (seed, position). Returns the token and its log-prob before truncation.
+    Temperature 0 is greedy: the first most likely token, with its log-prob at temperature 1."""
+    if temperature == 0:
+        logp0 = torch.log_softmax(logits.float(), dim=-1)
+        token = int(torch.argmax(logp0))
+        return token, float(logp0[token])
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     score = logp.double()
@@ -89,7 +94,7 @@ class HFEngine:
             gens = [self._generate_one(list(p), s, params) for p, s in zip(prompts, seeds_)]
         if self.prefill_logprobs:
             for p, g in zip(prompts, gens):
-                g.logprobs = self.score(list(p), g.token_ids, params.temperature)
+                g.logprobs = self.score(list(p), g.token_ids, params.temperature or 1.0)
         return gens
 
     @torch.no_grad()
