@@ -42,7 +42,6 @@ def test_the_eval_runs_at_every_kth_and_the_last_iteration_and_reproduces(evalua
     ev = led.iterations[0]["eval"]
     assert ev["prompts"] == 6 and 0.0 <= ev["accuracy"] <= 1.0
     assert led.iterations[2]["stats"]["eval_accuracy"] == led.iterations[2]["eval"]["accuracy"]
-    assert led.iterations[0]["eval"]["tokens"] != led.iterations[2]["eval"]["tokens"]  # the policy moved
     v = verify(str(d / "a"), str(d / "b"))  # run B's eval was scheduled differently too
     assert v.status == "identical" and v.table[0]["eval"] == "match", v
 
