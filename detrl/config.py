@@ -334,11 +334,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
-        if self.reward not in ("gsm8k", "hash") and ":" not in self.reward:
-            raise ValueError(
-                f"reward {self.reward!r} is neither a builtin (gsm8k, hash) nor MODULE:FUNCTION "
-                "(e.g. my_rewards:score, or path/to/rewards.py:score)"
-            )
         if self.backends.rollout == "sglang" and self.resources.num_gpus < 1:
             raise ValueError(
                 "backends.rollout=sglang needs resources.num_gpus >= 1; "
@@ -499,24 +494,27 @@ class Perturbation:
         return cls(iteration=int(parts[0]), tensor=parts[1], when=when)
 
 
-def parse_plants(items: list[str], cfg: RunConfig, meta: Any = None) -> list[Perturbation]:
-    """Planted flips a run will really apply: each at an iteration the run reaches, on a tensor of the
-    trainer (by name pattern, or exactly when the model's `meta` is known). ConfigError otherwise: a flip
-    that never happens would let the check "pass" without testing anything."""
+def check_plant(p: Perturbation, cfg: RunConfig, meta: Any = None) -> None:
+    """A planted flip the run will really apply: at an iteration the run reaches, on a tensor of the trainer
+    (by name pattern, or exactly when the model's `meta` is known). ConfigError otherwise: a flip that never
+    happens would let the check "pass" without testing anything."""
     from .megatron.names import tensor_problem
 
-    out = []
-    for item in items:
-        p = Perturbation.parse(item)
-        if p.iteration >= cfg.train.steps:
-            raise ConfigError(
-                f"planted perturbation {item!r}: iteration {p.iteration} is never reached (train.steps="
-                f"{cfg.train.steps}, iterations 0..{cfg.train.steps - 1})"
-            )
-        if (why := tensor_problem(p.tensor, meta)) is not None:
-            raise ConfigError(f"planted perturbation {item!r}: {why}")
-        out.append(p)
-    return out
+    where = f"planted perturbation {p.iteration}:{p.tensor}"
+    if p.iteration >= cfg.train.steps:
+        raise ConfigError(
+            f"{where}: iteration {p.iteration} is never reached (train.steps={cfg.train.steps}, iterations "
+            f"0..{cfg.train.steps - 1})"
+        )
+    if (why := tensor_problem(p.tensor, meta)) is not None:
+        raise ConfigError(f"{where}: {why}")
+
+
+def parse_plants(items: list[str], cfg: RunConfig) -> list[Perturbation]:
+    plants = [Perturbation.parse(item) for item in items]
+    for p in plants:
+        check_plant(p, cfg)
+    return plants
 
 
 # The one list of config keys that cannot change what a run records, each with the reason. Every

@@ -17,7 +17,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from . import checkpoints, records, rewards
-from .config import Perturbation, RunConfig, parse_plants
+from .config import Perturbation, RunConfig, check_plant
 from .convert import ConvertedArtifact, convert_cached
 from .data import DataError, DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
 from .grpo import group_advantages
@@ -97,7 +97,8 @@ def run(
     twice-run: detrl.schedule.perturbed)."""
     meta = ArchMeta.from_hf_dir(artifacts.model.path)
     check_tensor_parallel(meta, cfg.resources.tensor_parallel)
-    parse_plants([f"{p.iteration}:{p.tensor}:{p.when}" for p in perturbations], cfg, meta)  # this model's names
+    for p in perturbations:
+        check_plant(p, cfg, meta)  # against this model's own tensor names, before any worker starts
     run_dir = Path(run_dir)
     if not resume:
         check_out_dir(run_dir)  # before the lock creates the directory: nothing of another run is mixed in

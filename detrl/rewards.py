@@ -1,9 +1,9 @@
 """The reward: a builtin (`gsm8k`, `hash`) or the user's own function, named `module:function` or
 `path/to/file.py:function`. A user reward is `fn(response: str, answer: str, meta: dict) -> float`:
 the decoded response, the row's gold answer, and the sample's metadata (its dataset row's other
-fields, the iteration and the sample's index). It is imported and called once on a probe before the
-workers start, so an import error, a wrong signature or a non-float return stops the run with the fix: the first two
-before any download, the last on the first dataset row before any worker starts.
+fields, the iteration and the sample's index). An import error or a wrong signature stops the run before
+any download, a non-float return on a probe of the first dataset row before any worker starts, each
+with the fix.
 
 The reward's identity (its name and the SHA-256 of its module's source) is recorded in the ledger
 header beside the model and data hashes: a reward whose code changed between two runs is named first
@@ -25,7 +25,6 @@ from typing import Any
 
 from . import data
 from .config import ConfigError
-from .data import gsm8k_reward, hash_reward
 
 BUILTIN_REWARDS = ("gsm8k", "hash")
 _USER = re.compile(r"^(?P<module>[^:]+):(?P<function>[A-Za-z_]\w*)$")
@@ -109,11 +108,11 @@ def load(spec: str, tokenizer: Any, probe: tuple[str, dict[str, Any]] = ("#### 0
     """The reward named `spec`; a user reward is imported and called once on `probe` (an empty response
     with a real row's answer and meta, before any worker starts). `tokenizer` decodes responses."""
     if spec == "hash":
-        return Reward("hash", _functions_sha(hash_reward), lambda ids, a, meta: hash_reward(ids))
+        return Reward("hash", _functions_sha(data.hash_reward), lambda ids, a, meta: data.hash_reward(ids))
     if spec == "gsm8k":
 
         def gsm8k(ids: Sequence[int], answer: str, meta: dict[str, Any]) -> float:
-            return gsm8k_reward(tokenizer.decode(list(ids), skip_special_tokens=True), answer)
+            return data.gsm8k_reward(tokenizer.decode(list(ids), skip_special_tokens=True), answer)
 
         return Reward("gsm8k", _functions_sha(*_GSM8K), gsm8k)
     module, fn = _import(spec)
