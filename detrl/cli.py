@@ -1,4 +1,4 @@
-"""`detrl` command line: run, reproduce (run twice + verify), verify, profiles.
+"""`detrl` command line: run, reproduce (run twice + verify), verify, doctor, selftest, eval, golden, profiles.
 
 Each command imports what it uses when it runs: torch, Ray and Megatron take seconds to import, and
 `detrl verify`, `detrl profiles` and a config error must not wait for them."""
@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_reproduce)
     p = sub.add_parser(
-        "verify", help="compare two run directories: exit 0 identical, 1 diverged, 2 incomplete or invalid ledger"
+        "verify",
+        help="compare two run directories: exit 0 identical, 1 diverged, 2 nothing certified (a ledger "
+        "incomplete or invalid, the same run twice, or the same hashes from different experiments)",
     )
     p.add_argument("a")
     p.add_argument("b")
