@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .ledger import LEDGER_FILE, PHASES, Ledger, read_ledger
+from .ledger import LEDGER_FILE, Ledger, differing_phases, read_ledger
 from .megatron.checkpoint import checkpoint_complete
 from .rundir import check_out_dir, resume_mismatch
 from .util import atomic_dir, atomic_write_text, utc_stamp
@@ -112,10 +112,11 @@ def start_point(cfg: RunConfig, run_dir: Path, resume: bool) -> Start:
 
 
 def check_recomputed(run_dir: Path, recorded: dict[str, Any], record: dict[str, Any]) -> None:
-    """A resumed run's record of an iteration it recomputed must equal the recorded one in every hash.
+    """A resumed run's record of an iteration it recomputed must equal the recorded one in every hash (the
+    phases verify compares, the eval's tokens included).
     On a mismatch the recomputed record goes to resume-divergence-ITER.json beside the ledger."""
     it = record["iteration"]
-    differing = [p for p in PHASES if recorded["hashes"].get(p) != record["hashes"].get(p)]
+    differing = differing_phases(recorded, record)
     if not differing and recorded["tensors"] == record["tensors"]:
         return
     path = run_dir / f"resume-divergence-{it:05d}.json"

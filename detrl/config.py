@@ -570,16 +570,17 @@ def is_semantic(key: str, deterministic: bool = False) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in non_semantic_keys(deterministic))
 
 
-def recorded_deterministic(recorded: dict[str, Any]) -> bool:
+def schedule_only_applies(recorded: dict[str, Any], version: int) -> bool:
+    """SCHEDULE_ONLY keys are non-semantic for this recorded config: determinism on, ledger version 3 or later."""
     det = recorded.get("determinism")
-    return isinstance(det, dict) and det.get("enabled") is True
+    return version >= 3 and isinstance(det, dict) and det.get("enabled") is True
 
 
 def semantic_part(recorded: dict[str, Any], version: int = 3) -> dict[str, Any]:
     """The recorded config without its non-semantic keys. `version` < 3 (older ledgers): without the
     schedule-only rule."""
     out = copy.deepcopy(recorded)
-    for key in non_semantic_keys(version >= 3 and recorded_deterministic(recorded)):
+    for key in non_semantic_keys(schedule_only_applies(recorded, version)):
         *parents, leaf = key.split(".")
         node: Any = out
         for part in parents:

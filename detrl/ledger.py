@@ -43,6 +43,16 @@ PHASES = (
 PER_TENSOR = ("policy_weights", "weights")
 
 
+def differing_phases(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The phases in which two records of one iteration differ, in the order they ran: PHASES, with the
+    held-out eval (`eval.every`) between the policy sync and the rollout."""
+    ha, hb = a.get("hashes") or {}, b.get("hashes") or {}
+    out = [p for p in PHASES if ha.get(p) != hb.get(p)]
+    if (a.get("eval") or {}).get("tokens") != (b.get("eval") or {}).get("tokens"):
+        out.insert(1 if "policy_weights" in out else 0, "eval")
+    return out
+
+
 # ---------------------------------------------------------------- hashing
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import is_semantic, recorded_deterministic
-from .ledger import PER_TENSOR, PHASES, Ledger, load_step_data, read_ledger
+from .config import is_semantic, schedule_only_applies
+from .ledger import PER_TENSOR, PHASES, Ledger, differing_phases, load_step_data, read_ledger
 from .schedule import describe_record
 
 EXIT = {"identical": 0, "diverged": 1, "incomplete": 2, "invalid": 2, "different_experiments": 2, "same_run": 2}
@@ -335,22 +335,18 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
         v.schedule = {"A": describe_record(a.header.get("schedule")), "B": describe_record(b.header.get("schedule"))}
     if _same_dir(a, b):
         return _one_run(v, a, "the same directory")
-    det = all(recorded_deterministic(h["config"]) and h.get("version", 0) >= 3 for h in (a.header, b.header))
+    det = all(schedule_only_applies(h["config"], h.get("version", 0)) for h in (a.header, b.header))
     for d in dict_diff(a.header["config"], b.header["config"]):
         (v.config_diff if is_semantic(d.split(": ", 1)[0], det) else v.config_diff_other).append(d)
     v.artifact_diff = artifact_diff(a.header, b.header)
     v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
     for i in range(min(len(a.iterations), len(b.iterations))):
-        ha, hb = a.iterations[i]["hashes"], b.iterations[i]["hashes"]
         row = {"iteration": str(i)}
-        differing = [p for p in PHASES if ha.get(p) != hb.get(p)]
-        ea, eb = (a.iterations[i].get("eval") or {}).get("tokens"), (b.iterations[i].get("eval") or {}).get("tokens")
-        if ea != eb:  # the eval runs after the policy sync, before the rollout
-            differing.insert(1 if "policy_weights" in differing else 0, "eval")
+        differing = differing_phases(a.iterations[i], b.iterations[i])
         for p in PHASES:
             row[p] = "match" if p not in differing else "DIFF"
-        if ea or eb:
-            row["eval"] = "match" if ea == eb else "DIFF"
+        if "eval" in a.iterations[i] or "eval" in b.iterations[i]:
+            row["eval"] = "match" if "eval" not in differing else "DIFF"
         v.table.append(row)
         if differing and v.first is None:
             v.first = Divergence(iteration=i, phase=differing[0], detail="", other_phases=differing[1:])

@@ -403,3 +403,19 @@ def test_a_rollout_that_differs_under_another_schedule_blames_batch_variance(tmp
     v = verify(str(a), str(write(tmp_path / "b", recs)))
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "rollout_tokens")
     assert "run B sent its requests differently" in v.likely_cause and "not batch-invariant" in v.likely_cause
+
+
+def test_the_phases_two_records_differ_in_put_the_eval_between_the_sync_and_the_rollout():
+    """One rule for verify and for a resume's recomputed records (ledger.differing_phases)."""
+    from detrl.ledger import differing_phases
+
+    a = records()[1]
+    b = json.loads(json.dumps(a))
+    assert differing_phases(a, b) == []
+    a["eval"], b["eval"] = {"tokens": _hex("x")}, {"tokens": _hex("y")}
+    b["hashes"]["rewards"] = _hex("other")
+    assert differing_phases(a, b) == ["eval", "rewards"]
+    b["hashes"]["policy_weights"] = _hex("other")
+    assert differing_phases(a, b) == ["policy_weights", "eval", "rewards"]
+    del b["eval"]
+    assert differing_phases(a, b)[:2] == ["policy_weights", "eval"]  # evaluated in one run only
