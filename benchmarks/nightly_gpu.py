@@ -73,7 +73,7 @@ def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> di
     from detrl.verify import verify
     from flows.detrl_flow import detrl_flow, flow_result
 
-    t = time.perf_counter()
+    t = t0 = time.perf_counter()
     state = detrl_flow(
         profile=profile, overrides=overrides, cache_dir=str(cache), runs_dir=str(runs), return_state=True
     )
@@ -96,8 +96,32 @@ def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> di
         "twice_run_s": data.get("runs_wall_s"),  # both runs and verify, as the flow measured them
         "verify_s": round(verify_s, 2),
         "runs_dir": str(pair),
+        "flow_parts_s": flow_parts(state, t0),
         "runs": {n: run_breakdown(pair / n) for n in ("run_a", "run_b")},
     }
+
+
+def flow_parts(state: Any, t0: float) -> dict[str, float]:
+    """The flow's wall time by part, from its task runs' recorded times: the temporary Prefect server
+    and the flow run's start (until the flow run began), each task (preflight, download-model, ...; the
+    two runs overlap), and the flow's end."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    fid = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(fid)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    out: dict[str, float] = {}
+    if fr.start_time is not None:
+        called = time.time() - (time.perf_counter() - t0)  # wall clock when the flow was called
+        out["server_and_flow_start"] = round(fr.start_time.timestamp() - called, 1)
+    for tr in sorted(tasks, key=lambda r: r.start_time or r.expected_start_time):
+        if tr.start_time and tr.end_time:
+            name = tr.name.rsplit("-", 1)[0]  # "download-model-7f3": the task's name and a suffix
+            key = name if name not in out else f"{name}_{sum(k.startswith(name) for k in out)}"
+            out[key] = round((tr.end_time - tr.start_time).total_seconds(), 1)
+    return out
 
 
 def main() -> int:

@@ -8,7 +8,8 @@
    (`onpolicy.op_names`), naming the first op whose outputs differ (SGLang's side is saved by det-rl's
    plugin under DETRL_SGLANG_DUMP);
 4. `--cost`: what exact costs, side by side: the rollout with and without the scoring prefill
-   (tokens/s), and a train step with the engine's kernels against approx's (tokens/s), interleaved.
+   (tokens/s), and a train step with the engine's kernels against approx's (tokens/s), interleaved;
+   then one profiled train step of each, its GPU time by op.
 
     python benchmarks/onpolicy_diff.py --profile gsm8k-smollm2-135m --json FILE [--set k=v] [--cost]
     python benchmarks/onpolicy_diff.py --profile tiny-cpu --set rollout.hf.attn_implementation=sdpa
@@ -154,8 +155,15 @@ def _engine_ops(engine: Any, prompt: list[int], response: list[int], sglang: boo
         ops["logprobs"] = torch.tensor(engine.score(prompt, response), dtype=torch.float32)
         undo()
         return ops
+    from detrl.rollout import sglang_plugin as plugin
+
     before = set(dump.glob("*.pt"))
-    lp = engine.score([prompt], [response])[0]
+    armed = dump / plugin.ARMED
+    armed.touch()  # the plugin saves forwards only now: one sequence, not every batch
+    try:
+        lp = engine.score([prompt], [response])[0]
+    finally:
+        armed.unlink()
     new = sorted(set(dump.glob("*.pt")) - before)
     if not new:
         raise SystemExit(f"SGLang saved no activations under {dump} (is det-rl's plugin loaded?)")
@@ -196,7 +204,10 @@ def _cost(
             if r:
                 secs[f"train_{mode}"].append(dt)
                 tok[f"train_{mode}"].append(train_tokens / dt)
-            print(f"cost round {r} {mode}: rollout + train done", flush=True)
+            print(
+                f"cost round {r} {mode}: rollout {secs.get(f'rollout_{mode}', [0])[-1:]} s, train {dt:.2f} s",
+                flush=True,
+            )
     med = statistics.median
     out: dict[str, Any] = {
         "repeats": repeats,
@@ -206,7 +217,32 @@ def _cost(
     it = {m: out["seconds"][f"rollout_{m}"] + out["seconds"][f"train_{m}"] for m in ("approx", "exact")}
     out["rollout_plus_train_s"] = it
     out["exact_over_approx_time"] = it["exact"] / it["approx"]
+    out["train_ops"] = {
+        m: _top_ops(lambda t=t: t.train_step(samples, total)) for m, t in (("approx", approx), ("exact", exact))
+    }
     print(json.dumps(out), flush=True)
+    return out
+
+
+def _top_ops(step: Any, top: int = 15) -> list[dict[str, Any]]:
+    """Where one train step's GPU time goes: the ops with the most self CUDA time (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    out = [
+        {
+            "op": e.key[:80],
+            "calls": e.count,
+            "self_cuda_ms": round(e.self_device_time_total / 1e3, 1),
+            "cpu_total_ms": round(e.cpu_time_total / 1e3, 1),
+        }
+        for e in rows
+    ]
+    print(json.dumps(out[:8]), flush=True)
     return out
 
 

@@ -60,7 +60,9 @@ def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) 
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from detrl.workers import TrainerWorker, runtime_env, shard
+    from detrl.ray.env import runtime_env
+    from detrl.ray.group import shard
+    from detrl.ray.trainer_actor import TrainerActor
 
     env = runtime_env(cfg, "trainer")
     if algo == "default":
@@ -68,7 +70,7 @@ def trainer_layout(cfg, arts, dp: int, tp: int, algo: str, samples, steps: int) 
     world, gpu = dp * tp, cfg.on_gpu
     pg = placement_group([{"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}] * world, strategy="PACK")
     ray.get(pg.ready(), timeout=600)
-    cls = ray.remote(TrainerWorker)
+    cls = ray.remote(TrainerActor)
     ckpt = str(Path(arts.megatron.path) / "weights")
     actors = [
         cls.options(

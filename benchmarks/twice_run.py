@@ -51,8 +51,8 @@ def main() -> None:
     from detrl.config import load_config
     from detrl.ledger import read_ledger
     from detrl.loop import prepare, run
+    from detrl.ray.session import shared_ray
     from detrl.verify import verify
-    from detrl.workers import shared_ray
 
     cfg = load_config(a.profile, overrides=a.overrides)
     out = Path(a.out or tempfile.mkdtemp(prefix="detrl-bench-"))

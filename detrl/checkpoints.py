@@ -16,9 +16,9 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .ledger import LEDGER_FILE, Ledger, differing_phases, read_ledger
 from .megatron.checkpoint import checkpoint_complete
+from .ray.errors import RunError
 from .rundir import check_out_dir, resume_mismatch
 from .util import atomic_dir, atomic_write_text, utc_stamp
-from .workers import RunError
 
 CKPT_DIR = "checkpoints"
 

@@ -114,10 +114,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     plants = _plants(args.plant, cfg)
     from . import schedule, twice
     from .loop import prepare, run
+    from .ray.session import shared_ray
     from .report import format_text
     from .rundir import check_out_dir
     from .verify import verify
-    from .workers import shared_ray
 
     out = check_out_dir(args.out)
     twice.choose(cfg)  # a schedule this machine cannot hold stops here, before any download
@@ -280,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .data import DataError
         from .determinism import DeterminismError
         from .models import ModelError
+        from .ray.errors import PhaseTimeout, RunError
         from .util import CacheError
-        from .workers import PhaseTimeout, RunError
 
         if isinstance(exc, (DataError, ModelError, CacheError)):
             print(f"detrl: error: {exc}", file=sys.stderr)

@@ -667,7 +667,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "instruction": 'Answer with the number after "####".',
         },
         "rollout": {**_GPU_REFERENCE["rollout"], "max_new_tokens": 128, "temperature": 0.5},
-        "train": {**_GPU_REFERENCE["train"], "steps": 50, "lr": 5e-6},
+        "train": {**_GPU_REFERENCE["train"], "steps": 50, "lr": 1e-5},
+        # greedy accuracy on 128 held-out problems at iterations 0, 10, ... and the last
+        "eval": {"every": 10, "prompts": 128},
         "reward": "gsm8k",
     },
     # The same model on the CPU, sized for CI: the reference engine, a few prompts, samples and tokens.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from . import twice
 from .config import ConfigError, RunConfig
-from .determinism import env_problems, fa3_importable, read_env
+from .determinism import fa3_importable, read_env
 from .models import check_source
 
 
@@ -120,29 +121,26 @@ def worker_checks(role: str, cfg: RunConfig) -> list[Check]:
     return out
 
 
-def _determinism_checks(role: str, cfg: RunConfig) -> list[Check]:
-    out = []
-    problems = env_problems(read_env(cfg.determinism.env), cfg.determinism.env, role)
-    out.append(
-        Check(
-            role,
-            "determinism env",
-            not problems,
-            "; ".join(problems) or ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items()),
-            "det-rl passes these through the Ray runtime_env: remove the resources.worker_env entry "
-            "that drops it, or export it on every node of the cluster",
-        )
-    )
+def _determinism_checks(role: str, cfg: RunConfig, env: Mapping[str, str | None] | None = None) -> list[Check]:
+    """`env`: the environment the worker will have (the driver's prediction), else this process's."""
+    from .ray.env import ENV_CHECK, FA3_CHECK, determinism_problems
+
+    seen = read_env(cfg.determinism.env) if env is None else {k: env.get(k) for k in cfg.determinism.env}
     fa3 = fa3_importable()
-    out.append(
-        Check(
-            role,
-            "FlashAttention-3 absent",
-            fa3 is None,
-            f"importable as {fa3!r}" if fa3 else "not importable",
-            "pip uninstall -y flash_attn_3 (Megatron/TE would use its non-deterministic kernels)",
+    found = determinism_problems(role, seen, fa3, cfg)
+    out = []
+    for name, passed in (
+        (ENV_CHECK, ", ".join(f"{k}={v}" for k, v in cfg.determinism.env.items())),
+        (FA3_CHECK, "not importable"),
+    ):
+        mine = [p for p in found if p.check == name]
+        out.append(
+            Check(role, name, not mine, "; ".join(p.detail for p in mine) or passed, mine[0].fix if mine else "")
         )
-    )
+    if env is not None:  # a prediction from the driver: the worker itself runs nothing here
+        if role == "rollout":
+            out.append(_engine_check(cfg))
+        return out
     try:
         dev = "cuda" if cfg.on_gpu and torch.cuda.is_available() else "cpu"
         torch.use_deterministic_algorithms(True)
@@ -193,13 +191,23 @@ def _engine_check(cfg: RunConfig) -> Check:
     )
 
 
-def run(cfg: RunConfig) -> Report:
-    """Driver checks, then the same checks inside each worker the run would start."""
-    from .workers import Workers  # Ray and Megatron take seconds to import: keep `check_resources` instant
-
+def run(cfg: RunConfig, in_workers: bool = True) -> Report:
+    """Driver checks, then the same checks inside each worker the run would start (`in_workers`), or,
+    without starting any, against the environment a local Ray's workers will have: this process's under
+    the runtime env (`detrl.ray.env.predicted_env`). The flow's preflight takes the second way on a local
+    run, in well under a second, since each run reads its workers' environment back before any model is
+    loaded anyway; on a cluster it starts the workers, whose nodes the driver cannot see."""
     checks = driver_checks(cfg)
     if not checks[0].ok:
         return Report(checks)
+    if not in_workers and not cfg.resources.ray_address:
+        from .ray.env import predicted_env
+
+        for role in ("trainer", "rollout"):
+            checks += _determinism_checks(role, cfg, predicted_env(cfg, role)) if cfg.determinism.enabled else []
+        return Report(checks)
+    from .ray.group import Workers  # Ray takes seconds to import: keep `check_resources` instant
+
     with Workers(cfg, model_dir="", ckpt_dir="", setup=False) as w:
         checks += [Check(**c) for c in w.check(worker_checks)]
     return Report(checks)

@@ -52,7 +52,7 @@ def _checkpoint(run_dir: Path, iteration: int | None) -> Checkpoint:
 
 def evaluate_checkpoint(run_dir: str | Path, cache_dir: str | Path, checkpoint: int | None = None) -> EvalResult:
     from .loop import Step, prepare
-    from .workers import Workers
+    from .ray.group import Workers
 
     run_dir = Path(run_dir)
     led = read_ledger(run_dir)

@@ -24,13 +24,14 @@ from .grpo import group_advantages
 from .ledger import LEDGER_FILE, LedgerWriter, ragged_sha256, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
 from .models import ModelArtifact, fetch_model
+from .ray.errors import RunError, WeightSyncError
+from .ray.group import Workers
 from .records import progress_line, rollout_shape
 from .rollout import SamplingParams
 from .rundir import check_out_dir, exclusive
 from .schedule import PLAIN, Schedule
 from .trainer import Sample
 from .util import atomic_write_text
-from .workers import RunError, WeightSyncError, Workers
 
 __all__ = [
     "Artifacts",

@@ -109,10 +109,16 @@ def perturbed(cfg: RunConfig) -> Schedule:
     if cfg.backends.rollout == "sglang":
         sg = cfg.rollout.sglang
         per = -(-n // submissions)
-        # a quarter of a submission queued behind the rest, so batches form and shrink differently; decode
-        # batches above the graph limit run eagerly (a few, so the rollout stays fast)
-        engine_args["max_running_requests"] = max(1, 3 * per // 4)
-        engine_args["cuda_graph_max_bs_decode"] = _pick((32, 48, 64), sg.cuda_graph_max_bs, h >> 8)
+        # a quarter of a submission (or more) queued behind the rest, so batches form and shrink differently
+        running = _pick((3 * per // 4, 5 * per // 8), sg.max_running_requests, h >> 4)
+        if running == sg.cuda_graph_max_bs:
+            running -= 1
+        running = max(1, running)
+        engine_args["max_running_requests"] = running
+        # every decode batch replays a CUDA graph, of a capture list that ends where run A's does not: a
+        # batch above the graph limit runs eagerly, many times slower, and adds nothing the kernels'
+        # batch invariance does not already cover (the padding to a captured size differs either way)
+        engine_args["cuda_graph_max_bs_decode"] = running
         engine_args["chunked_prefill_size"] = _pick((512, 1024), sg.chunked_prefill_size, h >> 16)
     return Schedule(seed=int((h >> 24) & 0x7FFFFFFF), submissions=submissions, engine_args=engine_args)
 

@@ -21,10 +21,10 @@ from prefect.states import Failed, State
 from detrl import schedule, twice
 from detrl.cli import config_arguments
 from detrl.config import PROFILES, RunConfig, parse_plants
+from detrl.ray.session import shared_ray
 from detrl.report import verdict_summary
 from detrl.rundir import check_out_dir
 from detrl.util import default_dir
-from detrl.workers import shared_ray
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.notify import check_target, notify_hook

@@ -13,9 +13,13 @@ from detrl.determinism import DeterminismError
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight(cfg: RunConfig) -> None:
-    report = doctor.run(cfg)
+    report = doctor.run(cfg, in_workers=False)  # each run reads its workers' environment back as well
     get_run_logger().info("preflight checks:\n" + report.table())
-    create_table_artifact(report.rows(), key="detrl-preflight", description="preflight checks on every worker")
+    create_table_artifact(
+        report.rows(),
+        key="detrl-preflight",
+        description="preflight checks of the driver and of the environment the workers get",
+    )
     if not report.ok:
         raise DeterminismError(
             "preflight failed:\n" + "\n".join(f"{c.where}: {c.name}: {c.detail} -> {c.fix}" for c in report.failures())

@@ -16,8 +16,8 @@ from detrl.data import DatasetArtifact
 from detrl.determinism import DeterminismError
 from detrl.loop import Artifacts, compile_cache_dir, run
 from detrl.models import ModelArtifact
+from detrl.ray.errors import PhaseTimeout, RunError
 from detrl.records import progress_line
-from detrl.workers import PhaseTimeout, RunError
 
 
 def _worker_crash(task: Any, task_run: Any, state: Any) -> bool:

@@ -123,7 +123,7 @@ def test_selftest_catches_a_batch_variant_engine(artifacts):
 
 def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypatch):
     from detrl.loop import compile_cache_dir
-    from detrl.workers import COMPILE_CACHE_ENV, runtime_env
+    from detrl.ray.env import COMPILE_CACHE_ENV, runtime_env
 
     cfg = load_config("tiny-cpu")
     cc = compile_cache_dir(tmp_path)

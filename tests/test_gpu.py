@@ -102,7 +102,8 @@ def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
     """The trainer's side (this process) packs GPU tensors and sends a handle; the engine's scheduler
     loads from this process's memory; its own checksums prove what it holds."""
     from detrl.megatron.checkpoint import load_hf_state
-    from detrl.rollout.sglang import expected_checksums, pack_for_ipc
+    from detrl.rollout.sglang import expected_checksums
+    from detrl.weight_sync.ipc import pack as pack_for_ipc
 
     state = {k: v.to("cuda") for k, v in load_hf_state(gpu_model).items()}
     name = "model.layers.2.mlp.down_proj.weight"
@@ -157,8 +158,8 @@ def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode
     from detrl import twice
     from detrl.ledger import read_ledger
     from detrl.loop import prepare, run
+    from detrl.ray.session import shared_ray
     from detrl.verify import verify
-    from detrl.workers import shared_ray
 
     def pair(cfg, a, b):
         shared = twice.run_config(cfg, "shared_gpu")

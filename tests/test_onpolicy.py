@@ -196,3 +196,25 @@ def test_engine_kernel_modules_compute_what_megatron_does(artifacts):
         with exact.engine_forward([7]):
             alone = ex(tokens[:1, :7], pos[:1, :7], None)
         assert torch.allclose(alone[0], b[0, :7], atol=1e-6)
+
+
+def test_the_padded_attention_backward_equals_the_per_sequence_formula():
+    """Exact mode's attention backward on a GPU is one causal SDPA over the right-padded batch; it must be
+    the gradient of the per-sequence formula (GQA, rows of different lengths, a row of one token)."""
+    import torch
+
+    from detrl.megatron.exact import attention_ref, attention_ref_padded
+
+    torch.manual_seed(0)
+    bounds = [0, 5, 12, 13, 20]
+    q = torch.randn(20, 6, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(20, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    a, b = attention_ref(q, k, v, bounds), attention_ref_padded(q, k, v, bounds)
+    assert torch.allclose(a, b, atol=1e-12)
+    g = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
+        assert torch.allclose(x, y, atol=1e-12)
+    # a real token never sees a later one: moving the last token of row 0 changes no output before it
+    k2 = k.detach().clone()
+    k2[4] += 1.0
+    assert torch.equal(attention_ref_padded(q, k2, v, bounds)[:4], b[:4].detach())

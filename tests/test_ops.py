@@ -78,7 +78,7 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
     err = p.stderr.read()
     assert p.returncode == 3, err[-3000:]
     assert "iteration 0: the rollout phase did not finish within 3 s (timeouts.phase_s)" in err, err[-3000:]
-    assert any("RolloutWorker" in c for c in seen.values()), seen
+    assert any("RolloutActor" in c for c in seen.values()), seen
     time.sleep(3)
     assert _alive(seen) == [], {pid: seen[pid] for pid in _alive(seen)}
 
@@ -101,7 +101,7 @@ def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
         assert p.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
     seen.update(_session_processes(p.pid))
-    assert any("DashboardAgent" in c for c in seen.values()) and any("TrainerWorker" in c for c in seen.values()), seen
+    assert any("DashboardAgent" in c for c in seen.values()) and any("TrainerActor" in c for c in seen.values()), seen
     p.send_signal(signal.SIGKILL)
     p.wait()
     deadline = time.time() + 30

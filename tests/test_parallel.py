@@ -100,7 +100,7 @@ SHARED_GPU_PLACEMENT = """
 import json, time, ray
 from detrl import twice
 from detrl.config import load_config
-from detrl.workers import Workers
+from detrl.ray.group import Workers
 
 ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 cfg = twice.run_config(load_config("gsm8k-qwen2.5-0.5b-smoke"), "shared_gpu")

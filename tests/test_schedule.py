@@ -55,6 +55,10 @@ def test_on_sglang_run_b_changes_the_engines_batch_limits_away_from_run_as():
         )
         got = perturbed(pinned).engine_args
         assert got["cuda_graph_max_bs_decode"] != 16 and got["chunked_prefill_size"] != 512
+        # no decode batch of run B runs eagerly: the graphs cover every batch it can form
+        assert got["cuda_graph_max_bs_decode"] >= got["max_running_requests"]
+        running = load_config("gsm8k-smollm2-135m", seed=seed, overrides=["rollout.sglang.max_running_requests=96"])
+        assert perturbed(running).engine_args["max_running_requests"] != 96
 
 
 def test_a_recorded_schedule_reads_back_in_words():

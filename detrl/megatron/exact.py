@@ -14,7 +14,8 @@ Forward on a GPU, then the reference (the backward, and the forward on the CPU):
 - rotary: SGLang's `apply_rope_with_cos_sin_cache_inplace` with SGLang's float32 cos/sin table; float32.
 - SiLU-and-mul: SGLang's `silu_and_mul`; a float32 formula.
 - attention: flashinfer's paged prefill, planned as SGLang's deterministic mode plans it;
-  `scaled_dot_product_attention` per sequence.
+  `scaled_dot_product_attention` per sequence on the CPU, and for the backward one causal call over the
+  right-padded batch (`attention_ref_padded`).
 
 A linear layer is `F.linear(x, W, b)` over [tokens, features], as SGLang calls it: the bias is added
 inside the GEMM (Megatron adds it after, another rounding). Rotary is applied by the attention module
@@ -104,6 +105,28 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Seq
     return torch.cat(out, dim=0)
 
 
+def attention_ref_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    """`attention_ref` in one causal SDPA call over the sequences right-padded to the longest (a real
+    token attends only to earlier tokens of its own row, never to padding), as the approx trainer's
+    attention runs: the backward of the engine's attention on a GPU, one kernel per layer instead of one
+    per sequence."""
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    s, dev = max(lengths), q.device
+    rows = torch.cat([torch.arange(n, device=dev) + r * s for r, n in enumerate(lengths)])
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [T, H, d] -> [b, H, s, d]
+        full = t.new_zeros(len(lengths) * s, *t.shape[1:]).index_put((rows,), t)
+        return full.view(len(lengths), s, *t.shape[1:]).transpose(1, 2)
+
+    groups = q.shape[1] // k.shape[1]
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    if groups > 1:
+        kp, vp = kp.repeat_interleave(groups, dim=1), vp.repeat_interleave(groups, dim=1)
+    with sdpa_kernel(BACKENDS):  # never cuDNN, whose backward is not deterministic
+        out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=q.shape[-1] ** -0.5)
+    return out.transpose(1, 2).reshape(len(lengths) * s, *q.shape[1:])[rows]
+
+
 def rope_table(dim: int, base: float, positions: int, device: torch.device) -> torch.Tensor:
     """SGLang's float32 cos|sin table (`RotaryEmbedding._compute_cos_sin_cache`), computed on `device` as
     SGLang computes it on the GPU it loads the model on."""
@@ -173,6 +196,9 @@ def rope_attention(
     if not on_gpu(q):
         return engine_op(reference, reference, q, k, v)
 
+    def gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_ref_padded(rope_ref(q, positions, table), rope_ref(k, positions, table), v, bounds)
+
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from sglang.kernels.ops.attention.rope import apply_rope_with_cos_sin_cache_inplace
 
@@ -180,7 +206,7 @@ def rope_attention(
         apply_rope_with_cos_sin_cache_inplace(positions=positions, q=q, k=k, cos_sin_cache=table, is_neox=True)
         return _flashinfer(q.device)(q, k, v.contiguous(), bounds)
 
-    return engine_op(kernel, reference, q, k, v)
+    return engine_op(kernel, gradient, q, k, v)
 
 
 class _FlashInferPrefill:

@@ -3,7 +3,7 @@ inference when determinism is on, per-sample `sampling_seed`, weight sync throug
 `update_weights_from_tensor`, and a proof of the weights it holds through its own weight checker.
 
 Weights travel one of two ways. By tensor (`update_weights`): CPU tensors, e.g. through Ray's object
-store. By CUDA IPC (`pack_for_ipc` in the trainer's process, `update_weights_ipc` here): the trainer
+store. By CUDA IPC (`detrl.weight_sync.ipc.pack` in the trainer's process, `update_weights_ipc` here): the trainer
 flattens its GPU tensors into one bucket and sends only a handle to it; the engine's scheduler copies
 from the trainer's memory on the same GPU, so nothing crosses the host.
 
@@ -71,31 +71,6 @@ def _plugin_folder() -> str:
     folder = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-
-def import_weight_sync() -> None:
-    """Import the SGLang modules `expected_checksums` and `pack_for_ipc` use (28 s in a fresh process
-    on a fresh H200 host), so a trainer does it while its engine starts rather than in the first weight
-    sync. It initializes no CUDA context (nvidia-smi listed none after it)."""
-    import sglang.srt.managers.mm_utils
-    import sglang.srt.utils.patch_torch
-    import sglang.srt.weight_sync.tensor_bucket  # noqa: F401
-
-
-def pack_for_ipc(named: Mapping[str, torch.Tensor]) -> tuple[bytes, Any]:
-    """(payload, bucket) for `update_weights_ipc`: GPU tensors flattened into one buffer and a CUDA IPC
-    handle to it. The caller keeps `bucket` alive until the engine has loaded from it."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
-    monkey_patch_torch_reductions()  # names the GPU by UUID: the engine's process may number it differently
-    bucket = FlattenedTensorBucket(named_tensors=list(named.items()))
-    torch.cuda.synchronize()  # the bucket is written before another process reads it
-    payload = MultiprocessingSerializer.serialize(
-        {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
-    )
-    return payload, bucket
 
 
 class SGLangEngine:
@@ -238,7 +213,7 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang rejected the weight update: {message}")
 
     def update_weights_ipc(self, payload: bytes) -> None:
-        """Load a bucket another process on this GPU packed with `pack_for_ipc`."""
+        """Load a bucket another process on this GPU packed with `detrl.weight_sync.ipc.pack`."""
         ok, message = self.engine.update_weights_from_tensor(
             named_tensors=[payload], load_format="flattened_bucket", flush_cache=True
         )[:2]

@@ -8,7 +8,8 @@ plain norm (the first layer's input), so that every norm of a Llama/Qwen2 forwar
 trainer runs in exact on-policy mode; every other case keeps SGLang's code.
 
 For the exact on-policy diagnostic (`benchmarks/onpolicy_diff.py`), `DETRL_SGLANG_DUMP` names a folder
-where each scheduler saves the per-op outputs of every extend (prefill) forward, one file a forward.
+where each scheduler saves the per-op outputs of an extend (prefill) forward, one file a forward, while
+the folder holds a file named `ARMED` (`armed`): a whole batch's activations fill a disk in a few forwards.
 
 It is offered per engine, never installed for every SGLang in the environment: `plugin_env` writes a
 distribution record naming `install` into a folder and puts the folder first on the path SGLang's
@@ -89,6 +90,7 @@ def _write_report(report: dict[str, Any]) -> None:
 
 
 DUMP_ENV = "DETRL_SGLANG_DUMP"
+ARMED = "ARMED"
 
 
 def install() -> None:
@@ -194,7 +196,7 @@ def _install_dump(folder: str) -> None:
     def run(self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
         record.clear()
         out = forward(self, forward_batch, *args, **kwargs)
-        if forward_batch.forward_mode.is_extend() and record:
+        if forward_batch.forward_mode.is_extend() and record and (Path(folder) / ARMED).exists():
             count[0] += 1
             torch.cuda.synchronize()
             saved = {k: v.cpu() for k, v in record.items()}

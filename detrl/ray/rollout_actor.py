@@ -1,0 +1,61 @@
+"""The rollout engine as a Ray actor. The engine (SGLang or the hf engine) is imported when `setup`
+starts it, never Megatron."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import quiet, weight_sync
+from ..config import RunConfig, config_from_json
+from ..determinism import apply_process_settings, fingerprint
+from .actor_common import checks_as_dicts, need_paths, process_info
+
+if TYPE_CHECKING:
+    from ..rollout import Generation, SamplingParams
+
+
+class RolloutActor:
+    def __init__(self, cfg_json: str, model_dir: str, schedule_args: dict[str, int] | None = None):
+        quiet.install()
+        self.cfg, self.model_dir = config_from_json(cfg_json), model_dir
+        self.schedule_args = schedule_args
+        self.engine: Any = None
+
+    def env(self) -> dict[str, Any]:
+        return process_info("rollout")
+
+    def setup(self) -> dict[str, Any]:
+        from ..rollout import make_engine
+
+        need_paths(self.model_dir)
+        apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
+        self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args)
+        return self.engine.info()
+
+    def fingerprint(self) -> dict[str, Any]:
+        # the schedule's batch limits are the run's schedule (in the header), not its environment
+        info = {k: v for k, v in self.engine.info().items() if k != "schedule_args"}
+        return fingerprint("rollout", {"engine": info})
+
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None, params: SamplingParams) -> list[Generation]:
+        return self.engine.generate(prompts, seeds, params)
+
+    def check(self, fn: Callable[[str, RunConfig], list[Any]]) -> list[dict[str, Any]]:
+        return checks_as_dicts(fn("rollout", self.cfg))
+
+    def selftest(self, quick: bool = True) -> dict[str, Any]:
+        from ..selftest import batch_invariance, vocab_bound
+
+        res = batch_invariance(self.engine, quick=quick, vocab=vocab_bound(self.model_dir))
+        return {"passed": res.passed, "unique": res.unique, "settings": res.settings}
+
+    def load_weights(self, transport: str, payload: Any, expected: Any, update: bool) -> list[str]:
+        """Load the trainer's weights (when `update`) and return the tensors the engine does not hold
+        exactly as sent."""
+        return weight_sync.module(transport).load(self.engine, payload, expected, update)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
