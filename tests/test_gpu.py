@@ -282,3 +282,32 @@ def test_exact_on_policy_trainer_reproduces_sglangs_prefill(tmp_path):
     cmd = [sys.executable, str(root / "benchmarks" / "onpolicy_diff.py"), "--profile", "gsm8k-qwen2.5-0.5b-smoke"]
     done = subprocess.run([*cmd, *sets, "--cache", str(tmp_path / "cache")], capture_output=True, text=True)
     assert done.returncode == 0 and "EXACT" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_exact_attention_backward_is_the_per_sequence_gradient_and_repeats_bitwise():
+    """Exact mode's attention: flashinfer's prefill forward (the engine's kernel), and as its backward the
+    gradient of one causal SDPA over the right-padded batch. The gradient must be the per-sequence
+    formula's (bf16 tolerance) and the same bits on a second call (deterministic)."""
+    from detrl.determinism import apply_process_settings
+    from detrl.megatron.exact import attention_ref, rope_attention, rope_ref, rope_table
+
+    apply_process_settings(True, 0)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    bounds = [0, 37, 100, 101, 180, 420]  # SmolLM2's heads: 9 query, 3 key/value, head_dim 64
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
+    table = rope_table(64, 10000.0, 4096, dev)
+    q = torch.randn(bounds[-1], 9, 64, device=dev, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(bounds[-1], 3, 64, device=dev, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    grad_out = torch.randn(bounds[-1], 9, 64, device=dev, generator=g).bfloat16()
+    runs = []
+    for _ in range(2):
+        out = rope_attention(q, k, v, positions, bounds, table)
+        runs.append(torch.autograd.grad(out, (q, k, v), grad_out))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(rope_ref(q32, positions, table), rope_ref(k32, positions, table), v32, bounds)
+    want = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+    for got, exp in zip(runs[0], want):
+        assert torch.allclose(got.float(), exp, atol=5e-2, rtol=5e-2), (got.float() - exp).abs().max()
