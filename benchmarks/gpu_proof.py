@@ -90,11 +90,12 @@ def main() -> int:
     out = Path(a.out)
     if a.mode == "flow":
         os.environ["DETRL_CACHE"], os.environ["DETRL_RUNS"] = a.cache, str(out)
-        from flows.detrl_flow import detrl_flow, flow_result
+        from flows.detrl_flow import detrl_flow
+        from tasks.state import result_of
 
         t = time.perf_counter()
         state = detrl_flow(profile=a.profile, overrides=list(a.overrides), return_state=True)
-        data = flow_result(state)
+        data = result_of(state)
         record["flow"] = {"state": state.name, "message": state.message, "wall_s": round(time.perf_counter() - t, 1)}
         print(f"flow: {state.name}: {state.message or ''} ({record['flow']['wall_s']} s)", flush=True)
         pair = Path(data["runs"]) if data.get("runs") else sorted(out.iterdir())[-1]

@@ -71,14 +71,15 @@ def run_breakdown(run_dir: Path) -> dict[str, Any]:
 
 def flow_once(profile: str, overrides: list[str], cache: Path, runs: Path) -> dict[str, Any]:
     from detrl.verify import verify
-    from flows.detrl_flow import detrl_flow, flow_result
+    from flows.detrl_flow import detrl_flow
+    from tasks.state import result_of
 
     t = t0 = time.perf_counter()
     state = detrl_flow(
         profile=profile, overrides=overrides, cache_dir=str(cache), runs_dir=str(runs), return_state=True
     )
     flow_s = time.perf_counter() - t
-    data = flow_result(state)
+    data = result_of(state)
     if not data.get("runs"):
         raise SystemExit(f"the flow ended {state.name}: {state.message}")
     pair = Path(data["runs"])

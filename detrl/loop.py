@@ -17,13 +17,12 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from . import checkpoints, records, rewards
+from .artifacts import Artifacts, compile_cache_dir, prepare
 from .config import Perturbation, RunConfig, check_plant
-from .convert import ConvertedArtifact, convert_cached
-from .data import DataError, DatasetArtifact, PromptSet, fetch_dataset, read_dataset, sample_seed
+from .data import DataError, PromptSet, read_dataset, sample_seed
 from .grpo import group_advantages
 from .ledger import LEDGER_FILE, LedgerWriter, ragged_sha256, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
-from .models import ModelArtifact, fetch_model
 from .ray.errors import RunError, WeightSyncError
 from .ray.group import Workers
 from .records import progress_line, rollout_shape
@@ -35,6 +34,7 @@ from .util import atomic_write_text
 
 __all__ = [
     "Artifacts",
+    "compile_cache_dir",
     "OnPolicyMismatch",
     "RunError",
     "RunSummary",
@@ -51,33 +51,12 @@ class OnPolicyMismatch(RunError):
 
 
 @dataclass
-class Artifacts:
-    model: ModelArtifact
-    data: DatasetArtifact
-    megatron: ConvertedArtifact
-    compile_cache: str | None = None  # Triton, Inductor and flashinfer JIT caches of the workers
-
-
-@dataclass
 class RunSummary:
     run_dir: str
     iterations: int
     wall_s: float
     final_weights: str
     stats: list[dict[str, Any]] = field(default_factory=list)
-
-
-def prepare(cfg: RunConfig, cache_dir: str | Path, *, refresh: bool = False) -> Artifacts:
-    """Download (or generate) the model and dataset and convert the model; each step cached, each
-    cache entry checked against its recorded hash (`refresh`: rebuilt instead)."""
-    model = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu", refresh=refresh)
-    data = fetch_dataset(cfg.data, cache_dir, refresh=refresh, gsm8k_answers=cfg.reward == "gsm8k")
-    megatron = convert_cached(model, cache_dir, refresh=refresh)
-    return Artifacts(model, data, megatron, compile_cache=compile_cache_dir(cache_dir))
-
-
-def compile_cache_dir(cache_dir: str | Path) -> str:
-    return str(Path(cache_dir) / "compile")
 
 
 def run(

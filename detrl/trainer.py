@@ -22,10 +22,12 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from .config import RunConfig, TrainConfig
 from .grpo import ppo_clip_token_loss
+from .ledger import unragged
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from .megatron.exact import engine_forward
+from .megatron.layout import join_tp, tp_partition_dim
 from .megatron.model import attention_mask, build_gpt_model
-from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf, tp_partition_dim
+from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf
 from .megatron.parallel import model_parallel
 from .tensor_hash import tensor_digests
 
@@ -312,11 +314,7 @@ class GRPOTrainer:
             if dim is not None:
                 parts = [torch.empty_like(t) for _ in range(self.tp)]
                 dist.all_gather(parts, t.contiguous(), group=self._tp_group)
-                if n.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
-                    halves = [x.chunk(2, dim=0) for x in parts]
-                    t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
-                else:
-                    t = torch.cat(parts, dim=dim)
+                t = join_tp(n, parts)
             out[n] = t
         return out if self.tp_rank == 0 else None
 
@@ -389,5 +387,4 @@ def _rollout_logprobs(samples: Sequence[Sample], device: torch.device) -> torch.
 
 def _rows(logp: torch.Tensor, samples: Sequence[Sample]) -> list[np.ndarray]:
     flat = logp.detach().float().cpu().numpy()
-    bounds = np.cumsum([0] + [len(s.response_ids) for s in samples])
-    return [flat[bounds[i] : bounds[i + 1]].copy() for i in range(len(samples))]
+    return [row.copy() for row in unragged(flat, [len(s.response_ids) for s in samples])]

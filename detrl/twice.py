@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .megatron.names import ArchMeta
+from .rollout import step_kv_tokens
 
 T = TypeVar("T")
 SHARED_GPU_SHARE = 0.5
@@ -47,7 +48,7 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     # local attention keeps s x s scores and probabilities; fused attention only K/V repeated for GQA
     attention = longest * m.num_heads if t.attention == "local" else m.num_heads * m.head_dim
     trainer = 18 * params + tokens * (12 * m.vocab_size + 40 * m.num_layers * h + 4 * attention * m.num_layers)
-    engine = 2 * params + cfg.step_kv_tokens() * m.num_layers * 2 * kv * 2 + 6.5 * GIB
+    engine = 2 * params + step_kv_tokens(cfg) * m.num_layers * 2 * kv * 2 + 6.5 * GIB
     return (trainer + engine) / GIB
 
 

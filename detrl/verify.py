@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import is_semantic, schedule_only_applies
-from .ledger import PER_TENSOR, PHASES, Ledger, differing_phases, load_step_data, read_ledger
+from .ledger import PER_TENSOR, PHASES, Ledger, differing_phases, load_step_data, read_ledger, unragged
 from .schedule import describe_record
 
 EXIT = {"identical": 0, "diverged": 1, "incomplete": 2, "invalid": 2, "different_experiments": 2, "same_run": 2}
@@ -34,7 +34,10 @@ HEAD = {
     "same_run": "SAME RUN (nothing was reproduced)",
 }
 # Fingerprint keys that differ between any two processes and say nothing about numerics.
-VOLATILE = {"pid", "role"}
+# fingerprint keys that differ between any two processes, and between hosts of one hardware class: the
+# one list of what a comparison of fingerprints ignores (verify A vs B; golden: a run vs its known-good one)
+VOLATILE = frozenset({"pid", "role"})
+VOLATILE_ACROSS_HOSTS = VOLATILE | {"host"}
 
 
 @dataclass
@@ -98,11 +101,14 @@ def dict_diff(a: dict[str, Any], b: dict[str, Any], skip: Set[str] = frozenset()
     return out
 
 
-def _fingerprint_diff(ha: dict[str, Any], hb: dict[str, Any]) -> list[str]:
+def fingerprint_diff(ha: dict[str, Any], hb: dict[str, Any], *, across_hosts: bool = False) -> list[str]:
+    """Fingerprint differences of two ledger headers, role by role. `across_hosts`: also ignore the host
+    name (a known-good ledger recorded on another machine of the same class)."""
     fa, fb = ha.get("fingerprints", {}), hb.get("fingerprints", {})
+    skip = VOLATILE_ACROSS_HOSTS if across_hosts else VOLATILE
     out = []
     for role in sorted(set(fa) | set(fb)):
-        out += [f"{role}.{d}" for d in dict_diff(fa.get(role, {}), fb.get(role, {}), VOLATILE)]
+        out += [f"{role}.{d}" for d in dict_diff(fa.get(role, {}), fb.get(role, {}), skip)]
     return out
 
 
@@ -137,11 +143,8 @@ def _locate(div: Divergence, la: Ledger, lb: Ledger) -> None:
     if div.phase in ("rollout_tokens", "rollout_logprobs", "trainer_logprobs", "prompts"):
         key = "prompts_len" if div.phase == "prompts" else "rollout_tokens_len"
         la_len, lb_len = da[key], db[key]
-        starts_a = np.concatenate([[0], np.cumsum(la_len)])
-        starts_b = np.concatenate([[0], np.cumsum(lb_len)])
-        for s in range(min(len(la_len), len(lb_len))):
-            ra = x[starts_a[s] : starts_a[s + 1]]
-            rb = y[starts_b[s] : starts_b[s + 1]]
+        rows_a, rows_b = unragged(x, la_len), unragged(y, lb_len)
+        for s, (ra, rb) in enumerate(zip(rows_a, rows_b)):
             pos = _first_difference(ra, rb)
             if pos is not None:
                 div.sample, div.position = s, pos
@@ -339,7 +342,7 @@ def compare(a: Ledger, b: Ledger) -> Verdict:
     for d in dict_diff(a.header["config"], b.header["config"]):
         (v.config_diff if is_semantic(d.split(": ", 1)[0], det) else v.config_diff_other).append(d)
     v.artifact_diff = artifact_diff(a.header, b.header)
-    v.fingerprint_diff = _fingerprint_diff(a.header, b.header)
+    v.fingerprint_diff = fingerprint_diff(a.header, b.header)
     for i in range(min(len(a.iterations), len(b.iterations))):
         row = {"iteration": str(i)}
         differing = differing_phases(a.iterations[i], b.iterations[i])
@@ -435,11 +438,10 @@ def token_context(div: Divergence, a: Ledger, b: Ledger, window: int = 6) -> dic
         if div.sample >= len(lens):
             ctx[run] = []
             continue
-        start = int(lens[: div.sample].sum())
-        row = d[key][start : start + int(lens[div.sample])]
+        row = unragged(d[key], lens)[div.sample]
         ctx[run] = [int(t) for t in row[lo : div.position + window + 1]]
         if div.phase != key and div.phase in d:  # log-prob phases: the values at the differing token
-            values = d[div.phase][start : start + int(lens[div.sample])]
+            values = unragged(d[div.phase], lens)[div.sample]
             if div.position < len(values):
                 ctx[f"{run}_value"] = float(values[div.position])
     tok = _tokenizer(a)

@@ -18,7 +18,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from detrl import schedule, twice
+from detrl import schedule, timeouts, twice
 from detrl.cli import config_arguments
 from detrl.config import PROFILES, RunConfig, parse_plants
 from detrl.ray.session import shared_ray
@@ -29,10 +29,11 @@ from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.notify import check_target, notify_hook
 from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
+from tasks.state import result_of
 from tasks.verify import verify_runs
 
 Profile = Literal[("auto", *PROFILES)]  # type: ignore[valid-type]
-FLOW_TIMEOUT_S = 6 * 3600  # a backstop: every task has a limit scaled to its config (RunConfig.run_timeout)
+FLOW_TIMEOUT_S = 6 * 3600  # a backstop: every task has a limit scaled to its config (detrl.timeouts.run)
 
 
 def _run_name() -> str:
@@ -103,7 +104,7 @@ def detrl_flow(
     check_target(notify)  # and a notify target that could never be reached
     out = Path(runs_dir or default_dir("runs"))
     out = check_out_dir(out / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
-    preflight.with_options(timeout_seconds=cfg.startup_timeout())(cfg)
+    preflight.with_options(timeout_seconds=timeouts.startup(cfg))(cfg)
     cache = cache_dir or default_dir("cache")
 
     model = download_model(cfg, cache, refresh)
@@ -136,7 +137,7 @@ def detrl_flow(
 def _run_twice(
     mode: str, cfg: RunConfig, out: Path, arts: tuple[Any, Any, Any], plant: list[str], cache: str
 ) -> tuple[str, str]:
-    loop = run_loop.with_options(timeout_seconds=cfg.run_timeout())
+    loop = run_loop.with_options(timeout_seconds=timeouts.run(cfg))
     runs: list[tuple[str, Path, list[str]]] = [("A", out / "run_a", []), ("B", out / "run_b", plant)]
     if mode == "sequential":
         done = [loop(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
@@ -149,12 +150,6 @@ def _run_twice(
         futures = [run_loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
         wait(futures)
     return futures[0].result(), futures[1].result()
-
-
-def flow_result(state: State) -> dict[str, Any]:
-    """The flow's result dict from its final state, Completed or Failed (a Failed state carries it as data)."""
-    result = state.result(raise_on_failure=False)
-    return result if isinstance(result, dict) else (state.data if isinstance(state.data, dict) else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         refresh=a.refresh,
         return_state=True,
     )
-    data = flow_result(state)
+    data = result_of(state)
     print(f"\ndet-rl: {state.name}: {state.message or data.get('status', '')}")
     if data.get("runs"):
         runs = data["runs"]

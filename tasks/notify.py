@@ -13,6 +13,8 @@ from prefect.utilities.urls import url_for
 from detrl.config import ConfigError
 from detrl.notify import is_webhook, message, post_json, target, target_problem
 
+from .state import result_of
+
 
 def check_target(param: str | None) -> None:
     """At flow start, before any work: the notify target (parameter or $DETRL_NOTIFY) is an http(s) URL or
@@ -32,17 +34,6 @@ def check_target(param: str | None) -> None:
             ) from None
 
 
-def _result(state: Any) -> dict[str, Any] | None:
-    data = state.data if isinstance(state.data, dict) else None
-    if data is None:
-        try:
-            res = state.result(raise_on_failure=False)
-        except Exception:
-            res = None
-        data = res if isinstance(res, dict) else None
-    return data
-
-
 def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
     params = flow_run.parameters or {}
     dest = target(params.get("notify"))
@@ -54,7 +45,7 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
         state=state.name,
         state_message=state.message,
         ui_url=url_for(flow_run),
-        result=_result(state),
+        result=result_of(state) or None,
     )
     try:
         if is_webhook(dest):

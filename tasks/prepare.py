@@ -9,41 +9,41 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from detrl.config import RunConfig, load_config, parse_override, resolve_profile
-from detrl.convert import ConvertedArtifact, convert_cached
-from detrl.data import DatasetArtifact, fetch_dataset
+from detrl import artifacts
+from detrl.config import RunConfig, parse_override, resolve
+from detrl.convert import ConvertedArtifact
+from detrl.data import DatasetArtifact
 from detrl.doctor import check_resources
-from detrl.models import ModelArtifact, fetch_model
+from detrl.models import ModelArtifact
 
 
 @task(name="resolve-config", cache_policy=NO_CACHE)
 def resolve_config(
     profile: str, seed: int | None, overrides: dict[str, Any], extra: list[str], config_file: str | None = None
 ) -> RunConfig:
-    name, why = resolve_profile(profile)
-    get_run_logger().info(f"profile {name}: {why}")
     pairs = {".".join(parts): value for parts, value in map(parse_override, extra)}
-    cfg = load_config(name, config_file=config_file, overrides={**overrides, **pairs}, seed=seed)
+    cfg, why = resolve(profile, config_file=config_file, overrides={**overrides, **pairs}, seed=seed)
+    get_run_logger().info(why or f"profile {cfg.profile}")
     check_resources(cfg)
     return cfg
 
 
 @task(name="download-model", cache_policy=NO_CACHE)
 def download_model(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> ModelArtifact:
-    art = fetch_model(cfg.model, cache_dir, device="cuda" if cfg.on_gpu else "cpu", refresh=refresh)
+    art = artifacts.model(cfg, cache_dir, refresh)
     get_run_logger().info(f"model {art.source}:{art.name} at {art.path} (sha256 {art.sha256[:16]})")
     return art
 
 
 @task(name="download-dataset", cache_policy=NO_CACHE)
 def download_dataset(cfg: RunConfig, cache_dir: str, refresh: bool = False) -> DatasetArtifact:
-    art = fetch_dataset(cfg.data, cache_dir, refresh=refresh, gsm8k_answers=cfg.reward == "gsm8k")
+    art = artifacts.dataset(cfg, cache_dir, refresh)
     get_run_logger().info(f"dataset {art.source}:{art.name}: {art.rows} rows (sha256 {art.sha256[:16]})")
     return art
 
 
 @task(name="convert-hf-to-megatron", cache_policy=NO_CACHE)
 def convert_checkpoint(model: ModelArtifact, cache_dir: str, refresh: bool = False) -> ConvertedArtifact:
-    art = convert_cached(model, cache_dir, refresh=refresh)
+    art = artifacts.megatron(model, cache_dir, refresh)
     get_run_logger().info(f"Megatron torch_dist checkpoint at {art.path} (converter v{art.converter_version})")
     return art

@@ -6,10 +6,13 @@ bash scripts/test.sh                      # both tiers, lint and types (what CI 
 pytest -m gpu                             # on a GPU host: the GPU tests
 """
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -118,4 +121,73 @@ def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
     d = tmp_path_factory.mktemp("runs")
     run(tiny_cfg, d / "a", artifacts)
     run(tiny_cfg, d / "b", artifacts, schedule=for_run(tiny_cfg, "B"))
+    return d
+
+
+# A synthetic tiny-cpu ledger (header, iterations, completion) for verifier tests by ledger surgery.
+def hex_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def ledger_records(n_iter: int = 2, **config_overrides) -> list[dict]:
+    from detrl.config import load_config
+    from detrl.ledger import LEDGER_VERSION, PHASES, combine
+
+    cfg = load_config("tiny-cpu", overrides=[f"{k}={v}" for k, v in config_overrides.items()])
+    header = {
+        "kind": "header",
+        "version": LEDGER_VERSION,
+        "run_id": uuid.uuid4().hex,  # each call is another run
+        "detrl": "0.1.0",
+        "profile": "tiny-cpu",
+        "config": cfg.recorded_dict(),
+        "config_hash": cfg.config_hash(),
+        "artifacts": {
+            "model": {"sha256": hex_digest("model")},
+            "data": {"sha256": hex_digest("data")},
+            "megatron": {"hf_sha256": hex_digest("model")},
+        },
+        "engine": {"backend": "hf"},
+        "selftest": {"passed": True},
+        "prompts_available": 64,
+        "prompts_dropped": 0,
+        "fingerprints": {"driver": {"python": "3.11"}},
+        "placement": {"trainer0": "node"},
+        "started_at": "2026-11-24T00:00:00Z",
+    }
+    out = [header]
+    for i in range(n_iter):
+        tensors = {
+            p: [[f"layer{k}.weight", f"xxh3_128:{hex_digest(f'{p}{i}{k}')[:32]}"] for k in range(3)]
+            for p in ("policy_weights", "weights")
+        }
+        hashes = {p: hex_digest(f"{p}{i}") for p in PHASES}
+        hashes.update({p: combine(dict(tensors[p])) for p in tensors})
+        out.append(
+            {
+                "kind": "iteration",
+                "iteration": i,
+                "hashes": hashes,
+                "tensors": tensors,
+                "stats": {"loss": 0.5, "mean_reward": 0.25, "step_s": 1.0},
+            }
+        )
+    out.append(
+        {
+            "kind": "complete",
+            "iterations": n_iter,
+            "final_weights": out[-1]["hashes"]["weights"],
+            "wall_s": 3.5,
+            "finished_at": "2026-11-24T00:01:00Z",
+        }
+    )
+    return out
+
+
+def write_ledger(d: Path, recs: list, raw_lines: list[str] | None = None) -> Path:
+    from detrl.ledger import LEDGER_FILE
+
+    d.mkdir(parents=True, exist_ok=True)
+    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in recs]
+    (d / LEDGER_FILE).write_text("".join(line + "\n" for line in lines))
     return d

@@ -100,7 +100,8 @@ def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_pat
 
 
 def _out_dirs(tmp_path):
-    from test_ledger import records, write
+    from conftest import ledger_records as records
+    from conftest import write_ledger as write
 
     stale = tmp_path / "stale"
     (stale / "steps" / "iter_00007").mkdir(parents=True)
@@ -134,7 +135,8 @@ def test_out_is_checked_before_any_work_and_never_clobbered(tmp_path, capsys, co
 
 
 def test_resume_needs_a_ledger_of_the_same_config(tmp_path, capsys):
-    from test_ledger import records, write
+    from conftest import ledger_records as records
+    from conftest import write_ledger as write
 
     from detrl.cli import main
 

@@ -157,7 +157,9 @@ def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path
     assert shared.config_hash() == cfg.config_hash()  # the same experiment
     assert run_config(cfg, "side_by_side") is cfg
     # the engine's KV cache holds every sample of a step at its longest
-    assert cfg.step_kv_tokens() >= 32 * 8 * (cfg.data.max_prompt_tokens + 1024)
+    from detrl.rollout import step_kv_tokens
+
+    assert step_kv_tokens(cfg) >= 32 * 8 * (cfg.data.max_prompt_tokens + 1024)
     with pytest.raises(ConfigError, match="gpu_share=0.5 .* needs one GPU per run"):
         load_config("tiny-cpu", overrides=["resources.gpu_share=0.5"])
     with pytest.raises(ConfigError, match="gpu_share=0.5 .* needs one GPU per run"):

@@ -159,6 +159,7 @@ def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode
     from detrl.ledger import read_ledger
     from detrl.loop import prepare, run
     from detrl.ray.session import shared_ray
+    from detrl.rollout import step_kv_tokens
     from detrl.verify import verify
 
     def pair(cfg, a, b):
@@ -173,7 +174,7 @@ def test_loop_twice_sharing_one_gpu_equals_a_run_alone_and_nondeterministic_mode
     v = pair(cfg, "a", "b")
     assert v.status == "identical", v.first
     engine = read_ledger(tmp_path / "a").header["engine"]
-    assert engine["kv_tokens"] == cfg.step_kv_tokens()
+    assert engine["kv_tokens"] == step_kv_tokens(cfg)
     run(cfg, tmp_path / "alone", arts)  # the whole GPU, its default KV cache
     v_alone = verify(str(tmp_path / "a"), str(tmp_path / "alone"))
     assert v_alone.status == "identical", v_alone.first

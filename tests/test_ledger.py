@@ -6,82 +6,19 @@ schema against ledgers the loop really wrote."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import uuid
-from pathlib import Path
 
 import pytest
+from conftest import hex_digest
+from conftest import ledger_records as records
+from conftest import write_ledger as write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detrl.config import NON_SEMANTIC, load_config
-from detrl.ledger import LEDGER_FILE, LEDGER_VERSION, PHASES, combine, read_ledger
+from detrl.ledger import LEDGER_FILE, combine, read_ledger
 from detrl.report import format_text
 from detrl.verify import compare, verify
-
-
-def _hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def records(n_iter: int = 2, **config_overrides) -> list[dict]:
-    cfg = load_config("tiny-cpu", overrides=[f"{k}={v}" for k, v in config_overrides.items()])
-    header = {
-        "kind": "header",
-        "version": LEDGER_VERSION,
-        "run_id": uuid.uuid4().hex,  # each call is another run
-        "detrl": "0.1.0",
-        "profile": "tiny-cpu",
-        "config": cfg.recorded_dict(),
-        "config_hash": cfg.config_hash(),
-        "artifacts": {
-            "model": {"sha256": _hex("model")},
-            "data": {"sha256": _hex("data")},
-            "megatron": {"hf_sha256": _hex("model")},
-        },
-        "engine": {"backend": "hf"},
-        "selftest": {"passed": True},
-        "prompts_available": 64,
-        "prompts_dropped": 0,
-        "fingerprints": {"driver": {"python": "3.11"}},
-        "placement": {"trainer0": "node"},
-        "started_at": "2026-11-24T00:00:00Z",
-    }
-    out = [header]
-    for i in range(n_iter):
-        tensors = {
-            p: [[f"layer{k}.weight", f"xxh3_128:{_hex(f'{p}{i}{k}')[:32]}"] for k in range(3)]
-            for p in ("policy_weights", "weights")
-        }
-        hashes = {p: _hex(f"{p}{i}") for p in PHASES}
-        hashes.update({p: combine(dict(tensors[p])) for p in tensors})
-        out.append(
-            {
-                "kind": "iteration",
-                "iteration": i,
-                "hashes": hashes,
-                "tensors": tensors,
-                "stats": {"loss": 0.5, "mean_reward": 0.25, "step_s": 1.0},
-            }
-        )
-    out.append(
-        {
-            "kind": "complete",
-            "iterations": n_iter,
-            "final_weights": out[-1]["hashes"]["weights"],
-            "wall_s": 3.5,
-            "finished_at": "2026-11-24T00:01:00Z",
-        }
-    )
-    return out
-
-
-def write(d: Path, recs: list, raw_lines: list[str] | None = None) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in recs]
-    (d / LEDGER_FILE).write_text("".join(line + "\n" for line in lines))
-    return d
 
 
 def test_a_well_formed_ledger_reads_back_and_matches_its_copy(tmp_path):
@@ -323,11 +260,11 @@ def test_a_semantic_difference_is_never_identical_and_is_named_first(tmp_path):
 def test_different_artifacts_are_named_first_with_both_hashes(tmp_path):
     a = write(tmp_path / "a", records())
     recs = records()
-    recs[0]["artifacts"]["model"]["sha256"] = _hex("other model")
-    recs[1]["hashes"]["prompts"] = _hex("x")
+    recs[0]["artifacts"]["model"]["sha256"] = hex_digest("other model")
+    recs[1]["hashes"]["prompts"] = hex_digest("x")
     v = verify(str(a), str(write(tmp_path / "b", recs)))
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "prompts")
-    assert v.artifact_diff == [f"model.sha256: {_hex('model')!r} -> {_hex('other model')!r}"]
+    assert v.artifact_diff == [f"model.sha256: {hex_digest('model')!r} -> {hex_digest('other model')!r}"]
     assert v.likely_cause.startswith("the runs started from different artifacts (model.sha256:")
 
 
@@ -341,7 +278,7 @@ def test_a_run_compared_with_itself_or_a_copy_is_the_same_run_never_identical(tm
         assert "nothing was reproduced" in v.problems[0]
     edited = [dict(r) for r in recs]  # an edited copy is compared byte for byte: it diverged
     edited[2] = json.loads(json.dumps(recs[2]))
-    edited[2]["hashes"]["loss"] = _hex("edited")
+    edited[2]["hashes"]["loss"] = hex_digest("edited")
     v = verify(str(a), str(write(tmp_path / "edited", edited)))
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (1, "loss")
 
@@ -399,7 +336,7 @@ def test_the_verdict_names_run_bs_schedule_and_what_identical_certifies(tmp_path
 def test_a_rollout_that_differs_under_another_schedule_blames_batch_variance(tmp_path):
     a = write(tmp_path / "a", _with_schedule(records(), PLAIN))
     recs = _with_schedule(records(), PERTURBED)
-    recs[1]["hashes"]["rollout_tokens"] = _hex("other tokens")
+    recs[1]["hashes"]["rollout_tokens"] = hex_digest("other tokens")
     v = verify(str(a), str(write(tmp_path / "b", recs)))
     assert v.status == "diverged" and (v.first.iteration, v.first.phase) == (0, "rollout_tokens")
     assert "run B sent its requests differently" in v.likely_cause and "not batch-invariant" in v.likely_cause
@@ -412,10 +349,21 @@ def test_the_phases_two_records_differ_in_put_the_eval_between_the_sync_and_the_
     a = records()[1]
     b = json.loads(json.dumps(a))
     assert differing_phases(a, b) == []
-    a["eval"], b["eval"] = {"tokens": _hex("x")}, {"tokens": _hex("y")}
-    b["hashes"]["rewards"] = _hex("other")
+    a["eval"], b["eval"] = {"tokens": hex_digest("x")}, {"tokens": hex_digest("y")}
+    b["hashes"]["rewards"] = hex_digest("other")
     assert differing_phases(a, b) == ["eval", "rewards"]
-    b["hashes"]["policy_weights"] = _hex("other")
+    b["hashes"]["policy_weights"] = hex_digest("other")
     assert differing_phases(a, b) == ["policy_weights", "eval", "rewards"]
     del b["eval"]
     assert differing_phases(a, b)[:2] == ["policy_weights", "eval"]  # evaluated in one run only
+
+
+def test_rows_cut_from_a_ragged_array_are_the_rows_it_was_made_of():
+    import numpy as np
+
+    from detrl.ledger import ragged, unragged
+
+    rows = [[3, 1], [], [4, 1, 5], [9]]
+    flat, lengths = ragged(rows, np.int64)
+    assert [r.tolist() for r in unragged(flat, lengths)] == rows
+    assert unragged(np.zeros(0, np.int64), []) == []

@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from .layout import TABLE, tp_partition_dim
+
+__all__ = ["NAMES", "ArchMeta", "hf_to_megatron", "megatron_to_hf", "tp_partition_dim", "tensor_problem"]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -70,20 +73,9 @@ class ArchMeta:
         )
 
 
-# Megatron name -> the HF tensor(s) it holds ("{}" is the layer), and how they are fused.
-_L, _M = "model.layers.{}.", "decoder.layers.{}."
-NAMES: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "embedding.word_embeddings.weight": (("model.embed_tokens.weight",), None),
-    "decoder.final_layernorm.weight": (("model.norm.weight",), None),
-    "output_layer.weight": (("lm_head.weight",), None),  # only when the embeddings are untied
-    _M + "self_attention.linear_qkv.weight": (tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
-    _M + "self_attention.linear_qkv.bias": (tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv"),
-    _M + "self_attention.linear_proj.weight": ((_L + "self_attn.o_proj.weight",), None),
-    _M + "input_layernorm.weight": ((_L + "input_layernorm.weight",), None),
-    _M + "pre_mlp_layernorm.weight": ((_L + "post_attention_layernorm.weight",), None),
-    _M + "mlp.linear_fc1.weight": ((_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "stack"),
-    _M + "mlp.linear_fc2.weight": ((_L + "mlp.down_proj.weight",), None),
-}
+# Megatron name -> (the HF tensor(s) it holds, how they are fused): the converters' view of layout.TABLE
+NAMES: dict[str, tuple[tuple[str, ...], str | None]] = {mc: (lay.hf, lay.fusion) for mc, lay in TABLE.items()}
+_M = "decoder.layers.{}."
 
 
 def _names(m: ArchMeta) -> list[tuple[str, tuple[str, ...], str | None]]:
@@ -131,26 +123,6 @@ def megatron_to_hf(mc: dict[str, torch.Tensor], m: ArchMeta) -> dict[str, torch.
         split = _qkv_split(t, m) if fusion == "qkv" else [c.contiguous() for c in t.chunk(2, 0)] if fusion else [t]
         out.update(zip(parts, split, strict=True))
     return out
-
-
-_COLUMN_PARALLEL = (
-    "linear_qkv.weight",
-    "linear_qkv.bias",
-    "linear_fc1.weight",
-    "word_embeddings.weight",
-    "output_layer.weight",
-)
-_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
-
-
-def tp_partition_dim(name: str) -> int | None:
-    """The dim along which Megatron's GPT layers split a parameter over the TP ranks (None:
-    replicated). By name, because Megatron marks its parameters only when it initializes them."""
-    if name.endswith(_COLUMN_PARALLEL):
-        return 0
-    if name.endswith(_ROW_PARALLEL):
-        return 1
-    return None
 
 
 def check_tensor_parallel(m: ArchMeta, tp: int) -> None:

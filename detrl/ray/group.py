@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .. import weight_sync
+from .. import timeouts, weight_sync
 from ..config import Perturbation, RunConfig
 from ..determinism import DeterminismError
 from ..rollout import Generation, SamplingParams
@@ -120,7 +120,7 @@ class Workers:
 
     def wait(self, refs: Any, phase: str, iteration: int | None = None) -> Any:
         """ray.get with the phase's time limit; a timeout names the phase and stops the run."""
-        limit = self.cfg.startup_timeout() if iteration is None else self.cfg.phase_timeout()
+        limit = timeouts.startup(self.cfg) if iteration is None else timeouts.phase(self.cfg)
         try:
             return ray.get(refs, timeout=limit)
         except RayActorError as exc:

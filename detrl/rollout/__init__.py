@@ -49,6 +49,13 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def step_kv_tokens(cfg: RunConfig) -> int:
+    """KV-cache tokens one step's batch can need at once (every sample at its longest), plus 10 %: the
+    engine's cache when runs share a GPU."""
+    r = cfg.rollout
+    return int(r.prompts_per_step * r.samples_per_prompt * (cfg.data.max_prompt_tokens + r.max_new_tokens) * 1.1)
+
+
 def make_engine(cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int] | None = None) -> RolloutEngine:
     """`schedule_args`: SGLang batch limits of a perturbed schedule (detrl.schedule); the hf engine has none."""
     # each backend imports on use: sglang is optional (GPU hosts only)
@@ -69,7 +76,7 @@ def make_engine(cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int]
             cfg.rollout.sglang,
             deterministic=cfg.determinism.enabled,
             seed=cfg.seed if cfg.pins_seeds else None,
-            kv_tokens=cfg.step_kv_tokens() if cfg.resources.gpu_share < 1 else None,
+            kv_tokens=step_kv_tokens(cfg) if cfg.resources.gpu_share < 1 else None,
             prefill_logprobs=cfg.train.on_policy == "exact",
             schedule_args=schedule_args,
         )

@@ -17,40 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..config import SGLangConfig
+from ..megatron.layout import sglang_layout
 from . import Generation, SamplingParams, sglang_plugin
-
-_FUSED = (
-    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-)
-
-
-def sglang_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF-named Qwen2/Llama tensors -> the parameter names and fused layout SGLang holds (TP=1)."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for name in named:
-        m = re.match(r"(model\.layers\.\d+\.)(.+)\.(weight|bias)$", name)
-        if not m:
-            continue
-        prefix, mid, kind = m.groups()
-        for fused, parts in _FUSED:
-            if mid == parts[0]:
-                keys = [f"{prefix}{p}.{kind}" for p in parts]
-                if all(k in named for k in keys):
-                    out[f"{prefix}{fused}.{kind}"] = torch.cat([named[k] for k in keys], 0)
-                    used.update(keys)
-    for name, t in named.items():
-        if name not in used:
-            out[name] = t
-    return out
 
 
 def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
