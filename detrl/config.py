@@ -722,7 +722,7 @@ def resolve_profile(name: str) -> tuple[str, str]:
     Returns (profile, why)."""
     if name != "auto":
         return name, "as requested"
-    import torch  # only here: the config module stays importable in 0.2 s, without torch
+    import torch  # only here: the config module stays importable without torch (benchmarks/cli_speed.py)
 
     if torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None:
         return "gsm8k-qwen2.5-0.5b", f"{torch.cuda.device_count()} GPU(s) and SGLang found"

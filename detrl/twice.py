@@ -36,9 +36,9 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     Adam state (18 bytes a parameter), and for its largest micro-batch the fp32 logits (three copies:
     logits, log-softmax, gradient), activations and, with train.attention=local, attention scores and
     probabilities (Megatron's local attention keeps both, in bf16); the engine's weights, a KV cache of
-    step_kv_tokens and 6.5 GiB of CUDA graphs, workspace and the processes' CUDA contexts. Measured on an
-    H200 at the reference shape, two runs on one GPU (nvidia-smi peak, per run; this estimate):
-    SmolLM2-135M local attention 45.4 (48.0), sdpa 30.5 (31.7); Qwen2.5-0.5B sdpa 43.1 (43.4)."""
+    step_kv_tokens and a fixed allowance for CUDA graphs, workspace and the processes' CUDA contexts. Its
+    constants were set against nvidia-smi peaks of two runs sharing an H200 (benchmarks/results/README.md,
+    the `h200-twice-run*` rows)."""
     m = ArchMeta.from_hf_dir(model_dir)
     h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
     params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * m.params_per_layer
@@ -78,7 +78,7 @@ def choose(
         if mode != "auto":
             return mode, "as configured"
         # a run keeps one phase busy at a time (rollout, then train) on cpu_threads per rank, so two runs
-        # overlap well: measured 1.35x (tiny-cpu) and 1.19x (smollm2-cpu) faster on 2 cores (README)
+        # overlap well (side by side against one after the other: benchmarks/results/README.md, CPU records)
         cores, busy = os.cpu_count() or 1, cfg.resources.trainer_ranks * cfg.resources.cpu_threads
         if cores >= 2 * busy:
             return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"

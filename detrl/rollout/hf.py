@@ -4,7 +4,7 @@ contract as SGLang's `sampling_seed`.
 
 Batch invariance: in `per_sequence` mode each sequence runs alone (batch 1), so nothing else in a
 request can change its arithmetic. On the CPU a matmul of M=1 rows takes a different kernel than
-M>1 (measured: up to 7.6e-5 apart), so the `padded` mode, one padded batch as `generate()` does, is
+M>1 (their results differ in the low bits), so the `padded` mode, one padded batch as `generate()` does, is
 batch-variant; the self-test shows it.
 """
 
