@@ -25,16 +25,19 @@ pytestmark = pytest.mark.integration  # the CLI in fresh processes, real convers
         (["run", "--profile", "tiny-cpu", "--out", "x", "--plant", "one:two"], "ITER:TENSOR"),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
-    r = detrl(*args, "--cache", str(tmp_path))
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message):
+    from detrl.cli import main
+
+    assert main([*args, "--cache", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
     assert not (ROOT / "x").exists()
 
 
-def test_unreachable_model_fails_before_any_work(tmp_path):
-    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "model.source=hub", "model.name=nobody/nothing"))
-    assert r.returncode == 2 and "could not download model 'nobody/nothing'" in r.stderr
+def test_unreachable_model_fails_before_any_work(tmp_path, capsys):
+    from detrl.cli import main
+
+    code = main(tiny_run(tmp_path / "run", tmp_path / "c", "model.source=hub", "model.name=nobody/nothing"))
+    assert code == 2 and "could not download model 'nobody/nothing'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "c" / "megatron").exists()
 
 

@@ -29,12 +29,16 @@ def test_the_determinism_rule_names_each_problem_with_its_fix_and_nothing_when_o
 
 
 def test_the_local_preflight_predicts_the_workers_env_without_starting_ray(monkeypatch):
-    import ray
+    from detrl.ray import group, session
 
+    def no_workers(*_, **__):
+        raise AssertionError("the local preflight started Ray or workers")
+
+    monkeypatch.setattr(session, "ensure_ray", no_workers)
+    monkeypatch.setattr(group.Workers, "__enter__", no_workers)
     report = doctor.run(load_config("tiny-cpu"), in_workers=False)
     assert report.ok, report.table()
     assert {c.where for c in report.checks} == {"driver", "trainer", "rollout"}
-    assert not ray.is_initialized()
     for key in ("CUBLAS_WORKSPACE_CONFIG",):
         monkeypatch.delenv(key, raising=False)
     dropped = load_config("tiny-cpu", overrides=["resources.worker_env.trainer.CUBLAS_WORKSPACE_CONFIG=null"])
