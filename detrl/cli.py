@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, ConfigError, load_config, parse_plants, resolve
+from .config import PROFILES, ConfigError, load_config, parse_plants
+from .resolve import resolve
 from .util import default_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2

@@ -10,11 +10,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from detrl import artifacts
-from detrl.config import RunConfig, parse_override, resolve
+from detrl.config import RunConfig, parse_override
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
 from detrl.doctor import check_resources
 from detrl.models import ModelArtifact
+from detrl.resolve import resolve
 
 
 @task(name="resolve-config", cache_policy=NO_CACHE)
