@@ -197,11 +197,15 @@ def test_offline_recipe_for_the_hub_profile(tmp_path, artifacts):
     assert arts.megatron.hf_sha256 == arts.model.sha256
 
 
-def test_smollm2_cpu_twice_identical_and_a_planted_flip_is_named(tmp_path, smollm2, cache_dir):
-    r = detrl("reproduce", "--profile", "smollm2-cpu", "--out", str(tmp_path), "--cache", str(cache_dir))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "IDENTICAL" in r.stdout and "rollout shape:" in r.stdout
-    assert "response length" in r.stdout and "ended by EOS" in r.stdout
+def test_smollm2_cpu_twice_identical_until_a_planted_flip_which_is_named(tmp_path, smollm2, cache_dir):
+    """Real weights, run B scheduled differently and one bit flipped in it before iteration 1: iteration 0
+    matches in every phase, and the flip is named at iteration 1 (two runs, not three: CI time)."""
+    plant = "1:decoder.layers.3.mlp.linear_fc2.weight"
+    r = detrl(
+        "reproduce", "--profile", "smollm2-cpu", "--out", str(tmp_path), "--cache", str(cache_dir), "--plant", plant
+    )
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "rollout shape:" in r.stdout and "response length" in r.stdout and "ended by EOS" in r.stdout
     from detrl.ledger import read_ledger
 
     led = read_ledger(tmp_path / "run_a")
@@ -211,24 +215,14 @@ def test_smollm2_cpu_twice_identical_and_a_planted_flip_is_named(tmp_path, smoll
         assert s["response_len_min"] <= s["response_len_median"] <= s["response_len_max"] <= 32
         assert 0.0 <= s["eos_fraction"] <= 1.0 and 0.0 <= s["nonzero_reward_fraction"] <= 1.0
         assert s["logprob_max_abs_diff"] < 1e-3  # fp32 trainer and fp32 reference engine
-
-    # the same real-weights run with one bit flipped before iteration 1: caught and named
-    r = detrl(
-        "run",
-        "--profile",
-        "smollm2-cpu",
-        "--out",
-        str(tmp_path / "planted"),
-        "--cache",
-        str(cache_dir),
-        "--plant",
-        "1:decoder.layers.3.mlp.linear_fc2.weight",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = detrl("verify", str(tmp_path / "run_a"), str(tmp_path / "planted"), "--json")
+    r = detrl("verify", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--json")
     v = json.loads(r.stdout)
     assert r.returncode == 1 and v["first"]["iteration"] == 1 and v["first"]["phase"] == "policy_weights"
     assert v["first"]["tensors"] == ["model.layers.3.mlp.down_proj.weight"]
+    assert (
+        read_ledger(tmp_path / "run_a").iterations[0]["hashes"]
+        == read_ledger(tmp_path / "run_b").iterations[0]["hashes"]
+    )
 
 
 def test_rollout_shape_counts_eos_endings_and_paid_samples():
