@@ -57,12 +57,9 @@ def bootstrap_diff(
 
 
 def learning_png(stats: list[dict[str, Any]], stats_b: list[dict[str, Any]], title: str, window: int) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from detrl.plot import png_bytes  # sets the Agg backend
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=90)
     xs = np.arange(len(stats))
@@ -84,11 +81,7 @@ def learning_png(stats: list[dict[str, Any]], stats_b: list[dict[str, Any]], tit
     ax2.set_xlabel("iteration (policy entering it)")
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def summarize(runs_dir: Path, window: int, draws: int) -> tuple[dict[str, Any], bytes]:

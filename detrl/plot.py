@@ -50,6 +50,11 @@ def curves_png(
     axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return png_bytes(fig)
+
+
+def png_bytes(fig: Any) -> bytes:
+    """A finished figure as PNG bytes; the figure is closed."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
