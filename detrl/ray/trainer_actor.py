@@ -76,9 +76,8 @@ class TrainerActor:
     def export_weights(self, transport: str, dtype: str, update: bool, hash_algo: str) -> tuple[Any, Any, Any]:
         return weight_sync.module(transport).export(self._t, dtype, update, hash_algo)
 
-    def release_weights(self) -> None:
-        for name in weight_sync.TRANSPORTS:
-            weight_sync.module(name).release()
+    def release_weights(self, transport: str) -> None:
+        weight_sync.module(transport).release()
 
     def weight_hashes(self) -> dict[str, str] | None:
         return self._t.weight_hashes()

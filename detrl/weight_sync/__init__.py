@@ -47,5 +47,5 @@ def sync(group: Any, transport: str, it: int, update: bool) -> tuple[dict[str, s
     bad = group.wait(group.rollout.load_weights.remote(transport, payload, expected, update), "weight sync", it)
     sent = group.wait(digests, "weight sync", it)
     group.wait([ref for refs in exports[1:] for ref in refs], "weight sync", it)
-    group.wait(group.trainers[0].release_weights.remote(), "weight sync", it)
+    group.wait(group.trainers[0].release_weights.remote(transport), "weight sync", it)
     return sent, bad
