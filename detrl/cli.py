@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import PROFILES, ConfigError, load_config, parse_plants
 from .resolve import resolve
@@ -208,8 +208,19 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are det-rl's bad input: `main` prints them as `detrl: error: ...` with exit 2,
+    in-process as from the shell, instead of argparse's exit from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if "expected one argument" in message:
+            hint = "; a value that starts with '-' goes after '=' (e.g. --plant=-1:NAME)"
+        raise ConfigError(f"{self.prog}: {message}{hint} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="detrl", description=__doc__)
+    ap = _Parser(prog="detrl", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the GRPO loop once and write DIR/ledger.jsonl")
     config_arguments(p)
@@ -267,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import quiet
 
     quiet.install()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except ConfigError as exc:
         print(f"detrl: error: {exc}", file=sys.stderr)

@@ -353,3 +353,13 @@ def test_random_arguments_get_exit_2_and_never_a_traceback(tmp_path_factory, cap
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.startswith("detrl: error:"), (args, err[-600:])
     assert not (base / "cache").exists()
+
+
+def test_an_argument_value_that_looks_like_an_option_is_bad_input_with_the_fix(tmp_path, capsys):
+    """argparse takes `--plant -x` for an option; in-process as from the shell it is exit 2 with our message
+    (found by the property test above), never argparse's own exit from inside the parser."""
+    code = main(["run", "--profile", "tiny-cpu", "--out", str(tmp_path / "o"), "--plant", "-x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("detrl: error: detrl run: argument --plant: expected one argument")
+    assert "--plant=-1:NAME" in err and not (tmp_path / "o").exists()
+    assert main(["verify"]) == 2 and "the following arguments are required" in capsys.readouterr().err
