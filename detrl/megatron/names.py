@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .layout import TABLE, tp_partition_dim
-
-__all__ = ["NAMES", "ArchMeta", "hf_to_megatron", "megatron_to_hf", "tp_partition_dim", "tensor_problem"]
+from .layout import TABLE
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
