@@ -272,9 +272,7 @@ class Workers:
             self.trainers = [
                 trainer_cls.options(num_cpus=0, runtime_env=t_env).remote(*args, r, world) for r in range(world)
             ]
-            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(
-                cfg_json, self.model_dir, self.schedule_args
-            )
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(*rollout_args)
             return
         if cfg.on_gpu:
             bundles = [{"GPU": res.gpu_share, "CPU": 1}] * (world if res.colocate else world + 1)
@@ -291,9 +289,7 @@ class Workers:
                 trainer_cls.options(num_cpus=1, runtime_env=t_env, scheduling_strategy=on(r)).remote(*args, r, world)
                 for r in range(world)
             ]
-            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(
-                cfg_json, self.model_dir, self.schedule_args
-            )
+            self.rollout = rollout_cls.options(num_cpus=0, runtime_env=r_env).remote(*rollout_args)
             return
         share = res.gpu_share / 2 if res.colocate else res.gpu_share
         self.trainers = [
