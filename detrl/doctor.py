@@ -195,7 +195,7 @@ def run(cfg: RunConfig, in_workers: bool = True) -> Report:
     """Driver checks, then the same checks inside each worker the run would start (`in_workers`), or,
     without starting any, against the environment a local Ray's workers will have: this process's under
     the runtime env (`detrl.ray.env.predicted_env`). The flow's preflight takes the second way on a local
-    run, in well under a second, since each run reads its workers' environment back before any model is
+    run, starting nothing, since each run reads its workers' environment back before any model is
     loaded anyway; on a cluster it starts the workers, whose nodes the driver cannot see."""
     checks = driver_checks(cfg)
     if not checks[0].ok:
