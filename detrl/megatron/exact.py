@@ -45,6 +45,8 @@ from torch.nn.attention import sdpa_kernel
 from .attention import BACKENDS
 
 _LENGTHS: ContextVar[list[int] | None] = ContextVar("detrl_exact_lengths", default=None)
+# the packing of one forward's rows, computed once for all its layers (no per-layer host sync)
+_PACKING: ContextVar[dict[Any, Any] | None] = ContextVar("detrl_exact_packing", default=None)
 # SGLang's deterministic flashinfer prefill splits the KV of a request into tiles of this many tokens
 # (its variable and default), and gives flashinfer this workspace
 _SPLIT_TILE = int(os.environ.get("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", "4096"))
@@ -56,6 +58,7 @@ def engine_forward(lengths: Sequence[int]) -> Iterator[None]:
     """Around one forward of a model built with engine kernels: each row's real length (right
     padding), and on a GPU SGLang's batch-invariant GEMMs and log-softmax for the ops inside."""
     token = _LENGTHS.set([int(n) for n in lengths])
+    packing = _PACKING.set({})
     try:
         if torch.cuda.is_available():
             from sglang.srt.batch_invariant_ops import disable_batch_invariant_mode, enable_batch_invariant_mode
@@ -68,7 +71,27 @@ def engine_forward(lengths: Sequence[int]) -> Iterator[None]:
         else:
             yield
     finally:
+        _PACKING.reset(packing)
         _LENGTHS.reset(token)
+
+
+def _packing(lengths: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The packed rows of a right-padded [b, width] batch (row-major: row 0's real tokens, then row 1's),
+    their positions and cumulative bounds: built on the host from the lengths, so no layer waits on the
+    GPU to find its real tokens, and shared by every layer of the forward."""
+    cache = _PACKING.get()
+    key = (width, device)
+    if cache is not None and key in cache:
+        return cache[key]
+    rows = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lengths)])
+    positions = rows % width
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    out = (rows.to(device, non_blocking=True), positions.to(device, non_blocking=True), bounds)
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 # -- reference formulas (backward everywhere, forward on the CPU)
@@ -218,25 +241,27 @@ class _FlashInferPrefill:
 
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.planned: tuple[Any, ...] | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-        dev = q.device
-        indptr = torch.tensor(bounds, dtype=torch.int32, device=dev)
-        indices = torch.arange(q.shape[0], dtype=torch.int32, device=dev)
-        last_page = torch.ones(len(bounds) - 1, dtype=torch.int32, device=dev)
-        self.wrapper.begin_forward(
-            indptr,
-            indptr,
-            indices,
-            last_page,
-            q.shape[1],
-            k.shape[1],
-            q.shape[2],
-            1,
-            q_data_type=q.dtype,
-            kv_data_type=k.dtype,
-            fixed_split_size=_SPLIT_TILE,
-        )
+        # a plan is a function of these alone, and SGLang too plans once per batch for all layers
+        key = (tuple(bounds), q.shape[1], k.shape[1], q.shape[2], q.dtype, k.dtype)
+        if key != self.planned:
+            indptr = torch.tensor(bounds, dtype=torch.int32)  # on the host, where flashinfer plans
+            self.wrapper.begin_forward(
+                indptr,
+                indptr,
+                torch.arange(q.shape[0], dtype=torch.int32, device=q.device),
+                torch.ones(len(bounds) - 1, dtype=torch.int32),
+                q.shape[1],
+                k.shape[1],
+                q.shape[2],
+                1,
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+                fixed_split_size=_SPLIT_TILE,
+            )
+            self.planned = key
         return self.wrapper.forward(q, (k, v), causal=True, sm_scale=q.shape[-1] ** -0.5, logits_soft_cap=0.0)
 
 
@@ -324,16 +349,11 @@ class ExactAttention(MegatronModule):
         if lengths is None or len(lengths) != b or max(lengths) > s:
             raise RuntimeError("a model with engine kernels runs inside engine_forward(lengths), one length a row")
         dev = query.device
-        real = (torch.arange(s, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]).reshape(-1)
-        rows = real.nonzero()[:, 0]  # row-major: row 0's tokens in order, then row 1's...
-        positions = rows % s
+        rows, positions, bounds = _packing(lengths, s, dev)
 
         def packed(t: torch.Tensor) -> torch.Tensor:  # plain indexing: deterministic in both directions
             return t.transpose(0, 1).reshape(b * s, *t.shape[2:])[rows]
 
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
         table = _table(query.shape[-1], self.rope_base, max(self.rope_positions, s), dev)
         out = rope_attention(packed(query), packed(key), packed(value), positions, bounds, table)
         full = out.new_zeros(b * s, *out.shape[1:]).index_put((rows,), out)
