@@ -122,6 +122,31 @@ def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
     assert engine.verify_weights(state) == []
 
 
+def test_scoring_under_run_b_limits_finishes_and_equals_an_engine_without_them(engine, gpu_model):
+    """Exact mode scores prompt + response by prefill. Run B's engine chunks long sequences (chunked
+    prefill 512) and queues a submission above its running-request limit: its scores must come back,
+    bit for bit those of an engine without those limits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from detrl.rollout.sglang import SGLangEngine
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1000, 30000, int(rng.integers(100, 300))).tolist() for _ in range(128)]
+    responses = [rng.integers(1000, 30000, int(rng.integers(1, 1024))).tolist() for _ in range(128)]
+    plain = engine.score(prompts, responses)
+    limits = {"chunked_prefill_size": 512, "max_running_requests": 80, "cuda_graph_max_bs_decode": 80}
+    b = SGLangEngine(gpu_model, SGLangConfig(), deterministic=True, kv_tokens=200_000, schedule_args=limits)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            got = pool.submit(b.score, prompts, responses).result(timeout=300)
+    finally:
+        b.shutdown()
+    assert [len(x) for x in got] == [len(r) for r in responses]
+    assert got == plain
+
+
 def test_engine_runs_detrls_kernels(engine):
     from detrl.rollout.sglang_plugin import PATCHED
 

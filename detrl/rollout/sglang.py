@@ -158,15 +158,18 @@ class SGLangEngine:
         return gens
 
     def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Log-probs of each response after its prompt from SGLang's prefill over both (prefill-only
-        requests: max_new_tokens 0), without temperature."""
+        """Log-probs of each response after its prompt from SGLang's prefill over both, without
+        temperature. Each request generates one greedy token, which is dropped: a prefill-only request
+        (max_new_tokens 0) takes SGLang's separate prefill-only scheduling path, and a batch of them,
+        chunked and above the running-request limit (run B's schedule), did not finish on an H200
+        (tests/test_gpu.py holds the case)."""
         todo = [i for i, r in enumerate(responses) if r]
         out: list[list[float]] = [[] for _ in responses]
         if not todo:
             return out
         results = self.engine.generate(
             input_ids=[list(prompts[i]) + list(responses[i]) for i in todo],
-            sampling_params=[{"max_new_tokens": 0} for _ in todo],
+            sampling_params=[{"max_new_tokens": 1, "temperature": 0.0} for _ in todo],
             return_logprob=True,
             # from the prompt's last token, whose own entry SGLang leaves empty: then one per response token
             logprob_start_len=[len(prompts[i]) - 1 for i in todo],
