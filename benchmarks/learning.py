@@ -25,16 +25,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def rewards_by_iteration(run_dir: Path, iterations: int) -> list[np.ndarray]:
+def rewards_by_iteration(run_dir: Path, stats: list[dict[str, Any]], samples: int) -> tuple[list[np.ndarray], str]:
+    """Each iteration's per-sample rewards, and where they came from: the step data, or, where those were
+    not kept (or not copied back from the GPU host), the ledger's counts when every reward is 0 or 1 (the
+    mean equals the rewarded fraction): the rewards are then known up to order, enough for the sample
+    interval but not the prompt-group one."""
     from detrl.ledger import load_step_data
 
     out = []
-    for it in range(iterations):
+    for it, st in enumerate(stats):
         arrays = load_step_data(run_dir, it)
-        if arrays is None:
+        if arrays is not None:
+            out.append(np.asarray(arrays["rewards"], np.float64))
+            continue
+        if out or st.get("mean_reward") != st.get("nonzero_reward_fraction"):
             raise SystemExit(f"{run_dir}: iteration {it} has no step data (ledger.keep_step_data=false?)")
-        out.append(np.asarray(arrays["rewards"], np.float64))
-    return out
+        return [_binary(s, samples) for s in stats], "ledger counts (0/1 rewards; no step data)"
+    return out, "step data"
+
+
+def _binary(st: dict[str, Any], samples: int) -> np.ndarray:
+    if st.get("mean_reward") != st.get("nonzero_reward_fraction"):
+        raise SystemExit("rewards other than 0 and 1 need the step data")
+    ones = round(float(st["mean_reward"]) * samples)
+    return np.concatenate([np.ones(ones), np.zeros(samples - ones)])
 
 
 def bootstrap_diff(
@@ -99,8 +113,12 @@ def summarize(runs_dir: Path, window: int, draws: int) -> tuple[dict[str, Any], 
     assert led_a.header is not None
     cfg = led_a.header["config"]
     group = int(cfg["rollout"]["samples_per_prompt"])
-    rewards = rewards_by_iteration(a, n)
+    samples = int(cfg["rollout"]["prompts_per_step"]) * group
+    rewards, source = rewards_by_iteration(a, stats, samples)
     first, last = np.concatenate(rewards[:window]), np.concatenate(rewards[-window:])
+    ci = bootstrap_diff(first, last, group, draws)
+    if source != "step data":  # sorted rewards carry no prompt groups
+        ci["prompt_groups"] = {"low": None, "high": None, "why": "needs the step data"}
     evals = [(i, s["eval_accuracy"]) for i, s in enumerate(stats) if "eval_accuracy" in s]
     record = {
         "runs": str(runs_dir),
@@ -113,7 +131,8 @@ def summarize(runs_dir: Path, window: int, draws: int) -> tuple[dict[str, Any], 
         "mean_reward_first": round(float(first.mean()), 4),
         "mean_reward_last": round(float(last.mean()), 4),
         "mean_reward_diff": round(float(last.mean() - first.mean()), 4),
-        "diff_ci95": bootstrap_diff(first, last, group, draws),
+        "diff_ci95": ci,
+        "rewards_from": source,
         "eval": {
             "prompts": cfg.get("eval", {}).get("prompts"),
             "every": cfg.get("eval", {}).get("every"),
