@@ -311,29 +311,39 @@ def test_exact_on_policy_trainer_reproduces_sglangs_prefill(tmp_path):
 
 
 def test_exact_attention_backward_is_the_per_sequence_gradient_and_repeats_bitwise():
-    """Exact mode's attention: flashinfer's prefill forward (the engine's kernel), and as its backward the
-    gradient of one causal SDPA over the right-padded batch. The gradient must be the per-sequence
-    formula's (bf16 tolerance) and the same bits on a second call (deterministic)."""
+    """Exact mode's attention: flashinfer's prefill forward (the engine's kernel) on the packed real tokens,
+    and as its backward the gradient of one causal SDPA over the right-padded rows. The forward must be
+    the per-sequence formula's (bf16 tolerance) and zero at the padding; the gradient the per-sequence
+    formula's, zero at the padding, and the same bits on a second call (deterministic)."""
     from detrl.determinism import apply_process_settings
-    from detrl.megatron.exact import attention_ref, rope_attention, rope_ref, rope_table
+    from detrl.megatron.exact import attention_ref, pack, rope_attention, rope_ref, rope_table
 
     apply_process_settings(True, 0)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    bounds = [0, 37, 100, 101, 180, 420]  # SmolLM2's heads: 9 query, 3 key/value, head_dim 64
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [37, 63, 1, 79, 240]  # SmolLM2's heads: 9 query, 3 key/value, head_dim 64
+    width = max(lengths)
+    real = torch.arange(width, device=dev)[:, None] < torch.tensor(lengths, device=dev)[None, :]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
     positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
     table = rope_table(64, 10000.0, 4096, dev)
-    q = torch.randn(bounds[-1], 9, 64, device=dev, generator=g).bfloat16().requires_grad_()
-    k, v = (torch.randn(bounds[-1], 3, 64, device=dev, generator=g).bfloat16().requires_grad_() for _ in range(2))
-    grad_out = torch.randn(bounds[-1], 9, 64, device=dev, generator=g).bfloat16()
-    runs = []
+    rows = len(lengths)
+    q = torch.randn(width, rows, 9, 64, device=dev, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(width, rows, 3, 64, device=dev, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    grad_out = torch.randn(width, rows, 9, 64, device=dev, generator=g).bfloat16()
+    runs, outs = [], []
     for _ in range(2):
-        out = rope_attention(q, k, v, positions, bounds, table)
+        out = rope_attention(q, k, v, lengths, table)
+        outs.append(out.detach())
         runs.append(torch.autograd.grad(out, (q, k, v), grad_out))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    assert torch.equal(outs[0], outs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not outs[0][~real].any() and all(not x[~real].any() for x in runs[0])
+    q32, k32, v32 = (pack(t.detach().float(), lengths).requires_grad_() for t in (q, k, v))
     ref = attention_ref(rope_ref(q32, positions, table), rope_ref(k32, positions, table), v32, bounds)
-    want = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+    assert torch.allclose(pack(outs[0], lengths).float(), ref.detach(), atol=5e-2, rtol=5e-2)
+    want = torch.autograd.grad(ref, (q32, k32, v32), pack(grad_out, lengths).float())
     for got, exp in zip(runs[0], want):
-        assert torch.allclose(got.float(), exp, atol=5e-2, rtol=5e-2), (got.float() - exp).abs().max()
+        got = pack(got, lengths).float()
+        assert torch.allclose(got, exp, atol=5e-2, rtol=5e-2), (got - exp).abs().max()

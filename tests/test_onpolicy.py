@@ -199,22 +199,50 @@ def test_engine_kernel_modules_compute_what_megatron_does(artifacts):
 
 
 def test_the_padded_attention_backward_equals_the_per_sequence_formula():
-    """Exact mode's attention backward on a GPU is one causal SDPA over the right-padded batch; it must be
-    the gradient of the per-sequence formula (GQA, rows of different lengths, a row of one token)."""
+    """Exact mode's attention backward on a GPU is one causal SDPA over the right-padded rows as Megatron
+    lays them out; it must be the gradient of the per-sequence formula (rotary, GQA, rows of different
+    lengths, a row of one token), with zeros at the padding."""
     import torch
 
-    from detrl.megatron.exact import attention_ref, attention_ref_padded
+    from detrl.megatron.exact import attention_ref, pack, rope_attention_padded_ref, rope_ref, rope_table, unpack
 
     torch.manual_seed(0)
+    lengths, width = [5, 7, 1, 7], 7
+    real = torch.arange(width)[:, None] < torch.tensor(lengths)[None, :]
+    positions = torch.cat([torch.arange(n) for n in lengths])
     bounds = [0, 5, 12, 13, 20]
-    q = torch.randn(20, 6, 8, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(20, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    a, b = attention_ref(q, k, v, bounds), attention_ref_padded(q, k, v, bounds)
+    table = rope_table(8, 10000.0, 64, torch.device("cpu")).double()
+    q = torch.randn(width, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(width, 4, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def per_sequence(q, k, v):
+        qs, ks, vs = (pack(t, lengths) for t in (q, k, v))
+        out = attention_ref(rope_ref(qs, positions, table), rope_ref(ks, positions, table), vs, bounds)
+        return unpack(out, lengths, width)
+
+    a, b = per_sequence(q, k, v), rope_attention_padded_ref(q, k, v, real, table)
     assert torch.allclose(a, b, atol=1e-12)
+    assert torch.equal(b[~real], torch.zeros_like(b[~real]))
     g = torch.randn_like(a)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
         assert torch.allclose(x, y, atol=1e-12)
-    # a real token never sees a later one: moving the last token of row 0 changes no output before it
+        assert torch.equal(y[~real], torch.zeros_like(y[~real]))  # padding gets no gradient
+    # a real token never sees a later one: changing the last key of row 0 changes no output before it
     k2 = k.detach().clone()
-    k2[4] += 1.0
-    assert torch.equal(attention_ref_padded(q, k2, v, bounds)[:4], b[:4].detach())
+    k2[4, 0] += 1.0
+    assert torch.equal(rope_attention_padded_ref(q, k2, v, real, table)[:4, 0], b[:4, 0].detach())
+    assert not torch.equal(rope_attention_padded_ref(q, k2, v, real, table)[4, 0], b[4, 0].detach())
+
+
+def test_pack_and_unpack_are_inverse_on_the_real_tokens():
+    import torch
+
+    from detrl.megatron.exact import pack, unpack
+
+    lengths, width = [3, 1, 4], 4
+    t = torch.arange(width * 3 * 2, dtype=torch.float32).view(width, 3, 2)
+    p = pack(t, lengths)
+    assert p[:, 0].tolist() == [0.0, 6.0, 12.0, 2.0, 4.0, 10.0, 16.0, 22.0]  # row 0's tokens, then row 1's...
+    back = unpack(p, lengths, width)
+    real = torch.arange(width)[:, None] < torch.tensor(lengths)[None, :]
+    assert torch.equal(back[real], t[real]) and not back[~real].any()

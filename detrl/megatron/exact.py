@@ -15,7 +15,7 @@ Forward on a GPU, then the reference (the backward, and the forward on the CPU):
 - SiLU-and-mul: SGLang's `silu_and_mul`; a float32 formula.
 - attention: flashinfer's paged prefill, planned as SGLang's deterministic mode plans it;
   `scaled_dot_product_attention` per sequence on the CPU, and for the backward one causal call over the
-  right-padded batch (`attention_ref_padded`).
+  right-padded batch as Megatron lays it out (`rope_attention_padded_ref`).
 
 A linear layer is `F.linear(x, W, b)` over [tokens, features], as SGLang calls it: the bias is added
 inside the GEMM (Megatron adds it after, another rounding). Rotary is applied by the attention module
@@ -75,22 +75,38 @@ def engine_forward(lengths: Sequence[int]) -> Iterator[None]:
         _LENGTHS.reset(token)
 
 
-def _packing(lengths: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The packed rows of a right-padded [b, width] batch (row-major: row 0's real tokens, then row 1's),
-    their positions and cumulative bounds: built on the host from the lengths, so no layer waits on the
-    GPU to find its real tokens, and shared by every layer of the forward."""
+def _packing(lengths: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """For a right-padded batch of `width` columns: each real token's position (packed: row 0's tokens,
+    then row 1's...), the rows' cumulative bounds, and the [width, rows] mask of real tokens. Built on the
+    host from the lengths, so no layer waits on the GPU for them, and shared by every layer of a forward."""
     cache = _PACKING.get()
     key = (width, device)
     if cache is not None and key in cache:
         return cache[key]
-    rows = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lengths)])
-    positions = rows % width
+    positions = torch.cat([torch.arange(n) for n in lengths])
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
-    out = (rows.to(device, non_blocking=True), positions.to(device, non_blocking=True), bounds)
+    real = torch.arange(width)[:, None] < torch.tensor(lengths)[None, :]
+    out = (positions.to(device, non_blocking=True), bounds, real.to(device, non_blocking=True))
     if cache is not None:
         cache[key] = out
+    return out
+
+
+def pack(t: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """[width, rows, ...] right-padded (Megatron's layout) -> [tokens, ...], row after row: slices, no
+    index kernels (which deterministic mode would sort)."""
+    return torch.cat([t[:n, r] for r, n in enumerate(lengths)])
+
+
+def unpack(x: torch.Tensor, lengths: Sequence[int], width: int) -> torch.Tensor:
+    """`pack`'s inverse, zeros at the padding."""
+    out = x.new_zeros(width, len(lengths), *x.shape[1:])
+    a = 0
+    for r, n in enumerate(lengths):
+        out[:n, r] = x[a : a + n]
+        a += n
     return out
 
 
@@ -128,26 +144,26 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Seq
     return torch.cat(out, dim=0)
 
 
-def attention_ref_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
-    """`attention_ref` in one causal SDPA call over the sequences right-padded to the longest (a real
-    token attends only to earlier tokens of its own row, never to padding), as the approx trainer's
-    attention runs: the backward of the engine's attention on a GPU, one kernel per layer instead of one
-    per sequence."""
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    s, dev = max(lengths), q.device
-    rows = torch.cat([torch.arange(n, device=dev) + r * s for r, n in enumerate(lengths)])
+def rope_attention_padded_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """Rotary then causal attention over right-padded rows (q [width, rows, Hq, d], k/v [width, rows, Hkv,
+    d], `real` the [width, rows] mask) in one SDPA call, zero at the padding: a real token attends only to
+    earlier tokens of its own row, never to padding, so each row is its sequence alone. The backward of
+    the engine's attention on a GPU, one kernel per layer."""
+    s, b = q.shape[:2]
+    positions = torch.arange(s, device=q.device).repeat_interleave(b)
 
-    def padded(t: torch.Tensor) -> torch.Tensor:  # [T, H, d] -> [b, H, s, d]
-        full = t.new_zeros(len(lengths) * s, *t.shape[1:]).index_put((rows,), t)
-        return full.view(len(lengths), s, *t.shape[1:]).transpose(1, 2)
+    def rope(t: torch.Tensor) -> torch.Tensor:  # [s, b, H, d] -> [b, H, s, d]
+        return rope_ref(t.reshape(s * b, *t.shape[2:]), positions, table).view(t.shape).permute(1, 2, 0, 3)
 
-    groups = q.shape[1] // k.shape[1]
-    qp, kp, vp = padded(q), padded(k), padded(v)
+    groups = q.shape[2] // k.shape[2]
+    qp, kp, vp = rope(q), rope(k), v.permute(1, 2, 0, 3)
     if groups > 1:
         kp, vp = kp.repeat_interleave(groups, dim=1), vp.repeat_interleave(groups, dim=1)
     with sdpa_kernel(BACKENDS):  # never cuDNN, whose backward is not deterministic
         out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=q.shape[-1] ** -0.5)
-    return out.transpose(1, 2).reshape(len(lengths) * s, *q.shape[1:])[rows]
+    return torch.where(real[:, :, None, None], out.permute(2, 0, 1, 3), 0.0)
 
 
 def rope_table(dim: int, base: float, positions: int, device: torch.device) -> torch.Tensor:
@@ -209,27 +225,36 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, bounds: list[int], table: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], table: torch.Tensor
 ) -> torch.Tensor:
-    """Rotary then causal attention over packed sequences: [T, Hq, d] out."""
+    """Rotary then causal attention of right-padded rows (q [width, rows, Hq, d], k/v [width, rows, Hkv, d],
+    `lengths` each row's real tokens): [width, rows, Hq, d] out, zero at the padding. The forward packs the
+    real tokens for the engine's kernels (on the CPU: the per-sequence formula, the hf engine's shape);
+    the backward is `rope_attention_padded_ref`'s, on the padded rows as they are."""
+    lengths = [int(n) for n in lengths]
+    width = q.shape[0]
+    positions, bounds, real = _packing(lengths, width, q.device)
 
     def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention_ref(rope_ref(q, positions, table), rope_ref(k, positions, table), v, bounds)
+        return rope_attention_padded_ref(q, k, v, real, table)
 
     if not on_gpu(q):
-        return engine_op(reference, reference, q, k, v)
 
-    def gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention_ref_padded(rope_ref(q, positions, table), rope_ref(k, positions, table), v, bounds)
+        def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            qs, ks, vs = (pack(t, lengths) for t in (q, k, v))
+            out = attention_ref(rope_ref(qs, positions, table), rope_ref(ks, positions, table), vs, bounds)
+            return unpack(out, lengths, width)
+
+        return engine_op(per_sequence, reference, q, k, v)
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from sglang.kernels.ops.attention.rope import apply_rope_with_cos_sin_cache_inplace
 
-        q, k = q.contiguous().clone(), k.contiguous().clone()
-        apply_rope_with_cos_sin_cache_inplace(positions=positions, q=q, k=k, cos_sin_cache=table, is_neox=True)
-        return _flashinfer(q.device)(q, k, v.contiguous(), bounds)
+        qs, ks, vs = (pack(t, lengths) for t in (q, k, v))  # new tensors: rotary may work in place
+        apply_rope_with_cos_sin_cache_inplace(positions=positions, q=qs, k=ks, cos_sin_cache=table, is_neox=True)
+        return unpack(_flashinfer(q.device)(qs, ks, vs, bounds), lengths, width)
 
-    return engine_op(kernel, gradient, q, k, v)
+    return engine_op(kernel, reference, q, k, v)
 
 
 class _FlashInferPrefill:
@@ -348,16 +373,8 @@ class ExactAttention(MegatronModule):
         s, b = query.shape[:2]
         if lengths is None or len(lengths) != b or max(lengths) > s:
             raise RuntimeError("a model with engine kernels runs inside engine_forward(lengths), one length a row")
-        dev = query.device
-        rows, positions, bounds = _packing(lengths, s, dev)
-
-        def packed(t: torch.Tensor) -> torch.Tensor:  # plain indexing: deterministic in both directions
-            return t.transpose(0, 1).reshape(b * s, *t.shape[2:])[rows]
-
-        table = _table(query.shape[-1], self.rope_base, max(self.rope_positions, s), dev)
-        out = rope_attention(packed(query), packed(key), packed(value), positions, bounds, table)
-        full = out.new_zeros(b * s, *out.shape[1:]).index_put((rows,), out)
-        return full.view(b, s, -1).transpose(0, 1).contiguous()
+        table = _table(query.shape[-1], self.rope_base, max(self.rope_positions, s), query.device)
+        return rope_attention(query, key, value, lengths, table).reshape(s, b, -1)
 
 
 @functools.cache
