@@ -38,7 +38,8 @@ def run_breakdown(run_dir: Path) -> dict[str, Any]:
     assert led.header is not None and led.completion is not None, f"{run_dir}: unfinished ledger"
     meta = ArchMeta.from_hf_dir(led.header["artifacts"]["model"]["path"])
     its = [it["stats"] for it in led.iterations]
-    phases = {k: [round(s[k], 2) for s in its] for k in ("sync_s", "rollout_s", "train_s", "hash_s", "step_s")}
+    keys = ("sync_s", "sync_export_s", "sync_load_s", "rollout_s", "train_s", "hash_s", "step_s")
+    phases = {k: [round(s[k], 2) for s in its] for k in keys if k in its[0]}
     flops, tokens, train_s = 0.0, 0, 0.0
     for it, s in zip(led.iterations, its):
         arrays = load_step_data(run_dir, it["iteration"])

@@ -201,9 +201,10 @@ class Step:
         self._maybe_flip(w, it, "before_step")
         # 1. policy sync; at iteration 0 the engine loaded the same checkpoint from disk, and proving
         # it holds the trainer's weights checks the conversion
-        sent = w.sync_policy(it, update=it > 0 or (0, "before_step") in self.plant)
-        evaluation = self.evaluate(w, it) if self.cfg.eval_due(it) else None
+        sent, sync_parts = w.sync_policy(it, update=it > 0 or (0, "before_step") in self.plant)
         t_sync = time.perf_counter()
+        evaluation = self.evaluate(w, it) if self.cfg.eval_due(it) else None
+        t_eval = time.perf_counter()
         # 2. prompts and rollout
         batch = self.prompts.batch(it, P)
         prompt_ids = [p for p in batch.prompt_ids for _ in range(G)]
@@ -225,8 +226,10 @@ class Step:
         weights = w.weight_hashes(it)
         t_hash = time.perf_counter()
         times = {
-            "sync_s": t_sync - t0,
-            "rollout_s": t_roll - t_sync,
+            "sync_s": t_sync - t0,  # the eval is timed apart (eval_s)
+            "sync_export_s": sync_parts["export_s"],
+            "sync_load_s": sync_parts["load_s"],
+            "rollout_s": t_roll - t_eval,
             "train_s": t_train - t_roll,
             "hash_s": t_hash - t_train,
             "step_s": time.perf_counter() - t0,

@@ -165,15 +165,16 @@ class Workers:
     def flip_bit(self, p: Perturbation) -> None:
         ray.get([t.flip_bit.remote(p.tensor, p.index, p.bit) for t in self.trainers])
 
-    def sync_policy(self, it: int, update: bool) -> dict[str, str]:
+    def sync_policy(self, it: int, update: bool) -> tuple[dict[str, str], dict[str, float]]:
         """Send the trainer's weights to the engine (when `update`) over the run's transport
-        (detrl.weight_sync) and prove the engine holds exactly them. Returns the digest of every tensor sent."""
-        sent, bad = weight_sync.sync(self, self.transport, it, update)
+        (detrl.weight_sync) and prove the engine holds exactly them. Returns the digest of every tensor
+        sent, and the seconds of the export and of the load (`weight_sync.sync`)."""
+        sent, bad, parts = weight_sync.sync(self, self.transport, it, update)
         if bad:
             raise WeightSyncError(
                 f"iteration {it}: the engine's weights differ from the trainer's in {len(bad)} tensor(s): {bad[:5]}"
             )
-        return sent
+        return sent, parts
 
     def generate(
         self, it: int, prompts: list[list[int]], seeds: list[int] | None, params: SamplingParams

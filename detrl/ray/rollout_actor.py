@@ -3,6 +3,7 @@ starts it, never Megatron."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +51,12 @@ class RolloutActor:
         res = batch_invariance(self.engine, quick=quick, vocab=vocab_bound(self.model_dir))
         return {"passed": res.passed, "unique": res.unique, "settings": res.settings}
 
-    def load_weights(self, transport: str, payload: Any, expected: Any, update: bool) -> list[str]:
-        """Load the trainer's weights (when `update`) and return the tensors the engine does not hold
-        exactly as sent."""
-        return weight_sync.module(transport).load(self.engine, payload, expected, update)
+    def load_weights(self, transport: str, payload: Any, expected: Any, update: bool) -> tuple[list[str], float]:
+        """Load the trainer's weights (when `update`): the tensors the engine does not hold exactly as sent,
+        and the seconds the load and its proof took in this process."""
+        t = time.perf_counter()
+        bad = weight_sync.module(transport).load(self.engine, payload, expected, update)
+        return bad, time.perf_counter() - t
 
     def close(self) -> None:
         if self.engine is not None:

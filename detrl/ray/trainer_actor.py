@@ -3,6 +3,7 @@ the actor starts: the environment check answers at once and the import overlaps 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -73,8 +74,11 @@ class TrainerActor:
     def train_step(self, samples: list[Sample], global_tokens: list[int]) -> Any:
         return self._t.train_step(samples, global_tokens)
 
-    def export_weights(self, transport: str, dtype: str, update: bool, hash_algo: str) -> tuple[Any, Any, Any]:
-        return weight_sync.module(transport).export(self._t, dtype, update, hash_algo)
+    def export_weights(self, transport: str, dtype: str, update: bool, hash_algo: str) -> tuple[Any, Any, Any, float]:
+        """The transport's export, and the seconds it took in this process."""
+        t = time.perf_counter()
+        out = weight_sync.module(transport).export(self._t, dtype, update, hash_algo)
+        return (*out, time.perf_counter() - t)
 
     def release_weights(self, transport: str) -> None:
         weight_sync.module(transport).release()

@@ -34,18 +34,19 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def sync(group: Any, transport: str, it: int, update: bool) -> tuple[dict[str, str], list[str]]:
-    """(digest of every tensor the trainer sent, tensors the engine holds otherwise) for `group`
+def sync(group: Any, transport: str, it: int, update: bool) -> tuple[dict[str, str], list[str], dict[str, float]]:
+    """(digest of every tensor the trainer sent, tensors the engine holds otherwise, seconds of the
+    trainer's export and of the engine's load and proof, each in its own process) for `group`
     (`detrl.ray.group.Workers`). The payload goes from trainer rank 0 to the engine as a Ray object
     reference: whatever it holds never passes through the driver."""
     tp, dtype = group.cfg.resources.tensor_parallel, group.engine_info["dtype"]
     algo = group.cfg.ledger.tensor_hash
     exports = [
-        t.export_weights.options(num_returns=3).remote(transport, dtype, update, algo) for t in group.trainers[:tp]
+        t.export_weights.options(num_returns=4).remote(transport, dtype, update, algo) for t in group.trainers[:tp]
     ]
-    payload, digests, expected = exports[0]
-    bad = group.wait(group.rollout.load_weights.remote(transport, payload, expected, update), "weight sync", it)
+    payload, digests, expected, export_s = exports[0]
+    bad, load_s = group.wait(group.rollout.load_weights.remote(transport, payload, expected, update), "weight sync", it)
     sent = group.wait(digests, "weight sync", it)
     group.wait([ref for refs in exports[1:] for ref in refs], "weight sync", it)
     group.wait(group.trainers[0].release_weights.remote(transport), "weight sync", it)
-    return sent, bad
+    return sent, bad, {"export_s": group.wait(export_s, "weight sync", it), "load_s": load_s}
