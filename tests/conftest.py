@@ -112,15 +112,23 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session):
+def runs(tmp_path_factory, tiny_cfg, artifacts, ray_session, worker_id):
     """Two tiny-cpu runs of the same config (a, and b scheduled as a twice-run's run B: its requests shuffled
-    and split, detrl.schedule) in one directory; tests add their own beside them."""
+    and split, detrl.schedule) in one directory; tests add their own beside them, each under its own name.
+    Made once per test session: pytest-xdist's workers share it (the first makes it, the others wait)."""
+    from filelock import FileLock
+
     from detrl.loop import run
     from detrl.schedule import for_run
 
-    d = tmp_path_factory.mktemp("runs")
-    run(tiny_cfg, d / "a", artifacts)
-    run(tiny_cfg, d / "b", artifacts, schedule=for_run(tiny_cfg, "B"))
+    base = tmp_path_factory.getbasetemp()
+    d = (base if worker_id == "master" else base.parent) / "shared-runs"
+    with FileLock(f"{d}.lock"):
+        if not (d / "made").exists():
+            d.mkdir(exist_ok=True)
+            run(tiny_cfg, d / "a", artifacts)
+            run(tiny_cfg, d / "b", artifacts, schedule=for_run(tiny_cfg, "B"))
+            (d / "made").touch()
     return d
 
 

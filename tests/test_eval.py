@@ -14,7 +14,7 @@ from detrl.schedule import for_run
 from detrl.verify import verify
 
 pytestmark = pytest.mark.integration
-SETS = ["eval.every=2", "eval.prompts=6", "eval.max_new_tokens=6"]
+SETS = ["eval.every=2", "eval.prompts=6", "eval.max_new_tokens=6", "checkpoint.every=1"]
 
 
 def test_temperature_zero_is_greedy_whatever_the_seed():
@@ -83,19 +83,16 @@ def test_holding_out_every_row_is_refused(artifacts, tmp_path):
         Step(cfg, artifacts, [])
 
 
-def test_detrl_eval_of_a_checkpoint_equals_the_runs_own_eval(tmp_path, artifacts, cache_dir, ray_session):
-    """The checkpoint after iteration 0 holds the policy entering iteration 1; the run evaluated iteration 1,
+def test_detrl_eval_of_a_checkpoint_equals_the_runs_own_eval(evaluated, cache_dir, capsys):
+    """The checkpoint after iteration 1 holds the policy entering iteration 2; the run evaluated iteration 2,
     so `detrl eval` must reproduce that eval's tokens (exit 0), and says so."""
-    from conftest import detrl, tiny_run
+    from detrl.cli import main
 
-    out = tmp_path / "run"
-    sets = ["eval.every=1", "eval.prompts=6", "eval.max_new_tokens=6", "checkpoint.every=1"]
-    assert detrl(*tiny_run(out, cache_dir, *sets)).returncode == 0
-    r = detrl("eval", str(out), "--checkpoint", "0", "--cache", str(cache_dir))
-    assert r.returncode == 0, r.stderr[-2000:]
-    recorded = read_ledger(out).iterations[1]["eval"]["accuracy"]
-    assert (
-        "entering iteration 1" in r.stdout and f"equals the run's own eval of it (accuracy {recorded:.4f})" in r.stdout
-    )
-    missing = detrl("eval", str(out), "--checkpoint", "7", "--cache", str(cache_dir))
-    assert missing.returncode == 2 and "no checkpoint after iteration 7" in missing.stderr
+    d, _ = evaluated
+    capsys.readouterr()
+    assert main(["eval", str(d / "a"), "--checkpoint", "1", "--cache", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    recorded = read_ledger(d / "a").iterations[2]["eval"]["accuracy"]
+    assert "entering iteration 2" in out and f"equals the run's own eval of it (accuracy {recorded:.4f})" in out
+    assert main(["eval", str(d / "a"), "--checkpoint", "7", "--cache", str(cache_dir)]) == 2
+    assert "no checkpoint after iteration 7" in capsys.readouterr().err
