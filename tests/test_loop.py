@@ -90,6 +90,8 @@ def test_ledger_records_every_phase_and_the_environment(runs):
     stats = led.iterations[0]["stats"]
     assert stats["train_tokens"] > 8 * stats["mean_response_len"]  # prompts and responses of 8 samples
     assert stats["step_s"] >= stats["sync_s"] + stats["rollout_s"] + stats["train_s"]
+    # the sync's parts, each timed in its own process, fall inside the driver's sync window
+    assert 0 < stats["sync_export_s"] <= stats["sync_s"] and 0 < stats["sync_load_s"] <= stats["sync_s"]
 
 
 def test_a_different_seed_is_caught_at_the_prompts(runs, artifacts):
