@@ -74,10 +74,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-    # files with integration tests first: the workers of scripts/test.sh (--dist loadfile) take whole files in
-    # this order, so the long ones start early and the quick unit files fill the gaps at the end
-    slow = {item.path for item in items if "integration" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow)  # stable: each file's own order is kept
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run these on the GPU host: pytest -m gpu)")
