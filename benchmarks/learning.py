@@ -33,7 +33,7 @@ def rewards_by_iteration(run_dir: Path, stats: list[dict[str, Any]], samples: in
     from detrl.ledger import load_step_data
 
     out = []
-    for it, st in enumerate(stats):
+    for it in range(len(stats)):
         arrays = load_step_data(run_dir, it)
         if arrays is not None:
             out.append(np.asarray(arrays["rewards"], np.float64))
