@@ -26,6 +26,21 @@ DETERMINISM_ENV: dict[str, str] = {
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
 
+# SGLang's deterministic mode cuts a chunked prefill only at a multiple of its attention's split tile (the
+# KV is reduced tile by tile in a fixed order, and a cut inside a tile would change the bits). A chunk
+# smaller than one tile can then never take a request longer than the chunk: the scheduler skips it on
+# every round and the request waits forever. The variable and default of each backend's tile:
+SGLANG_PREFILL_TILE_ENV: dict[str, tuple[str, int]] = {
+    "flashinfer": ("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", 4096),
+    "triton": ("SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE", 4096),
+}
+
+
+def sglang_prefill_tile(attention_backend: str = "flashinfer") -> int | None:
+    """Tokens per split tile of SGLang's deterministic prefill on this backend (None: no such tile)."""
+    var, default = SGLANG_PREFILL_TILE_ENV.get(attention_backend, ("", 0))
+    return int(os.environ.get(var, default)) if var else None
+
 
 # The datasets shipped in the package (detrl/assets), by data.name for data.source=builtin.
 BUILTIN_DATASETS = {"gsm8k-sample": "gsm8k_sample.jsonl", "gsm8k-test": "gsm8k_test.jsonl"}
@@ -376,6 +391,17 @@ class RunConfig(_Strict):
                 "rollout.sglang.attention_backend=fa3 with determinism on: the reproducibility "
                 "recipe excludes FA3; use flashinfer (default) or triton, or determinism.enabled=false"
             )
+        sg = self.rollout.sglang
+        tile = sglang_prefill_tile(sg.attention_backend)
+        if self.determinism.enabled and self.backends.rollout == "sglang" and tile:
+            if sg.chunked_prefill_size is not None and sg.chunked_prefill_size < tile:
+                raise ValueError(
+                    f"rollout.sglang.chunked_prefill_size={sg.chunked_prefill_size} is below the {tile}-token "
+                    f"tile of SGLang's deterministic {sg.attention_backend} prefill "
+                    f"({SGLANG_PREFILL_TILE_ENV[sg.attention_backend][0]}): SGLang cuts a chunk only at a "
+                    f"multiple of the tile, so a request longer than the chunk would never be scheduled. "
+                    f"Use at least {tile}, or leave it unset"
+                )
         if self.rollout.sglang.weight_sync == "ipc" and not self.sglang_on_trainer_gpu:
             raise ValueError(
                 "rollout.sglang.weight_sync=ipc needs the SGLang engine on the trainer's GPU "

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .config import RunConfig
+from .config import RunConfig, sglang_prefill_tile
 
 T = TypeVar("T")
 
@@ -119,7 +119,12 @@ def perturbed(cfg: RunConfig) -> Schedule:
         # batch above the graph limit runs eagerly, many times slower, and adds nothing the kernels'
         # batch invariance does not already cover (the padding to a captured size differs either way)
         engine_args["cuda_graph_max_bs_decode"] = running
-        engine_args["chunked_prefill_size"] = _pick((512, 1024), sg.chunked_prefill_size, h >> 16)
+        # prefill batches of another token budget: one tile or three, never less than one (a smaller chunk
+        # never schedules a longer request: config.SGLANG_PREFILL_TILE_ENV); SGLang's own default on an
+        # H100 or H200 is two
+        tile = sglang_prefill_tile(sg.attention_backend) or sglang_prefill_tile()
+        assert tile
+        engine_args["chunked_prefill_size"] = _pick((tile, 3 * tile), sg.chunked_prefill_size, h >> 16)
     return Schedule(seed=int((h >> 24) & 0x7FFFFFFF), submissions=submissions, engine_args=engine_args)
 
 

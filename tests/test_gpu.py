@@ -123,20 +123,26 @@ def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
 
 
 def test_scoring_under_run_b_limits_finishes_and_equals_an_engine_without_them(engine, gpu_model):
-    """Exact mode scores prompt + response by prefill. Run B's engine chunks long sequences (chunked
-    prefill 512) and queues a submission above its running-request limit: its scores must come back,
-    bit for bit those of an engine without those limits."""
+    """Exact mode scores prompt + response by prefill. Run B's engine has other batch limits: a smaller
+    running-request limit (the scoring queues behind it) and another prefill chunk, which cuts the longest
+    sequences here at a split tile. Its scores must come back, bit for bit those of an engine without those
+    limits. (With a chunk below the tile, SGLang never scheduled the longer requests: the config refuses it.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
+    from detrl.config import sglang_prefill_tile
     from detrl.rollout.sglang import SGLangEngine
 
     rng = np.random.default_rng(0)
+    tile = sglang_prefill_tile()
+    assert tile
     prompts = [rng.integers(1000, 30000, int(rng.integers(100, 300))).tolist() for _ in range(128)]
-    responses = [rng.integers(1000, 30000, int(rng.integers(1, 1024))).tolist() for _ in range(128)]
+    responses = [rng.integers(1000, 30000, int(rng.integers(1, 1024))).tolist() for _ in range(124)]
+    responses += [rng.integers(1000, 30000, tile + 300 * i).tolist() for i in range(4)]  # cut at the tile
     plain = engine.score(prompts, responses)
-    limits = {"chunked_prefill_size": 512, "max_running_requests": 80, "cuda_graph_max_bs_decode": 80}
+    # run B's smaller chunk (one tile: detrl.schedule), and a running-request limit below the 128 requests
+    limits = {"chunked_prefill_size": tile, "max_running_requests": 80, "cuda_graph_max_bs_decode": 80}
     b = SGLangEngine(gpu_model, SGLangConfig(), deterministic=True, kv_tokens=200_000, schedule_args=limits)
     try:
         with ThreadPoolExecutor(1) as pool:

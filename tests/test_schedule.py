@@ -2,7 +2,7 @@
 
 import pytest
 
-from detrl.config import load_config
+from detrl.config import ConfigError, load_config, sglang_prefill_tile
 from detrl.schedule import PLAIN, Schedule, describe_record, for_run, perturbed
 
 
@@ -51,14 +51,37 @@ def test_on_sglang_run_b_changes_the_engines_batch_limits_away_from_run_as():
         pinned = load_config(
             "gsm8k-smollm2-135m",
             seed=seed,
-            overrides=["rollout.sglang.cuda_graph_max_bs=16", "rollout.sglang.chunked_prefill_size=512"],
+            overrides=["rollout.sglang.cuda_graph_max_bs=16", "rollout.sglang.chunked_prefill_size=4096"],
         )
         got = perturbed(pinned).engine_args
-        assert got["cuda_graph_max_bs_decode"] != 16 and got["chunked_prefill_size"] != 512
+        assert got["cuda_graph_max_bs_decode"] != 16 and got["chunked_prefill_size"] != 4096
         # no decode batch of run B runs eagerly: the graphs cover every batch it can form
         assert got["cuda_graph_max_bs_decode"] >= got["max_running_requests"]
         running = load_config("gsm8k-smollm2-135m", seed=seed, overrides=["rollout.sglang.max_running_requests=96"])
         assert perturbed(running).engine_args["max_running_requests"] != 96
+
+
+def test_run_bs_prefill_chunk_is_never_below_sglangs_deterministic_tile(monkeypatch):
+    """SGLang's deterministic prefill cuts chunks only at multiples of its split tile: a smaller chunk never
+    schedules a longer request (exact mode's scoring of prompt + response hung so on an H200)."""
+    for backend in ("flashinfer", "triton"):
+        tile = sglang_prefill_tile(backend)
+        for seed in range(16):
+            cfg = load_config(
+                "gsm8k-smollm2-135m", seed=seed, overrides=[f"rollout.sglang.attention_backend={backend}"]
+            )
+            chunk = perturbed(cfg).engine_args["chunked_prefill_size"]
+            assert tile and chunk >= tile and chunk % tile == 0
+    monkeypatch.setenv("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", "2048")
+    assert perturbed(load_config("gsm8k-smollm2-135m")).engine_args["chunked_prefill_size"] in (2048, 6144)
+
+
+def test_a_prefill_chunk_below_the_tile_is_refused_with_determinism_on():
+    with pytest.raises(ConfigError, match="chunked_prefill_size=512 is below the 4096-token tile.*never be scheduled"):
+        load_config("gsm8k-smollm2-135m", overrides=["rollout.sglang.chunked_prefill_size=512"])
+    off = ["rollout.sglang.chunked_prefill_size=512", "determinism.enabled=false"]
+    assert load_config("gsm8k-smollm2-135m", overrides=off).rollout.sglang.chunked_prefill_size == 512
+    assert load_config("tiny-cpu", overrides=["rollout.sglang.chunked_prefill_size=512"])  # no SGLang engine
 
 
 def test_a_recorded_schedule_reads_back_in_words():

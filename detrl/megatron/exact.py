@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -42,14 +41,15 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import sdpa_kernel
 
+from ..config import sglang_prefill_tile
 from .attention import BACKENDS
 
 _LENGTHS: ContextVar[list[int] | None] = ContextVar("detrl_exact_lengths", default=None)
 # the packing of one forward's rows, computed once for all its layers (no per-layer host sync)
 _PACKING: ContextVar[dict[Any, Any] | None] = ContextVar("detrl_exact_packing", default=None)
-# SGLang's deterministic flashinfer prefill splits the KV of a request into tiles of this many tokens
-# (its variable and default), and gives flashinfer this workspace
-_SPLIT_TILE = int(os.environ.get("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", "4096"))
+# SGLang's deterministic flashinfer prefill splits the KV of a request into tiles of this many tokens,
+# and gives flashinfer this workspace
+_SPLIT_TILE = sglang_prefill_tile("flashinfer")
 _WORKSPACE_BYTES = 2048 * 1024 * 1024
 
 
