@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU runs that prove the open claims, one at a time (runs sharing the GPU with another job starve
+# each other's engines), each under a time limit so one hang cannot take the session. Run as a job:
+#   bash scripts/gpu/job.sh proofs "bash scripts/gpu/proofs.sh [STEP...]"
+# Steps (default: all, in this order): smol qwen tests cost plant. Logs and records go to $JOB_OUT, and
+# `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
+set -u
+R=${JOB_OUT:?run it through scripts/gpu/job.sh}
+E=train.on_policy=exact
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "$(date -u +%T) $name: $*" >> "$R/steps.log"
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  echo "$name $?" >> "$R/steps"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt"
+for s in "${@:-smol qwen tests cost plant}"; do for s in $s; do case $s in
+  smol) step smol 480 python benchmarks/nightly_gpu.py --json "$R/h200-smollm2-exact-flow.json" --phases cold \
+          --set $E --cache /tmp/c-smol --out /tmp/n-smol ;;
+  qwen) step qwen 600 python benchmarks/nightly_gpu.py --profile gsm8k-qwen2.5-0.5b-smoke --phases cold \
+          --json "$R/h200-qwen-exact-flow.json" --set $E --cache /tmp/c-qwen --out /tmp/n-qwen ;;
+  tests) step tests 900 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v \
+          -k "scoring_under_run_b or exact_attention_backward or loop_twice" ;;
+  cost) step cost 420 python benchmarks/onpolicy_diff.py --profile gsm8k-smollm2-135m --cost --repeats 2 \
+          --cache /tmp/c-smol --json "$R/h200-smollm2-onpolicy-cost.json" ;;
+  plant) DETRL_RUNS=/tmp/plant-runs step plant 450 python -m flows.detrl_flow --profile gsm8k-smollm2-135m \
+          --set $E --plant 1:decoder.layers.0.mlp.linear_fc2.weight --cache /tmp/c-smol ;;
+  *) echo "unknown step $s" >&2; exit 2 ;;
+esac; done; done
