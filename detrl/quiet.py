@@ -17,11 +17,25 @@ WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
     (FutureWarning, r"`load_state_dict` is deprecated"),
     (FutureWarning, r"`past_key_values` is deprecated"),
+    # torch.distributed's advice for a barrier without device_id (the converter's single-process group)
+    (UserWarning, r"barrier\(\): using the device under current context"),
+    # SGLang's batch-invariant mode replacing aten kernels, which is what determinism asks of it
+    (UserWarning, r"Warning only once for all operators"),
 )
 # (the logger that emits it, the message): logger filters apply to records of that logger only
 LOG_LINES: tuple[tuple[str, str], ...] = (
     ("ray._private.authentication.authentication_token_setup", r"Token authentication is enabled for this Ray"),
     ("transformers.utils.generic", r"`past_key_values`/`cache_params` are deprecated"),
+    # SGLang's notes on what deterministic inference turns off, which det-rl asks for and records
+    ("sglang.srt.arg_groups.overrides", r"Sampling backend is set to pytorch for deterministic inference"),
+    ("sglang.srt.server_args", r"radix cache is not compatible with \w+ attention backend for deterministic"),
+    # the engine is given token ids, never chat messages; and host limits and optional models it lacks
+    ("sglang.srt.parser.template_manager", r"No HuggingFace chat template found"),
+    ("sglang.srt.utils.common", r"Fail to set RLIMIT_NOFILE"),
+    (
+        "sglang.srt.models.registry",
+        r"Ignore import error when loading sglang\.srt\.models\.\w+: No module named 'helion'",
+    ),
 )
 
 

@@ -9,14 +9,12 @@ import signal
 import subprocess
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ROOT, detrl, detrl_cmd, tiny_run
 
-from detrl import quiet
 from detrl.config import load_config
 from detrl.loop import prepare
 from detrl.util import CacheError, is_network_error
@@ -229,20 +227,6 @@ def test_the_cli_refuses_a_changed_cache_entry_with_exit_2(tmp_path):
     r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c"))
     assert r.returncode == 2 and "does not match the hash recorded" in r.stderr and "--refresh" in r.stderr
     assert not (tmp_path / "run").exists()
-
-
-# ---------------------------------------------------------------- log noise
-
-
-def test_known_noise_is_filtered_and_real_warnings_are_kept():
-    quiet.install()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        quiet._installed = False
-        quiet.install()
-        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning, stacklevel=1)
-        warnings.warn("something a user must see", UserWarning, stacklevel=1)
-    assert [str(w.message) for w in caught] == ["something a user must see"]
 
 
 def test_offline_mode_is_not_retried(monkeypatch):
