@@ -13,12 +13,14 @@ step() {
   timeout "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name $?" >> "$R/steps"
 }
+# the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
+ledgers() { for f in "$2"/*/*/run_?/ledger.jsonl; do [ -f "$f" ] && cp "$f" "$R/$1-$(basename "$(dirname "$f")")-ledger.jsonl"; done; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt"
 for s in "${@:-smol qwen tests cost plant}"; do for s in $s; do case $s in
   smol) step smol 480 python benchmarks/nightly_gpu.py --json "$R/h200-smollm2-exact-flow.json" --phases cold \
-          --set $E --cache /tmp/c-smol --out /tmp/n-smol ;;
+          --set $E --cache /tmp/c-smol --out /tmp/n-smol; ledgers smol /tmp/n-smol ;;
   qwen) step qwen 600 python benchmarks/nightly_gpu.py --profile gsm8k-qwen2.5-0.5b-smoke --phases cold \
-          --json "$R/h200-qwen-exact-flow.json" --set $E --cache /tmp/c-qwen --out /tmp/n-qwen ;;
+          --json "$R/h200-qwen-exact-flow.json" --set $E --cache /tmp/c-qwen --out /tmp/n-qwen; ledgers qwen /tmp/n-qwen ;;
   tests) step tests 900 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v \
           -k "scoring_under_run_b or exact_attention_backward or loop_twice" ;;
   cost) step cost 420 python benchmarks/onpolicy_diff.py --profile gsm8k-smollm2-135m --cost --repeats 2 \
