@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .data import DataError
         from .determinism import DeterminismError
         from .models import ModelError
-        from .ray.errors import PhaseTimeout, RunError
+        from .ray.errors import PhaseTimeout, RunError, WorkerDied
         from .util import CacheError
 
         if isinstance(exc, (DataError, ModelError, CacheError)):
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ResumeDivergence):  # a resumed run that did not reproduce its own records
             print(f"detrl: DIVERGED: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        if isinstance(exc, (DeterminismError, RunError, PhaseTimeout)):
+        if isinstance(exc, (DeterminismError, RunError, PhaseTimeout, WorkerDied)):
             print(f"detrl: error: {exc}", file=sys.stderr)
             return EXIT_RUN_FAILED
         import traceback

@@ -4,6 +4,7 @@ against their recorded hash, and known third-party noise stays out of the log.""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import signal
 import subprocess
@@ -56,6 +57,26 @@ def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp
     line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
     assert line and "start-up: the rollout worker died during worker start: " in line[0], r.stderr[-3000:]
     assert "RuntimeError: injected crash in setup (DETRL_CRASH)" in line[0] and "(its log: " in line[0]
+
+
+def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_path):
+    """Ray reports a dead worker only once every process holding its connection has exited; Megatron's
+    checkpoint writers are forked children of the trainer. The run must not wait for them, nor time out."""
+    crash = [
+        "resources.worker_env.trainer.DETRL_CRASH=train_step",
+        "resources.worker_env.trainer.DETRL_CRASH_CHILD_S=90",
+    ]
+    t = time.monotonic()
+    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "timeouts.phase_s=80", *crash))
+    took = time.monotonic() - t
+    for p in psutil.process_iter(["environ"]):  # the orphaned child
+        with contextlib.suppress(psutil.Error):
+            if (p.info["environ"] or {}).get("DETRL_CRASH_CHILD_S") == "90":
+                p.kill()
+    assert r.returncode == 3, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
+    assert line and "iteration 0: the trainer0 worker died during train: " in line[0], r.stderr[-3000:]
+    assert "injected crash in train_step" in line[0] and took < 75, took
 
 
 def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):

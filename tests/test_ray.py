@@ -3,6 +3,7 @@ driver-side preflight that predicts the workers' environment, the fault hooks, a
 (The actors themselves run in the integration tier: test_loop, test_ops, test_parallel.)"""
 
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,23 @@ def test_the_transport_is_chosen_from_the_config_and_unknown_names_are_refused()
         assert callable(mod.export) and callable(mod.load) and callable(mod.release)
     with pytest.raises(ValueError, match="unknown weight-sync transport"):
         weight_sync.module("disk")
+
+
+def test_a_process_that_exited_is_not_alive_even_before_it_is_reaped():
+    import signal
+    import subprocess
+
+    from detrl.ray.group import process_alive
+
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        assert process_alive(p.pid)
+        p.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_alive(p.pid) and time.monotonic() < deadline:  # a zombie until wait() reaps it
+            time.sleep(0.05)
+        assert not process_alive(p.pid) and p.poll() is not None
+        assert not process_alive(p.pid)
+    finally:
+        p.kill()
+        p.wait()

@@ -17,3 +17,8 @@ class WorkerStartError(RunError):
 
 class PhaseTimeout(RuntimeError):
     """A phase did not finish in time (a hung engine, NCCL collective or worker); the run is stopped."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker's process is gone before Ray reports it (processes it forked keep its connection to Ray
+    open until they exit). Not a RunError: like Ray's own actor death, a retry resumes the run."""

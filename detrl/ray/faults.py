@@ -1,7 +1,8 @@
 """Fault injection for the tests, in one place. A worker whose `resources.worker_env` sets
 DETRL_HANG=<method> sleeps in that method until it is killed; DETRL_CRASH=<method> prints a message and
-exits there, as an engine that refuses to start does. The hook wraps the actor class at creation
-(`inject`); the production methods carry no test code."""
+exits there, as an engine that refuses to start does; with DETRL_CRASH_CHILD_S=<seconds> it first forks
+a child that lives that long, as Megatron's checkpoint writers outlive a worker killed mid-save. The hook
+wraps the actor class at creation (`inject`); the production methods carry no test code."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-HANG_ENV, CRASH_ENV = "DETRL_HANG", "DETRL_CRASH"
+HANG_ENV, CRASH_ENV, CHILD_ENV = "DETRL_HANG", "DETRL_CRASH", "DETRL_CRASH_CHILD_S"
 
 
 def _fault(method: str) -> None:
@@ -20,6 +21,10 @@ def _fault(method: str) -> None:
         while True:
             time.sleep(3600)
     if os.environ.get(CRASH_ENV) == method:
+        child_s = float(os.environ.get(CHILD_ENV) or 0)
+        if child_s > 0 and os.fork() == 0:
+            time.sleep(child_s)
+            os._exit(0)
         print(f"RuntimeError: injected crash in {method} ({CRASH_ENV})", file=sys.stderr, flush=True)
         os._exit(1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from ..determinism import DeterminismError
 from ..rollout import Generation, SamplingParams
 from . import env as worker_env
 from . import faults, session
-from .errors import PhaseTimeout, RunError, WeightSyncError, WorkerStartError
+from .errors import PhaseTimeout, RunError, WeightSyncError, WorkerDied, WorkerStartError
 from .rollout_actor import RolloutActor
 from .trainer_actor import TrainerActor
 
@@ -62,6 +63,28 @@ def death_report(role: str | None, phase: str, pid: int | None) -> str:
     if fixes:
         msg += ". Fix: " + "; ".join(fixes)
     return msg + (f" (its log: {path})" if path else " (its log is on the node that ran it)")
+
+
+# How often a wait looks for a worker process that is gone: Ray notices a dead worker only when every
+# process holding its connection has exited, and Megatron's checkpoint writers are forked children of it
+POLL_S = 2.0
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` on this machine still runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def shard(samples: Sequence[Any], updates: int, ranks: int) -> list[list[Any]]:
@@ -121,8 +144,15 @@ class Workers:
     def wait(self, refs: Any, phase: str, iteration: int | None = None) -> Any:
         """ray.get with the phase's time limit; a timeout names the phase and stops the run."""
         limit = timeouts.startup(self.cfg) if iteration is None else timeouts.phase(self.cfg)
+        deadline = time.monotonic() + limit
         try:
-            return ray.get(refs, timeout=limit)
+            while True:
+                try:
+                    return ray.get(refs, timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+                except GetTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    self._raise_if_a_worker_is_gone(phase, iteration)
         except RayActorError as exc:
             role = self._role_of(exc)
             pid = self.placement.get(role, {}).get("pid") if role else None
@@ -140,6 +170,17 @@ class Workers:
                 "engine, NCCL collective or worker is the usual cause. The run's workers were "
                 f"stopped; raise {key} if the phase is only slow"
             ) from None
+
+    def _raise_if_a_worker_is_gone(self, phase: str, iteration: int | None) -> None:
+        """Report a worker of this machine whose process has exited, as Ray would report its death."""
+        here = ray.get_runtime_context().get_node_id()
+        for role, where in self.placement.items():
+            if where.get("node_id") == here and where.get("pid") and not process_alive(where["pid"]):
+                self._hung = True  # its actor cannot answer close(): stop the others at once
+                report = death_report(role, phase, where["pid"])
+                if iteration is None:
+                    raise WorkerStartError(f"start-up: {report}")
+                raise WorkerDied(f"iteration {iteration}: {report}")
 
     def _role_of(self, exc: RayActorError) -> str | None:
         dead = getattr(exc, "actor_id", None)

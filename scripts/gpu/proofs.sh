@@ -2,7 +2,7 @@
 # The GPU runs that prove the open claims, one at a time (runs sharing the GPU with another job starve
 # each other's engines), each under a time limit so one hang cannot take the session. Run as a job:
 #   bash scripts/gpu/job.sh proofs "bash scripts/gpu/proofs.sh [STEP...]"
-# Steps (default: all, in this order): smol qwen tests cost plant. Logs and records go to $JOB_OUT, and
+# Steps (default: all, in this order): smol qwen tests plant cost. Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
 R=${JOB_OUT:?run it through scripts/gpu/job.sh}
@@ -16,7 +16,7 @@ step() {
 # the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
 ledgers() { for f in "$2"/*/*/run_?/ledger.jsonl; do [ -f "$f" ] && cp "$f" "$R/$1-$(basename "$(dirname "$f")")-ledger.jsonl"; done; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt"
-for s in "${@:-smol qwen tests cost plant}"; do for s in $s; do case $s in
+for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   smol) step smol 480 python benchmarks/nightly_gpu.py --json "$R/h200-smollm2-exact-flow.json" --phases cold \
           --set $E --cache /tmp/c-smol --out /tmp/n-smol; ledgers smol /tmp/n-smol ;;
   qwen) step qwen 600 python benchmarks/nightly_gpu.py --profile gsm8k-qwen2.5-0.5b-smoke --phases cold \
