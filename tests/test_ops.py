@@ -50,16 +50,16 @@ def _alive(pids) -> list[int]:
     return out
 
 
-def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp_path):
+def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp_path, cache_dir, artifacts):
     """Not a bare ActorDiedError: the worker's last error lines from its log, and no retry."""
-    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "resources.worker_env.rollout.DETRL_CRASH=setup"))
+    r = detrl(*tiny_run(tmp_path / "run", cache_dir, "resources.worker_env.rollout.DETRL_CRASH=setup"))
     assert r.returncode == 3, r.stderr[-3000:]
     line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
     assert line and "start-up: the rollout worker died during worker start: " in line[0], r.stderr[-3000:]
     assert "RuntimeError: injected crash in setup (DETRL_CRASH)" in line[0] and "(its log: " in line[0]
 
 
-def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_path):
+def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_path, cache_dir, artifacts):
     """Ray reports a dead worker only once every process holding its connection has exited; Megatron's
     checkpoint writers are forked children of the trainer. The run must not wait for them, nor time out."""
     crash = [
@@ -67,7 +67,7 @@ def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_pa
         "resources.worker_env.trainer.DETRL_CRASH_CHILD_S=90",
     ]
     t = time.monotonic()
-    r = detrl(*tiny_run(tmp_path / "run", tmp_path / "c", "timeouts.phase_s=80", *crash))
+    r = detrl(*tiny_run(tmp_path / "run", cache_dir, "timeouts.phase_s=80", *crash))
     took = time.monotonic() - t
     for p in psutil.process_iter(["environ"]):  # the orphaned child
         with contextlib.suppress(psutil.Error):
@@ -79,12 +79,10 @@ def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_pa
     assert "injected crash in train_step" in line[0] and took < 75, took
 
 
-def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path):
+def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path, cache_dir, artifacts):
     out = tmp_path / "hung"
     p = subprocess.Popen(
-        detrl_cmd(
-            *tiny_run(out, tmp_path / "c", "timeouts.phase_s=3", "resources.worker_env.rollout.DETRL_HANG=generate")
-        ),
+        detrl_cmd(*tiny_run(out, cache_dir, "timeouts.phase_s=3", "resources.worker_env.rollout.DETRL_HANG=generate")),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
