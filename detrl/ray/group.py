@@ -142,7 +142,8 @@ class Workers:
     # ------------------------------------------------------------------ the group's steps
 
     def wait(self, refs: Any, phase: str, iteration: int | None = None) -> Any:
-        """ray.get with the phase's time limit; a timeout names the phase and stops the run."""
+        """ray.get with the phase's time limit; a timeout names the phase and stops the run, and a worker
+        whose process is gone is reported within POLL_S, whether or not Ray has noticed."""
         limit = timeouts.startup(self.cfg) if iteration is None else timeouts.phase(self.cfg)
         deadline = time.monotonic() + limit
         try:
