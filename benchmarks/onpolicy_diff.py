@@ -130,9 +130,13 @@ def main() -> int:
 
     if a.cost:
         record["cost"] = _cost(engine, exact, approx, prompts, seeds, step.params, samples, a.repeats)
+        _save(a.json, record)  # the figures first: the profile below is long, and a stopped job keeps them
+        total = [sum(len(s.response_ids) for s in samples)]
+        record["cost"]["train_ops"] = {
+            m: _top_ops(lambda t=t: t.train_step(samples, total)) for m, t in (("approx", approx), ("exact", exact))
+        }
     engine.shutdown()
-    if a.json:
-        Path(a.json).write_text(json.dumps(record, indent=1, default=str))
+    _save(a.json, record)
     ok = checks["exact trainer vs engine prefill"].tokens == 0 and diff.op is None
     print("EXACT" if ok else "NOT EXACT", flush=True)
     return 0 if ok else 1
@@ -173,6 +177,11 @@ def _engine_ops(engine: Any, prompt: list[int], response: list[int], sglang: boo
         raise SystemExit("the saved forward is not the scored sequence alone")
     ops["logprobs"] = torch.tensor(lp, dtype=torch.float32)
     return ops
+
+
+def _save(path: str | None, record: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(record, indent=1, default=str))
 
 
 def _cost(
@@ -217,9 +226,6 @@ def _cost(
     it = {m: out["seconds"][f"rollout_{m}"] + out["seconds"][f"train_{m}"] for m in ("approx", "exact")}
     out["rollout_plus_train_s"] = it
     out["exact_over_approx_time"] = it["exact"] / it["approx"]
-    out["train_ops"] = {
-        m: _top_ops(lambda t=t: t.train_step(samples, total)) for m, t in (("approx", approx), ("exact", exact))
-    }
     print(json.dumps(out), flush=True)
     return out
 
