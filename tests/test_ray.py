@@ -102,8 +102,8 @@ def test_a_process_that_exited_is_not_alive_even_before_it_is_reaped():
         deadline = time.monotonic() + 10
         while process_alive(p.pid) and time.monotonic() < deadline:  # a zombie until wait() reaps it
             time.sleep(0.05)
-        assert not process_alive(p.pid) and p.poll() is not None
-        assert not process_alive(p.pid)
+        assert not process_alive(p.pid)  # the zombie
+        assert p.poll() is not None and not process_alive(p.pid)  # reaped: no /proc entry left
     finally:
         p.kill()
         p.wait()
