@@ -23,8 +23,9 @@ MODE_OVERRIDES = {
     "on": [],
     "flow": [],
     "prepare": [],
-    "off": ["determinism.enabled=false"],
-    "pinned": ["determinism.enabled=false", "determinism.pin_seeds=true"],
+    # exact on-policy needs deterministic inference, so the opposite cases run approx
+    "off": ["determinism.enabled=false", "train.on_policy=approx"],
+    "pinned": ["determinism.enabled=false", "determinism.pin_seeds=true", "train.on_policy=approx"],
 }
 
 

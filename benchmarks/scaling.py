@@ -50,6 +50,7 @@ def layout_config(profile: str, overrides: list[str], dp: int, tp: int):
             f"resources.num_gpus={gpus}",
             f"resources.trainer_ranks={dp * tp}",
             f"resources.tensor_parallel={tp}",
+            "train.on_policy=approx",  # every row in one mode: exact needs tensor_parallel=1
         ],
     )
 

@@ -411,8 +411,8 @@ class RunConfig(_Strict):
             from .onpolicy import exact_mode_problem  # the rules of exact mode live beside its checks
 
             problem = exact_mode_problem(self)
-            if problem:
-                raise ValueError(problem)
+            if problem:  # exact is the GPU profiles' default, so say how to leave it too
+                raise ValueError(f"{problem}; or set train.on_policy=approx (log-probs within float error)")
         if self.determinism.enabled:
             missing = [k for k in DETERMINISM_ENV if k not in self.determinism.env]
             if missing:

@@ -32,7 +32,7 @@ def exact_mode_problem(cfg: Any) -> str | None:
     if cfg.resources.tensor_parallel != 1:
         return (
             "train.on_policy=exact needs resources.tensor_parallel=1 (the vocab-parallel log-softmax is not "
-            "the engine's); use data parallelism (trainer_ranks) or train.on_policy=approx"
+            "the engine's); use data parallelism (trainer_ranks)"
         )
     if cfg.backends.rollout == "hf":
         pair = {"sdpa": "sdpa", "local": "eager"}[cfg.train.attention]

@@ -81,7 +81,7 @@ def detrl_flow(
         max_new_tokens: Longest response; empty keeps the profile's.
         determinism: Off runs production kernels and unseeded sampling: the runs are expected to differ.
         config_file: A YAML file of config keys, applied after the profile (as `detrl --config`).
-        overrides: Config keys as KEY=VALUE, e.g. `rollout.temperature=0.7` (see `detrl profiles --show NAME`).
+        overrides: Config keys as KEY=VALUE, e.g. `train.steps=10` (see `detrl profiles --show NAME`).
         plant: Bit flips in run B as ITER:TENSOR, to prove the check catches them (the run then fails).
         notify: Where to send a failure: a webhook URL (JSON POST) or a Prefect notification block as
             TYPE/NAME; empty uses $DETRL_NOTIFY.

@@ -25,6 +25,9 @@ SMALL = [
     "train.steps=2",
     "train.micro_batch_size=8",
     "rollout.sglang.mem_fraction_static=0.3",
+    # the mechanics these tests prove hold in either mode; exact mode's own proofs are the test_exact_*
+    # tests here and the nightly flows
+    "train.on_policy=approx",
 ]
 
 

@@ -41,9 +41,14 @@ def test_exact_mode_refuses_what_cannot_match_and_says_how(profile, overrides, s
         load_config(profile, overrides=overrides)
 
 
-def test_gpu_profiles_accept_exact_mode():
-    for profile in ("gsm8k-smollm2-135m", "gsm8k-qwen2.5-0.5b-smoke"):
-        assert load_config(profile, overrides=["train.on_policy=exact"]).train.on_policy == "exact"
+def test_gpu_profiles_run_exact_mode_by_default_and_a_refusal_names_the_way_out():
+    for profile in ("gsm8k-smollm2-135m", "gsm8k-qwen2.5-0.5b-smoke", "gsm8k-qwen2.5-0.5b"):
+        assert load_config(profile).train.on_policy == "exact"
+    assert load_config("arith-smollm2-135m").train.on_policy == "approx"  # it samples at temperature 0.5
+    with pytest.raises(ConfigError, match=r"determinism\.enabled=true.*or set train\.on_policy=approx"):
+        load_config("gsm8k-smollm2-135m", overrides=["determinism.enabled=false"])
+    off = load_config("gsm8k-smollm2-135m", overrides=["determinism.enabled=false", "train.on_policy=approx"])
+    assert not off.determinism.enabled
 
 
 def test_mismatch_counts_bits_and_names_the_first_token():

@@ -68,7 +68,7 @@ def test_run_bs_prefill_chunk_is_never_below_sglangs_deterministic_tile(monkeypa
         tile = sglang_prefill_tile(backend)
         for seed in range(16):
             cfg = load_config(
-                "gsm8k-smollm2-135m", seed=seed, overrides=[f"rollout.sglang.attention_backend={backend}"]
+                "gsm8k-smollm2-135m", seed=seed, overrides=[f"rollout.sglang.attention_backend={backend}", "train.on_policy=approx"]
             )
             chunk = perturbed(cfg).engine_args["chunked_prefill_size"]
             assert tile and chunk >= tile and chunk % tile == 0
@@ -79,7 +79,7 @@ def test_run_bs_prefill_chunk_is_never_below_sglangs_deterministic_tile(monkeypa
 def test_a_prefill_chunk_below_the_tile_is_refused_with_determinism_on():
     with pytest.raises(ConfigError, match="chunked_prefill_size=512 is below the 4096-token tile.*never be scheduled"):
         load_config("gsm8k-smollm2-135m", overrides=["rollout.sglang.chunked_prefill_size=512"])
-    off = ["rollout.sglang.chunked_prefill_size=512", "determinism.enabled=false"]
+    off = ["rollout.sglang.chunked_prefill_size=512", "determinism.enabled=false", "train.on_policy=approx"]
     assert load_config("gsm8k-smollm2-135m", overrides=off).rollout.sglang.chunked_prefill_size == 512
     assert load_config("tiny-cpu", overrides=["rollout.sglang.chunked_prefill_size=512"])  # no SGLang engine
 

@@ -10,7 +10,9 @@ E=train.on_policy=exact
 step() {
   local name=$1 limit=$2; shift 2
   echo "$(date -u +%T) $name: $*" >> "$R/steps.log"
-  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  # --foreground: plain timeout puts the step in a process group of its own, and such a group was killed
+  # (SIGKILL, exit 137) when the device call that started the job ended; the job's own group survives
+  timeout --foreground "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name $?" >> "$R/steps"
 }
 # the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
