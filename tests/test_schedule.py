@@ -68,7 +68,9 @@ def test_run_bs_prefill_chunk_is_never_below_sglangs_deterministic_tile(monkeypa
         tile = sglang_prefill_tile(backend)
         for seed in range(16):
             cfg = load_config(
-                "gsm8k-smollm2-135m", seed=seed, overrides=[f"rollout.sglang.attention_backend={backend}", "train.on_policy=approx"]
+                "gsm8k-smollm2-135m",
+                seed=seed,
+                overrides=[f"rollout.sglang.attention_backend={backend}", "train.on_policy=approx"],
             )
             chunk = perturbed(cfg).engine_args["chunked_prefill_size"]
             assert tile and chunk >= tile and chunk % tile == 0
