@@ -188,6 +188,7 @@ def test_offline_recipe_for_the_hub_profile(tmp_path, artifacts):
             f"data.name={data}",
             "backends.rollout=hf",
             "resources.num_gpus=0",
+            "train.on_policy=approx",  # the profile's exact mode is set up for SGLang, not the CPU's hf engine
         ],
     )
     from detrl.loop import prepare
