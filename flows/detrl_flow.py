@@ -79,7 +79,8 @@ def detrl_flow(
         prompts_per_step: Prompts per iteration; empty keeps the profile's.
         samples_per_prompt: GRPO group size; empty keeps the profile's.
         max_new_tokens: Longest response; empty keeps the profile's.
-        determinism: Off runs production kernels and unseeded sampling: the runs are expected to differ.
+        determinism: Off runs production kernels and unseeded sampling: the runs are expected to differ
+            (GPU profiles: with `train.on_policy=approx` in overrides; exact mode needs determinism on).
         config_file: A YAML file of config keys, applied after the profile (as `detrl --config`).
         overrides: Config keys as KEY=VALUE, e.g. `train.steps=10` (see `detrl profiles --show NAME`).
         plant: Bit flips in run B as ITER:TENSOR, to prove the check catches them (the run then fails).
