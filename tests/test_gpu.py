@@ -356,3 +356,22 @@ def test_exact_attention_backward_is_the_per_sequence_gradient_and_repeats_bitwi
     for got, exp in zip(runs[0], want):
         got = pack(got, lengths).float()
         assert torch.allclose(got, exp, atol=5e-2, rtol=5e-2), (got - exp).abs().max()
+
+
+def test_the_ipc_transports_warm_up_builds_the_checksum_kernels_of_the_first_export():
+    """Iteration 0's export computes SGLang's GPU checksum, whose Triton kernels are built on first use;
+    `weight_sync.ipc.warm` (run while the engine self-tests) builds both of them beforehand. In a fresh
+    process: none built before it, both after."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from sglang.kernels.ops.memory import gpu_tensor_hash as h\n"
+        "from detrl.weight_sync import ipc\n"
+        "fns = (h.hash_tiles32_kernel_blocked, h.add_tree_reduce_u64_kernel)\n"
+        "built = lambda: [any(c[0] for c in f.device_caches.values()) for f in fns]\n"
+        "print(built()); ipc.warm(); print(built())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-3:-1] == ["[False, False]", "[True, True]"], done.stdout + done.stderr[-2000:]

@@ -298,6 +298,7 @@ class Workers:
                 [t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()], "fingerprint"
             )
         self.fingerprints = {fp["role"]: fp for fp in fps}
+        weight_sync.warm(self, self.transport)
 
     def _create(self) -> None:
         """One actor per trainer rank and one rollout actor. On GPUs, and on any cluster, the

@@ -80,6 +80,9 @@ class TrainerActor:
         out = weight_sync.module(transport).export(self._t, dtype, update, hash_algo)
         return (*out, time.perf_counter() - t)
 
+    def warm_weights(self, transport: str) -> None:
+        weight_sync.module(transport).warm()
+
     def release_weights(self, transport: str) -> None:
         weight_sync.module(transport).release()
 

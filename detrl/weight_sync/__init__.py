@@ -10,7 +10,8 @@ A transport module has two functions, each run inside an actor:
   the first tensor-parallel group (payload None on other TP ranks, or when `update` is false and the
   engine needs only the proof);
 - `load(engine, payload, expected, update) -> bad tensor names` in the rollout actor;
-and may keep state in the trainer's process until `release()`. `sync` drives either one the same way."""
+and may keep state in the trainer's process until `release()`, and may compile its first-use kernels in
+`warm()`. `sync` drives either one the same way."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def module(name: str) -> ModuleType:
     if name not in TRANSPORTS:
         raise ValueError(f"unknown weight-sync transport {name!r}; known: {', '.join(TRANSPORTS)}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def warm(group: Any, transport: str) -> None:
+    """Have the trainers that export compile the transport's first-use kernels now, while the engine runs
+    its self-test, instead of in iteration 0's sync. Not waited for: a trainer runs its calls in order, so
+    its first export starts after it, and a failure here fails that export the same way."""
+    if hasattr(module(transport), "warm"):
+        for t in group.trainers[: group.cfg.resources.tensor_parallel]:
+            t.warm_weights.remote(transport)
 
 
 def sync(group: Any, transport: str, it: int, update: bool) -> tuple[dict[str, str], list[str], dict[str, float]]:

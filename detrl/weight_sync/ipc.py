@@ -20,6 +20,15 @@ def preload() -> None:
     import sglang.srt.weight_sync.tensor_bucket  # noqa: F401
 
 
+def warm() -> None:
+    """Compile the GPU checksum that `export` computes for the engine's proof (Triton kernels, built on
+    first use; on a host with an empty cache that is iteration 0's sync). The tensor spans more than one
+    of the kernel's tiles, so its reduction kernel is built too."""
+    from sglang.srt.managers.mm_utils import tensor_hash
+
+    tensor_hash(torch.zeros(4 * 8192, dtype=torch.int32, device="cuda"))
+
+
 def pack(named: Mapping[str, torch.Tensor]) -> tuple[bytes, Any]:
     """(payload, bucket): GPU tensors flattened into one buffer and a CUDA IPC handle to it. The caller
     keeps `bucket` alive until the engine has loaded from it."""
