@@ -9,20 +9,29 @@ import threading
 import time
 from pathlib import Path
 
+from detrl.checkpoints import latest_checkpoint
 from detrl.ledger import read_ledger
 
 
 def kill_trainer_when(
-    root: Path, pattern: str, iterations: int, stop: threading.Event | None = None, timeout: float = 600, rank: int = 0
+    root: Path,
+    pattern: str,
+    iterations: int,
+    stop: threading.Event | None = None,
+    timeout: float = 600,
+    rank: int = 0,
+    checkpointed: bool = False,
 ) -> bool:
     """SIGKILL trainer `rank` of the run whose ledger matches `pattern` under `root`, once that ledger
-    holds `iterations` iteration records. Returns whether it killed it."""
+    holds `iterations` iteration records (and, with `checkpointed`, once the run has a finished checkpoint:
+    it is saved after its iteration's record). Returns whether it killed it."""
     deadline = time.time() + timeout
     while time.time() < deadline and not (stop and stop.is_set()):
         for path in root.glob(pattern):
             led = read_ledger(path)
             pid = (led.header or {}).get("placement", {}).get(f"trainer{rank}", {}).get("pid")
-            if pid and len(led.iterations) >= iterations:
+            ready = not checkpointed or latest_checkpoint(path.parent) is not None
+            if pid and len(led.iterations) >= iterations and ready:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
