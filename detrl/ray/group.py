@@ -79,11 +79,11 @@ def process_alive(pid: int) -> bool:
         return False
     except (OSError, IndexError):  # no /proc: ask the kernel
         try:
-            os.kill(pid, 0)
+            os.kill(pid, 0)  # PermissionError: it exists, under another user
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass
         return True
 
 
