@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,30 +56,22 @@ def resolve_gguf(name: str) -> Path:
 
 
 def inspect_gguf(name: str) -> GGUFInfo:
-    """Read the GGUF header (memory-mapped, no tensor data) and refuse what cannot be trained."""
+    """Read the GGUF header (no tensor data) and refuse what cannot be trained."""
     path = resolve_gguf(name)
     try:
         import gguf  # optional until a GGUF is used: its absence gets a message with the fix
     except ImportError:
         raise ConfigError("model.source=gguf needs the gguf package (pip install gguf accelerate)") from None
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
+        fields, types = read_header(path, gguf)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
+    arch = fields.get("general.architecture")
     if arch not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{path.name}: GGUF architecture {arch!r} is not supported; det-rl trains "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
         )
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     bad = sorted(set(types) - set(GGUF_TYPES))
     if bad:
         raise ConfigError(
@@ -85,10 +79,77 @@ def inspect_gguf(name: str) -> GGUFInfo:
             f"{', '.join(GGUF_TYPES)}. Use a GGUF quantized with one of them, or the "
             "original HF checkpoint (model.source=local or hub)"
         )
-    eos = field("tokenizer.ggml.eos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
     return GGUFInfo(
         path=path, architecture=arch, tensor_types=types, eos_token_id=int(eos) if eos is not None else None
     )
+
+
+# struct formats of GGUF's scalar value types (little-endian files, as llama.cpp writes them)
+_SCALARS = {
+    "UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i",
+    "FLOAT32": "f", "BOOL": "?", "UINT64": "Q", "INT64": "q", "FLOAT64": "d",
+}  # fmt: skip
+
+
+def read_header(path: Path, gguf) -> tuple[dict[str, object], dict[str, int]]:
+    """The header's scalar and string fields (arrays skipped) and its tensor count per type name.
+    gguf-py's GGUFReader also decodes every array element of the tokenizer's vocabulary and merges into
+    numpy views, seconds per read on a small model, and the flow reads the header twice before any work;
+    this walks the same layout (gguf-py's enums name the types) and reads only what det-rl checks."""
+    vtype, qtype = gguf.GGUFValueType, gguf.GGMLQuantizationType
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            vals = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return vals[0] if len(vals) == 1 else vals
+
+        def skip(n: int) -> None:
+            nonlocal pos
+            if pos + n > len(buf):
+                raise ValueError("the header runs past the end of the file")
+            pos += n
+
+        def text() -> str:
+            n = take("Q")
+            skip(n)
+            return bytes(buf[pos - n : pos]).decode("utf-8")
+
+        def value(kind: int):
+            name = vtype(kind).name
+            if name == "STRING":
+                return text()
+            if name == "ARRAY":
+                item, count = take("I"), take("Q")
+                if vtype(item).name in _SCALARS:
+                    skip(struct.calcsize("<" + _SCALARS[vtype(item).name]) * count)
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            return take(_SCALARS[name])
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("GGUF magic invalid")
+        pos = 4
+        version, n_tensors, n_fields = take("I"), take("Q"), take("Q")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (little-endian 2 or 3 expected)")
+        fields: dict[str, object] = {}
+        for _ in range(n_fields):
+            key = text()
+            fields[key] = value(take("I"))
+        types: dict[str, int] = {}
+        for _ in range(n_tensors):
+            text()
+            skip(8 * take("I"))  # the dimensions
+            t = qtype(take("I")).name
+            types[t] = types.get(t, 0) + 1
+            skip(8)  # the data offset
+        return fields, types
 
 
 def dequantized_dir(gguf_sha256: str, cache_dir: str | Path) -> Path:
