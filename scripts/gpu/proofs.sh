@@ -2,7 +2,9 @@
 # The GPU runs that prove the open claims, one at a time (runs sharing the GPU with another job starve
 # each other's engines), each under a time limit so one hang cannot take the session. Run as a job:
 #   bash scripts/gpu/job.sh proofs "bash scripts/gpu/proofs.sh [STEP...]"
-# Steps (default: all, in this order): smol qwen tests plant cost. Logs and records go to $JOB_OUT, and
+# Steps (default: all, in this order): smol qwen tests plant cost; and issue 29's start-up: imports (a fresh
+# process's imports, then the site's bytecode compiled as pip would), start (a cold flow with SGLang's own
+# log of its start-up parts), warm (the same flow on the caches start filled), ipcwarm (a GPU test). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
 R=${JOB_OUT:?run it through scripts/gpu/job.sh}
@@ -29,5 +31,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --cache /tmp/c-smol --json "$R/h200-smollm2-onpolicy-cost.json" ;;
   plant) DETRL_RUNS=/tmp/plant-runs step plant 450 python -m flows.detrl_flow --profile gsm8k-smollm2-135m \
           --set $E --plant 1:decoder.layers.0.mlp.linear_fc2.weight --cache /tmp/c-smol ;;
+  imports) step imports 300 python benchmarks/import_time.py --json "$R/h200-imports.json" --compile /tmp/site ;;
+  start|warm) P=cold; [ $s = warm ] && P=warm
+        step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow.json" --phases $P \
+          --set rollout.sglang.log_level=info --cache /tmp/c-start --out /tmp/n-start; ledgers $s /tmp/n-start ;;  # (warm sorts after cold: its ledgers win)
+  ipcwarm) step ipcwarm 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k ipc_transports_warm ;;
   *) echo "unknown step $s" >&2; exit 2 ;;
 esac; done; done
