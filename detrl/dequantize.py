@@ -81,7 +81,7 @@ def inspect_gguf(name: str) -> GGUFInfo:
         )
     eos = fields.get("tokenizer.ggml.eos_token_id")
     return GGUFInfo(
-        path=path, architecture=arch, tensor_types=types, eos_token_id=int(eos) if eos is not None else None
+        path=path, architecture=arch, tensor_types=types, eos_token_id=eos if isinstance(eos, int) else None
     )
 
 
