@@ -31,6 +31,31 @@ def gpu_memory_gib() -> float:
     return torch.cuda.get_device_properties(0).total_memory / GIB if local_gpus() else 0.0
 
 
+def _params(m: ArchMeta) -> int:
+    return m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + m.num_layers * m.params_per_layer
+
+
+def host_memory_gib() -> float:
+    """Memory a new process can take now without swapping (the kernel's MemAvailable)."""
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
+
+
+def cpu_run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
+    """A generous estimate of one CPU run's peak host memory: each worker process's imports (torch,
+    Megatron, transformers); the trainer's fp32 weights, gradients and Adam state plus the copy it exports
+    for the weight sync (20 bytes a parameter); the engine's fp32 weights, the copy it receives and its
+    generation's working memory (20 bytes a parameter); and the fp32 logits of the largest micro-batch
+    (two copies). Its constants were set against the processes' resident-set peaks of the smollm2-cpu
+    pair (benchmarks/results/README.md, CPU records)."""
+    m = ArchMeta.from_hf_dir(model_dir)
+    t = cfg.train
+    tokens = t.micro_batch_tokens or t.micro_batch_size * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    processes = cfg.resources.trainer_ranks + 1
+    return processes * 1.0 + (40 * _params(m) + 8 * tokens * m.vocab_size) / GIB
+
+
 def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     """A generous estimate of one colocated run's peak GPU memory: the trainer's weights, gradients and
     Adam state (18 bytes a parameter), and for its largest micro-batch the fp32 logits (three copies:
@@ -41,7 +66,7 @@ def run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
     the `h200-twice-run*` rows)."""
     m = ArchMeta.from_hf_dir(model_dir)
     h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
-    params = m.vocab_size * h * (1 if m.tie_embeddings else 2) + m.num_layers * m.params_per_layer
+    params = _params(m)
     t = cfg.train
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     tokens = t.micro_batch_tokens or t.micro_batch_size * longest
@@ -62,11 +87,19 @@ def run_config(cfg: RunConfig, mode: str) -> RunConfig:
 
 
 def choose(
-    cfg: RunConfig, gpus: int | None = None, *, model_dir: str | Path | None = None, gpu_gib: float | None = None
+    cfg: RunConfig,
+    gpus: int | None = None,
+    *,
+    model_dir: str | Path | None = None,
+    gpu_gib: float | None = None,
+    host_gib: float | None = None,
 ) -> tuple[str, str]:
     """(mode, why): sequential, side_by_side or shared_gpu. Raises ConfigError when side_by_side is asked
     for and this machine cannot hold it. Sharing one GPU is chosen by auto only when `model_dir` is
-    given and two runs' estimated memory (run_memory_gib) fits in 90 % of it."""
+    given and two runs' estimated memory (run_memory_gib) fits in 90 % of it. On the CPU, auto puts the
+    runs side by side when the cores hold both and, given `model_dir`, the memory available now holds
+    two runs' estimate (cpu_run_memory_gib): two runs that do not fit get killed by the OS or by Ray's
+    memory monitor halfway, and one after the other they finish."""
     mode, need = cfg.resources.twice, 2 * cfg.gpus_per_run
     if cfg.resources.ray_address:
         if mode == "auto":
@@ -80,9 +113,14 @@ def choose(
         # a run keeps one phase busy at a time (rollout, then train) on cpu_threads per rank, so two runs
         # overlap well (side by side against one after the other: benchmarks/results/README.md, CPU records)
         cores, busy = os.cpu_count() or 1, cfg.resources.trainer_ranks * cfg.resources.cpu_threads
-        if cores >= 2 * busy:
-            return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"
-        return "sequential", f"{cores} CPU core(s): one run at a time"
+        if cores < 2 * busy:
+            return "sequential", f"{cores} CPU core(s): one run at a time"
+        if model_dir is not None:
+            free = host_memory_gib() if host_gib is None else host_gib
+            est = cpu_run_memory_gib(cfg, model_dir)
+            if 2 * est > free:
+                return "sequential", f"{free:.0f} GiB of memory free: one run at a time (about {est:.1f} GiB each)"
+        return "side_by_side", f"{cores} CPU cores hold both runs ({busy} busy thread(s) each)"
     have = local_gpus() if gpus is None else gpus
     shareable = cfg.one_gpu_per_run
     if mode == "side_by_side" and have < need:

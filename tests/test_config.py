@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from detrl.config import PROFILES, ConfigError, load_config
@@ -106,7 +108,6 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
     forced_two.resources.twice = "side_by_side"
     with pytest.raises(ConfigError, match="needs 4 GPUs .* has 3 .*one GPU per run"):
         choose(forced_two, gpus=3)
-    import os
 
     cores = os.cpu_count() or 1
     assert choose(load_config("tiny-cpu"))[0] == ("side_by_side" if cores >= 2 else "sequential")
@@ -122,7 +123,7 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
 def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path):
     import json
 
-    from detrl.twice import choose, run_config, run_memory_gib
+    from detrl.twice import choose, cpu_run_memory_gib, run_config, run_memory_gib
 
     qwen = tmp_path / "qwen"
     qwen.mkdir()
@@ -150,6 +151,15 @@ def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path
     assert choose(cfg, gpus=2, model_dir=qwen, gpu_gib=1.5 * est)[0] == "side_by_side"
     longer = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["train.micro_batch_tokens=32768"])
     assert run_memory_gib(longer, qwen) > est
+    # on the CPU, both runs at once only while the memory free now holds them
+    cpu = load_config("smollm2-cpu", overrides=["resources.cpu_threads=1"])
+    host = cpu_run_memory_gib(cpu, qwen)
+    assert 4 < host < 40  # four 0.5B fp32 copies (weights, gradients, Adam), the engine's, the imports
+    mode, why = choose(cpu, model_dir=qwen, host_gib=1.9 * host)
+    assert mode == "sequential" and "GiB of memory free: one run at a time" in why
+    assert choose(cpu, model_dir=qwen, host_gib=2.1 * host)[0] == (
+        "side_by_side" if os.cpu_count() > 1 else "sequential"
+    )
     local = load_config("gsm8k-qwen2.5-0.5b-smoke", overrides=["train.attention=local"])
     assert run_memory_gib(local, qwen) > est + 5  # its s x s scores and probabilities, 24 layers of them
     shared = run_config(cfg, "shared_gpu")

@@ -62,21 +62,23 @@ def test_an_engine_that_dies_while_starting_is_reported_with_its_own_message(tmp
 def test_a_worker_whose_forked_child_outlives_it_is_reported_dead_at_once(tmp_path, cache_dir, artifacts):
     """Ray reports a dead worker only once every process holding its connection has exited; Megatron's
     checkpoint writers are forked children of the trainer. The run must not wait for them, nor time out."""
+    # The child outlives the phase timeout: a run that waited for it would end by the timeout, with its
+    # message, and after phase_s. Both are far above the run's own start-up on a loaded CI machine.
     crash = [
         "resources.worker_env.trainer.DETRL_CRASH=train_step",
-        "resources.worker_env.trainer.DETRL_CRASH_CHILD_S=90",
+        "resources.worker_env.trainer.DETRL_CRASH_CHILD_S=400",
     ]
     t = time.monotonic()
-    r = detrl(*tiny_run(tmp_path / "run", cache_dir, "timeouts.phase_s=80", *crash))
+    r = detrl(*tiny_run(tmp_path / "run", cache_dir, "timeouts.phase_s=300", *crash))
     took = time.monotonic() - t
     for p in psutil.process_iter(["environ"]):  # the orphaned child
         with contextlib.suppress(psutil.Error):
-            if (p.info["environ"] or {}).get("DETRL_CRASH_CHILD_S") == "90":
+            if (p.info["environ"] or {}).get("DETRL_CRASH_CHILD_S") == "400":
                 p.kill()
     assert r.returncode == 3, r.stderr[-3000:]
     line = [x for x in r.stderr.splitlines() if x.startswith("detrl: error:")]
     assert line and "iteration 0: the trainer0 worker died during train: " in line[0], r.stderr[-3000:]
-    assert "injected crash in train_step" in line[0] and took < 75, took
+    assert "injected crash in train_step" in line[0] and took < 300, took
 
 
 def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path, cache_dir, artifacts):

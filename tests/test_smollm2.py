@@ -203,7 +203,10 @@ def test_smollm2_cpu_twice_identical_until_a_planted_flip_which_is_named(tmp_pat
     matches in every phase, and the flip is named at iteration 1 (two runs, not three, half the profile's
     tokens and no batch-invariance self-test, which test_diagnostics covers: CI time)."""
     plant = "1:decoder.layers.3.mlp.linear_fc2.weight"
-    sets = ["--set", "rollout.max_new_tokens=16", "--set", "determinism.selftest=false"]
+    # one run after the other: two real-model runs side by side take most of a CI machine's memory, and
+    # with the other test worker's runs beside them they can exceed it
+    sets = ["rollout.max_new_tokens=16", "determinism.selftest=false", "resources.twice=sequential"]
+    sets = [a for kv in sets for a in ("--set", kv)]
     r = detrl(
         "reproduce",
         "--profile",
