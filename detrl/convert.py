@@ -1,6 +1,7 @@
 """HF -> Megatron-core conversion as a cache entry: the model's torch_dist checkpoint, converted once
 per (checkpoint content, converter version) and checked against its recorded hash on every use.
-The name table and Megatron helpers it uses live in `detrl.megatron`."""
+The name table and Megatron helpers it uses live in `detrl.megatron`; Megatron itself is imported only
+when a conversion runs (a cached entry is checked without it)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ from typing import Any
 import torch
 
 from .megatron.checkpoint import checkpoint_complete, load_hf_state, save_dist_checkpoint
-from .megatron.model import build_gpt_model, load_state_exact
 from .megatron.names import ArchMeta, hf_to_megatron
-from .megatron.parallel import model_parallel
 from .util import atomic_dir, check_entry, entry_stamp, stamp_entry, tree_sha256
 
 CONVERTER_VERSION = "1"
@@ -34,6 +33,9 @@ def convert_checkpoint(
     """HF safetensors -> Megatron GPTModel state -> a torch_dist checkpoint in `out_dir`, written
     under a temp name and renamed, so a crash never leaves a half checkpoint. fp32 by default:
     the trainer's master weights (an exact upcast of bf16 sources)."""
+    from .megatron.model import build_gpt_model, load_state_exact
+    from .megatron.parallel import model_parallel
+
     meta = ArchMeta.from_hf_dir(hf_dir)
     with model_parallel():
         torch.manual_seed(0)

@@ -1,10 +1,31 @@
-"""The GRPO pieces that are pure math: group-normalized advantages and the PPO-clip token loss."""
+"""The GRPO pieces that are pure math: a sample as the trainer takes it and a step's result as it returns
+it (plain data: the driver receives them without importing the trainer's Megatron), group-normalized
+advantages and the PPO-clip token loss."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    # the rollout's log-probs of the response tokens: the loss's old policy in exact on-policy mode
+    rollout_logprobs: list[float] | None = None
+
+
+@dataclass
+class StepResult:
+    losses: list[float]  # one per optimizer update of the step
+    grad_norms: list[float]  # before clipping, one per update
+    logprobs: list[np.ndarray]  # trainer log-probs of each sample's response tokens (before the update)
+    tokens: int
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> torch.Tensor:

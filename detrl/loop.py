@@ -20,7 +20,7 @@ from . import checkpoints, records, rewards
 from .artifacts import Artifacts, compile_cache_dir, prepare
 from .config import Perturbation, RunConfig, check_plant
 from .data import DataError, PromptSet, read_dataset, sample_seed
-from .grpo import group_advantages
+from .grpo import Sample, group_advantages
 from .ledger import LEDGER_FILE, LedgerWriter, ragged_sha256, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
 from .ray.errors import RunError, WeightSyncError
@@ -29,7 +29,6 @@ from .records import progress_line, rollout_shape
 from .rollout import SamplingParams
 from .rundir import check_out_dir, exclusive
 from .schedule import PLAIN, Schedule
-from .trainer import Sample
 from .util import atomic_write_text
 
 __all__ = [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from .config import RunConfig, TrainConfig
-from .grpo import ppo_clip_token_loss
+from .grpo import Sample, StepResult, ppo_clip_token_loss
 from .ledger import unragged
 from .megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from .megatron.exact import engine_forward
@@ -30,23 +29,6 @@ from .megatron.model import attention_mask, build_gpt_model
 from .megatron.names import ArchMeta, check_tensor_parallel, megatron_to_hf
 from .megatron.parallel import model_parallel
 from .tensor_hash import tensor_digests
-
-
-@dataclass
-class Sample:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    advantage: float
-    # the rollout's log-probs of the response tokens: the loss's old policy in exact on-policy mode
-    rollout_logprobs: list[float] | None = None
-
-
-@dataclass
-class StepResult:
-    losses: list[float]  # one per optimizer update of the step
-    grad_norms: list[float]  # before clipping, one per update
-    logprobs: list[np.ndarray]  # trainer log-probs of each sample's response tokens (before the update)
-    tokens: int
 
 
 class GRPOTrainer:
