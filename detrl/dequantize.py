@@ -5,12 +5,16 @@ GGUF's sha256."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import mmap
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -173,8 +177,9 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refr
     ):
         return out  # fetch_model checks the entry against its recorded hash
     folder, file = str(info.path.parent), info.path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=getattr(torch, dtype))
+    with _parse_once():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=getattr(torch, dtype))
     eos = info.eos_token_id if info.eos_token_id is not None else tok.eos_token_id
     with atomic_dir(out) as tmp:
         _save_plain(model, tmp)
@@ -197,6 +202,35 @@ def dequantize(name: str, cache_dir: str | Path, dtype: str = "float32", *, refr
         )
         stamp_entry(tmp, tree_sha256(tmp, HF_PATTERNS))
     return out
+
+
+@contextlib.contextmanager
+def _parse_once() -> Iterator[None]:
+    """transformers parses the whole GGUF (every vocabulary entry) once for the config, once for the
+    tokenizer and once for the weights, and builds gguf-py's tensor-name table anew for every module of
+    the model; together most of a dequantize's time. Both are pure functions of their arguments, and
+    transformers imports them from gguf at each call, so for the calls inside this block one reader per
+    file and one table per (architecture, layers) serve every use. The reader maps the file read-only."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    saved: dict[str, Any] = {"GGUFReader": real_reader, "get_tensor_name_map": real_map}
+
+    @functools.cache
+    def reader(path: str, mode: str) -> Any:
+        return real_reader(path, mode)  # type: ignore[arg-type]
+
+    patched = {
+        "GGUFReader": lambda path, mode="r": reader(str(Path(path).resolve()), mode),
+        "get_tensor_name_map": functools.cache(real_map),
+    }
+    for name, fn in patched.items():
+        setattr(gguf, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gguf, name, fn)
 
 
 def _save_plain(model, out: Path) -> None:

@@ -48,6 +48,24 @@ def test_gguf_is_dequantized_once_into_a_full_hf_checkpoint(smollm2, cache_dir):
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
 
+    # the weights are gguf-py's own dequantization of the file (transformers read it through one shared
+    # reader, detrl.dequantize._parse_once, which leaves gguf-py as it found it)
+    import gguf
+    from safetensors.torch import load_file
+
+    assert gguf.GGUFReader.__name__ == "GGUFReader" and gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"
+    state = load_file(str(path / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(resolve_gguf(SMOLLM2_GGUF)).tensors}
+    for gguf_name, hf_name in [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight"),
+        ("blk.3.attn_norm.weight", "model.layers.3.input_layernorm.weight"),
+    ]:
+        t = tensors[gguf_name]
+        want = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        assert torch.equal(state[hf_name], want.reshape(state[hf_name].shape)), hf_name
+
     # a second fetch is a cache hit: same directory, files untouched
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     again = fetch_model(ModelConfig(source="gguf", name=SMOLLM2_GGUF), cache_dir)
