@@ -42,7 +42,7 @@ def test_unreachable_model_fails_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_path, runs):
+def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_path, runs, cache_dir):
     out = tmp_path / "rep"
     r = detrl(
         "reproduce",
@@ -51,7 +51,7 @@ def test_reproduce_side_by_side_with_a_planted_flip_exits_1_and_names_it(tmp_pat
         "--out",
         str(out),
         "--cache",
-        str(tmp_path / "c"),
+        str(cache_dir),
         "--plant",
         "2:decoder.layers.0.mlp.linear_fc1.weight",
         "--set",

@@ -102,10 +102,10 @@ def test_a_hung_phase_fails_the_run_naming_it_and_leaves_no_process(tmp_path, ca
     assert _alive(seen) == [], {pid: seen[pid] for pid in _alive(seen)}
 
 
-def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path):
+def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path, cache_dir, artifacts):
     out = tmp_path / "killed"
     p = subprocess.Popen(
-        detrl_cmd(*tiny_run(out, tmp_path / "c")),
+        detrl_cmd(*tiny_run(out, cache_dir)),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -219,11 +219,16 @@ def test_offline_recipe_for_the_hub_profile(tmp_path, artifacts):
 def test_smollm2_cpu_twice_identical_until_a_planted_flip_which_is_named(tmp_path, smollm2, cache_dir):
     """Real weights, run B scheduled differently and one bit flipped in it before iteration 1: iteration 0
     matches in every phase, and the flip is named at iteration 1 (two runs, not three, half the profile's
-    tokens and no batch-invariance self-test, which test_diagnostics covers: CI time)."""
+    prompts and tokens and no batch-invariance self-test, which test_diagnostics covers: CI time)."""
     plant = "1:decoder.layers.3.mlp.linear_fc2.weight"
     # one run after the other: two real-model runs side by side take most of a CI machine's memory, and
     # with the other test worker's runs beside them they can exceed it
-    sets = ["rollout.max_new_tokens=16", "determinism.selftest=false", "resources.twice=sequential"]
+    sets = [
+        "rollout.prompts_per_step=1",
+        "rollout.max_new_tokens=16",
+        "determinism.selftest=false",
+        "resources.twice=sequential",
+    ]
     sets = [a for kv in sets for a in ("--set", kv)]
     r = detrl(
         "reproduce",
