@@ -43,7 +43,7 @@ def host_memory_gib() -> float:
 
 
 def cpu_run_memory_gib(cfg: RunConfig, model_dir: str | Path) -> float:
-    """A generous estimate of one CPU run's peak host memory: each worker process's imports (torch,
+    """An estimate of one CPU run's peak host memory: each worker process's imports (torch,
     Megatron, transformers); the trainer's fp32 weights, gradients and Adam state plus the copy it exports
     for the weight sync (20 bytes a parameter); the engine's fp32 weights, the copy it receives and its
     generation's working memory (20 bytes a parameter); and the fp32 logits of the largest micro-batch
