@@ -213,8 +213,7 @@ def _parse_once() -> Iterator[None]:
     file and one table per (architecture, layers) serve every use. The reader maps the file read-only."""
     import gguf
 
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    saved: dict[str, Any] = {"GGUFReader": real_reader, "get_tensor_name_map": real_map}
+    real_reader = gguf.GGUFReader
 
     @functools.cache
     def reader(path: str, mode: str) -> Any:
@@ -222,8 +221,9 @@ def _parse_once() -> Iterator[None]:
 
     patched = {
         "GGUFReader": lambda path, mode="r": reader(str(Path(path).resolve()), mode),
-        "get_tensor_name_map": functools.cache(real_map),
+        "get_tensor_name_map": functools.cache(gguf.get_tensor_name_map),
     }
+    saved = {name: getattr(gguf, name) for name in patched}
     for name, fn in patched.items():
         setattr(gguf, name, fn)
     try:
