@@ -10,6 +10,7 @@ writes into an empty folder and the two outputs are compared file by file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -40,24 +41,15 @@ def digests(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def load_plain(path: Path, into: Path) -> None:
-    """transformers' own GGUF loading, as det-rl called it before sharing the reader."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from detrl.dequantize import _save_plain
-
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(into)
-    _save_plain(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), into)
-
-
-def load_shared(path: Path, into: Path) -> None:
+def load(path: Path, into: Path, *, shared: bool) -> None:
+    """The GGUF's tokenizer and weights through transformers, as dequantize loads them: with det-rl's one
+    shared reader (`shared`) or as before it, transformers alone."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from detrl.dequantize import _parse_once, _save_plain
 
-    with _parse_once():
+    with _parse_once() if shared else contextlib.nullcontext():
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok.save_pretrained(into)
@@ -85,10 +77,10 @@ def main() -> int:
         before.mkdir()
         after.mkdir()
         # the first load also imports transformers' model code: a warm-up keeps that out of both figures
-        load_shared(path, Path(tmp))
+        load(path, Path(tmp), shared=True)
         parts["gguf_load_tokenizer_and_weights"] = {
-            "before_transformers_alone": timed(lambda: load_plain(path, before))[0],
-            "after_one_shared_reader": timed(lambda: load_shared(path, after))[0],
+            "before_transformers_alone": timed(lambda: load(path, before, shared=False))[0],
+            "after_one_shared_reader": timed(lambda: load(path, after, shared=True))[0],
         }
         rec["outputs_identical"] = digests(before) == digests(after)
     # before, detrl.loop imported the trainer's module (for its Sample type) and with it Megatron
