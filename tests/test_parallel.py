@@ -70,21 +70,19 @@ def test_tensor_parallel_must_divide_ranks_and_the_model(tmp_path, artifacts):
     assert not (tmp_path / "r").exists()  # refused before any worker started or file was written
 
 
-def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, cache_dir, ray_session):
+def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, tp_runs, cache_dir):
     """A Ray cluster of two nodes (one CPU each) on this machine: `detrl run` connects by address,
-    the two trainer ranks land on different nodes and meet at rank 0's node; the ledger equals a
-    single-node run's."""
+    the two tensor-parallel ranks land on different nodes and meet at rank 0's node; the ledger equals
+    the single-node tensor-parallel run's (the module's, so the reference costs no run of its own)."""
     from ray.cluster_utils import Cluster
 
-    dp2 = ["train.steps=2", "resources.trainer_ranks=2"]
-    run(load_config("tiny-cpu", overrides=dp2), tmp_path / "local", artifacts)
     cluster = Cluster(
         initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20}
     )
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        cmd = detrl_cmd(*tiny_run(tmp_path / "cluster", cache_dir, *dp2, f"resources.ray_address={cluster.address}"))
+        cmd = detrl_cmd(*tiny_run(tmp_path / "cluster", cache_dir, *TP2, f"resources.ray_address={cluster.address}"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
@@ -92,7 +90,7 @@ def test_ranks_on_two_ray_nodes_by_address_match_one_node(tmp_path, artifacts, c
     header = json.loads((tmp_path / "cluster" / "ledger.jsonl").read_text().splitlines()[0])
     nodes = {role: p["node_id"] for role, p in header["placement"].items()}
     assert nodes["trainer0"] != nodes["trainer1"], nodes
-    v = verify(str(tmp_path / "local"), str(tmp_path / "cluster"))
+    v = verify(str(tp_runs / "a"), str(tmp_path / "cluster"))
     assert v.status == "identical", (v.first, v.problems)
 
 
