@@ -107,3 +107,12 @@ def test_a_process_that_exited_is_not_alive_even_before_it_is_reaped():
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_trainer_rank_reaches_the_store_by_loopback_only_on_rank_0s_node():
+    import ray
+
+    from detrl.ray.trainer_actor import _store_host
+
+    assert _store_host(ray.util.get_node_ip_address()) == "127.0.0.1"
+    assert _store_host("203.0.113.7") == "203.0.113.7"  # another node (TEST-NET-3): its own address

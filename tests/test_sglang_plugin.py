@@ -46,6 +46,30 @@ def test_a_spawned_process_finds_the_plugin(tmp_path, clean_env, monkeypatch):
     assert ("detrl_kernels", "detrl.rollout.sglang_plugin:install", "install") in seen
 
 
+def _import_error_in_a_spawned_child(queue, name):
+    try:
+        importlib.import_module(name)
+        queue.put(None)
+    except ImportError as e:
+        queue.put((type(e).__name__, str(e)))
+
+
+def test_a_hidden_package_cannot_be_imported_by_a_spawned_process(tmp_path, clean_env):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_import_error_in_a_spawned_child, args=(queue, "megatron.core"))
+    child.start()
+    assert queue.get(timeout=120) is None  # installed here, so importable before it is hidden
+    child.join(60)
+    sglang_plugin.hide(tmp_path / "hidden", ("megatron",))
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "hidden"), "/somewhere"]
+    child = ctx.Process(target=_import_error_in_a_spawned_child, args=(queue, "megatron.core"))
+    child.start()
+    kind, why = queue.get(timeout=120)
+    child.join(60)
+    assert kind == "ModuleNotFoundError" and "hidden from the rollout process tree by det-rl" in why
+
+
 def test_install_patches_only_when_asked_and_reports_a_failure(clean_env):
     folder = sglang_plugin.request(False)
     sglang_plugin.install()  # not asked: returns before importing SGLang

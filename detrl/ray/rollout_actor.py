@@ -1,8 +1,11 @@
 """The rollout engine as a Ray actor. The engine (SGLang or the hf engine) is imported when `setup`
-starts it, never Megatron."""
+starts it; Megatron never is, in this process or any it starts (`HIDDEN`)."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,6 +19,17 @@ if TYPE_CHECKING:
     from ..rollout import Generation, SamplingParams
 
 
+# Installed beside the engine, never used by the rollout process tree, and imported by SGLang at start
+# when present (see `sglang_plugin.hide`): the import costs each scheduler process seconds.
+HIDDEN = ("megatron",)
+
+
+def _scratch() -> str:
+    folder = tempfile.mkdtemp(prefix="detrl-rollout-path-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 class RolloutActor:
     def __init__(self, cfg_json: str, model_dir: str, schedule_args: dict[str, int] | None = None):
         quiet.install()
@@ -27,9 +41,10 @@ class RolloutActor:
         return process_info("rollout")
 
     def setup(self) -> dict[str, Any]:
-        from ..rollout import make_engine
+        from ..rollout import make_engine, sglang_plugin
 
         need_paths(self.model_dir)
+        sglang_plugin.hide(_scratch(), HIDDEN)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args)
         return self.engine.info()

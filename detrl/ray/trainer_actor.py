@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from ..trainer import GRPOTrainer, Sample
 
 
+_LOOPBACK = "127.0.0.1"
+
+
+def _store_host(master_addr: str) -> str:
+    """How this rank reaches rank 0's store: by loopback on rank 0's node. The store names each client
+    by a reverse lookup of its address, which for a node address fails on a host without DNS and logs
+    a C++ warning no user can act on; loopback resolves from /etc/hosts."""
+    return _LOOPBACK if master_addr == ray.util.get_node_ip_address() else master_addr
+
+
 class TrainerActor:
     def __init__(self, cfg_json: str, hf_dir: str, ckpt: str, rank: int, world_size: int):
         quiet.install()
@@ -36,9 +46,9 @@ class TrainerActor:
         binds it, so no other process can take it between choosing and binding."""
         from ..megatron.parallel import tcp_store
 
-        addr = ray.util.get_node_ip_address()
-        self._store = tcp_store(addr, 0, self.world_size, is_master=True)
-        return addr, self._store.port
+        # the store listens on every interface; rank 0 itself connects by loopback (see `_store_host`)
+        self._store = tcp_store(_LOOPBACK, 0, self.world_size, is_master=True)
+        return ray.util.get_node_ip_address(), self._store.port
 
     def preload(self, transport: str) -> None:
         """Import the trainer and the weight-sync transport while the engine starts."""
@@ -54,7 +64,8 @@ class TrainerActor:
         from ..trainer import GRPOTrainer
 
         need_paths(self.hf_dir, self.ckpt)
-        store = self._store or tcp_store(master_addr, master_port, self.world_size, is_master=False)
+        host = _store_host(master_addr)
+        store = self._store or tcp_store(host, master_port, self.world_size, is_master=False)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         self.trainer = GRPOTrainer(
             self.cfg, self.hf_dir, self.ckpt, rank=self.rank, world_size=self.world_size, store=store

@@ -45,22 +45,44 @@ def plugin_env(folder: str | os.PathLike[str]) -> Path:
         "METADATA": "Metadata-Version: 2.1\nName: detrl-sglang-plugin\nVersion: 0.1\n",
         "entry_points.txt": f"[sglang.srt.plugins]\n{PLUGIN_NAME} = {__name__}:install\n",
     }
-    dist.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        path = dist / name
-        if not path.exists() or path.read_text() != text:
-            tmp = path.with_name(f".{name}.{os.getpid()}")
-            tmp.write_text(text)
-            tmp.replace(path)
+        _write(dist / name, text)
+    _first_on_path(root)
+    allowed = os.environ.get("SGLANG_PLUGINS")
+    if allowed and PLUGIN_NAME not in allowed.split(","):  # a user's list of plugins would skip ours
+        os.environ["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
+    return root
+
+
+def hide(folder: str | os.PathLike[str], names: tuple[str, ...]) -> Path:
+    """Make `import NAME` fail in this process and those it starts, as if NAME were not installed: a
+    package of that name that raises ModuleNotFoundError, in `folder`, first on the path. For the
+    rollout process tree only, which never uses Megatron, though SGLang imports it when installed: the
+    model runner imports SGLang's debug dumper, which imports megatron.core in each scheduler at start."""
+    root = Path(folder).resolve()
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        why = f"{name} is hidden from the rollout process tree by det-rl (detrl/rollout/sglang_plugin.py)"
+        _write(root / name / "__init__.py", f"raise ModuleNotFoundError({why!r}, name={name!r})\n")
+    _first_on_path(root)
+    return root
+
+
+def _write(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def _first_on_path(root: Path) -> None:
+    """First on `sys.path` (spawned processes start with the parent's) and PYTHONPATH (any other child)."""
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(root) not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
-    allowed = os.environ.get("SGLANG_PLUGINS")
-    if allowed and PLUGIN_NAME not in allowed.split(","):  # a user's list of plugins would skip ours
-        os.environ["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
-    return root
 
 
 def request(enabled: bool) -> Path:
