@@ -19,7 +19,7 @@ def _rank(rank: int, world: int, port_q, port: int | None, out_q) -> None:
 
     import torch.distributed as dist
 
-    from detrl.megatron.parallel import tcp_store
+    from detrl.megatron.store import tcp_store
 
     os.environ["NCCL_ALGO"] = "Ring"
     torch.cuda.set_device(rank)

@@ -10,15 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-from torch.distributed import TCPStore
-from torch.distributed.constants import default_pg_timeout
 
 from . import cpu
-
-
-def tcp_store(host: str, port: int, world_size: int, *, is_master: bool) -> TCPStore:
-    """torch.distributed's key-value store; the master with port 0 binds one the OS picks (`.port`)."""
-    return TCPStore(host, port, world_size, is_master, timeout=default_pg_timeout, wait_for_workers=False)
+from .store import tcp_store
 
 
 @contextlib.contextmanager

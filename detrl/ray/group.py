@@ -279,17 +279,20 @@ class Workers:
         return self
 
     def _start(self) -> None:
-        addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
         if self.cfg.on_gpu and self.cfg.resources.colocate:
-            # SGLang sizes its memory pool from what is free when it starts: start it first, while the
-            # trainers import Megatron and the weight-sync transport
+            # SGLang sizes its memory pool from what is free when it starts: start it first, while rank 0
+            # opens the store and the trainers import Megatron and the weight-sync transport
+            engine = self.rollout.setup.remote()
+            meet = self.trainers[0].rendezvous.remote()
             imports = [t.preload.remote(self.transport) for t in self.trainers]
             with self._timed("engine"):
-                self.engine_info = self.wait(self.rollout.setup.remote(), "engine start")
+                self.engine_info = self.wait(engine, "engine start")
+            addr, port = self.wait(meet, "trainer rendezvous")
             self.wait(imports, "trainer start")
             with self._timed("trainer"):
                 self.wait([t.setup.remote(addr, port) for t in self.trainers], "trainer start")
         else:
+            addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
                 self.engine_info = self.wait(setups, "worker start")[-1]

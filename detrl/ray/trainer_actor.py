@@ -44,7 +44,7 @@ class TrainerActor:
         """Rank 0's address and the port of the torch.distributed store it now holds open: the ranks'
         meeting point, on rank 0's node rather than the driver's. The OS picks the port while the store
         binds it, so no other process can take it between choosing and binding."""
-        from ..megatron.parallel import tcp_store
+        from ..megatron.store import tcp_store
 
         # the store listens on every interface; rank 0 itself connects by loopback (see `_store_host`)
         self._store = tcp_store(_LOOPBACK, 0, self.world_size, is_master=True)
@@ -60,7 +60,7 @@ class TrainerActor:
             mod.preload()
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        from ..megatron.parallel import tcp_store
+        from ..megatron.store import tcp_store
         from ..trainer import GRPOTrainer
 
         need_paths(self.hf_dir, self.ckpt)
