@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import PROFILES, ConfigError, load_config, parse_plants
+from .config import PROFILES, ConfigError, load_config
+from .plant import parse_plants
 from .resolve import resolve
 from .util import default_dir
 

@@ -18,11 +18,12 @@ from transformers import AutoTokenizer
 
 from . import checkpoints, records, rewards
 from .artifacts import Artifacts, compile_cache_dir, prepare
-from .config import Perturbation, RunConfig, check_plant
+from .config import RunConfig
 from .data import DataError, PromptSet, read_dataset, sample_seed
 from .grpo import Sample, group_advantages
 from .ledger import LEDGER_FILE, LedgerWriter, ragged_sha256, save_step_data, step_data_bytes
 from .megatron.names import ArchMeta, check_tensor_parallel
+from .plant import Perturbation, check_plant
 from .ray.errors import RunError, WeightSyncError
 from .ray.group import Workers
 from .records import progress_line, rollout_shape

@@ -20,7 +20,8 @@ from prefect.states import Failed, State
 
 from detrl import schedule, timeouts, twice
 from detrl.cli import config_arguments
-from detrl.config import PROFILES, RunConfig, parse_plants
+from detrl.config import PROFILES, RunConfig
+from detrl.plant import parse_plants
 from detrl.ray.session import shared_ray
 from detrl.report import verdict_summary
 from detrl.rundir import check_out_dir

@@ -10,12 +10,13 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from detrl import schedule
-from detrl.config import ConfigError, Perturbation, RunConfig
+from detrl.config import ConfigError, RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
 from detrl.determinism import DeterminismError
 from detrl.loop import Artifacts, compile_cache_dir, run
 from detrl.models import ModelArtifact
+from detrl.plant import Perturbation
 from detrl.ray.errors import PhaseTimeout, RunError
 from detrl.records import progress_line
 

@@ -6,7 +6,7 @@ conversion or worker start (exit 2, one line with the fix):
 | input                   | first used                      | checked in                               |
 |-------------------------|---------------------------------|------------------------------------------|
 | --seed, rollout.seed    | data order, sampling seeds      | config (0 <= seed < 2**31)               |
-| --plant ITER:TENSOR     | the trainer, at iteration ITER  | config.parse_plants (CLI, flow), then the |
+| --plant ITER:TENSOR     | the trainer, at iteration ITER  | plant.parse_plants (CLI, flow), then the |
 |                         |                                 | model's own names before the workers     |
 | --cache                 | the first download              | rundir.check_cache_dir                   |
 | --out                   | the first ledger write          | rundir.check_out_dir, rundir.exclusive   |

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
-from detrl.config import ConfigError, Perturbation, load_config
+from detrl.config import ConfigError, load_config
 from detrl.determinism import DeterminismError
 from detrl.ledger import read_ledger
 from detrl.loop import run
+from detrl.plant import Perturbation
 from detrl.report import format_text
 from detrl.verify import verify
 

@@ -10,9 +10,10 @@ import pytest
 from conftest import ROOT, detrl_cmd, tiny_run
 from safetensors.numpy import load_file
 
-from detrl.config import ConfigError, Perturbation, load_config
+from detrl.config import ConfigError, load_config
 from detrl.ledger import read_ledger
 from detrl.loop import run
+from detrl.plant import Perturbation
 from detrl.verify import verify
 
 pytestmark = pytest.mark.integration

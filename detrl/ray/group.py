@@ -18,8 +18,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .. import timeouts, weight_sync
-from ..config import Perturbation, RunConfig
+from ..config import RunConfig
 from ..determinism import DeterminismError
+from ..plant import Perturbation
 from ..rollout import Generation, SamplingParams
 from . import env as worker_env
 from . import faults, session
