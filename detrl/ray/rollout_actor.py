@@ -3,11 +3,10 @@ starts it; Megatron never is, in this process or any it starts (`HIDDEN`)."""
 
 from __future__ import annotations
 
-import atexit
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import quiet, weight_sync
@@ -24,18 +23,13 @@ if TYPE_CHECKING:
 HIDDEN = ("megatron",)
 
 
-def _scratch() -> str:
-    folder = tempfile.mkdtemp(prefix="detrl-rollout-path-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
-
-
 class RolloutActor:
     def __init__(self, cfg_json: str, model_dir: str, schedule_args: dict[str, int] | None = None):
         quiet.install()
         self.cfg, self.model_dir = config_from_json(cfg_json), model_dir
         self.schedule_args = schedule_args
         self.engine: Any = None
+        self.path_folder: Path | None = None
 
     def env(self) -> dict[str, Any]:
         return process_info("rollout")
@@ -44,7 +38,7 @@ class RolloutActor:
         from ..rollout import make_engine, sglang_plugin
 
         need_paths(self.model_dir)
-        sglang_plugin.hide(_scratch(), HIDDEN)
+        self.path_folder = sglang_plugin.hide(sglang_plugin.path_folder(), HIDDEN)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args)
         return self.engine.info()
@@ -77,3 +71,6 @@ class RolloutActor:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self.path_folder is not None:  # the actor is killed after this: no atexit handler runs
+            shutil.rmtree(self.path_folder, ignore_errors=True)
+            self.path_folder = None

@@ -15,7 +15,6 @@ parameter the trainer's tensors do not cover also counts as a mismatch.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,18 +32,6 @@ def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
     with torch.no_grad():
         return {n: f"{tensor_hash(t.to('cuda').contiguous()):016x}" for n, t in sglang_layout(named).items()}
-
-
-@functools.cache
-def _plugin_folder() -> str:
-    """One per process: the record is found through this process's `sys.path`."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="detrl-sglang-plugin-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 class SGLangEngine:
@@ -107,7 +94,7 @@ class SGLangEngine:
         kwargs.update(self.engine_args)
         self.kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
         if self.kernels == "detrl":
-            sglang_plugin.plugin_env(_plugin_folder())
+            sglang_plugin.plugin_env(sglang_plugin.path_folder())
         folder = sglang_plugin.request(self.kernels == "detrl")
         try:
             self.engine = sgl.Engine(**kwargs)

@@ -17,10 +17,15 @@ spawned processes inherit; `request` sets what the next engine's processes read.
 under `DETRL_SGLANG_KERNELS=1` and reports what it did, one file per process, into the folder
 `DETRL_SGLANG_KERNELS_REPORT` names, because SGLang logs a failing plugin and starts without it: the
 engine reads the reports and refuses to run on a silent fallback.
+
+The same folder (`path_folder`) holds what `hide` keeps from the rollout process tree: packages it never
+uses that SGLang would import at start.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -34,6 +39,15 @@ REPORT_ENV = "DETRL_SGLANG_KERNELS_REPORT"
 PLUGIN_NAME = "detrl_kernels"
 PATCHED = ("layernorm.RMSNorm.forward_cuda",)
 _DIST = "detrl_sglang_plugin-0.1.dist-info"
+
+
+@functools.cache
+def path_folder() -> Path:
+    """This process's folder of what det-rl puts first on the path of SGLang's processes (the plugin's
+    record, hidden packages), found through `sys.path`; removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="detrl-sglang-path-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def plugin_env(folder: str | os.PathLike[str]) -> Path:
