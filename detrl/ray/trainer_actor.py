@@ -64,8 +64,7 @@ class TrainerActor:
         from ..trainer import GRPOTrainer
 
         need_paths(self.hf_dir, self.ckpt)
-        host = _store_host(master_addr)
-        store = self._store or tcp_store(host, master_port, self.world_size, is_master=False)
+        store = self._store or tcp_store(_store_host(master_addr), master_port, self.world_size, is_master=False)
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         self.trainer = GRPOTrainer(
             self.cfg, self.hf_dir, self.ckpt, rank=self.rank, world_size=self.world_size, store=store

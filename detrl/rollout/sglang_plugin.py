@@ -75,7 +75,6 @@ def hide(folder: str | os.PathLike[str], names: tuple[str, ...]) -> Path:
     model runner imports SGLang's debug dumper, which imports megatron.core in each scheduler at start."""
     root = Path(folder).resolve()
     for name in names:
-        (root / name).mkdir(parents=True, exist_ok=True)
         why = f"{name} is hidden from the rollout process tree by det-rl (detrl/rollout/sglang_plugin.py)"
         _write(root / name / "__init__.py", f"raise ModuleNotFoundError({why!r}, name={name!r})\n")
     _first_on_path(root)
