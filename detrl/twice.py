@@ -149,12 +149,14 @@ def run_both(
     run_a: Callable[[], T], run_b: Callable[[], T], mode: str, hold: AbstractContextManager[Any] | None = None
 ) -> tuple[T, T]:
     """Run both; side by side, both finish (or fail) before an error of either is raised. `hold` is
-    entered around side-by-side runs (workers.shared_ray: their Ray, started in this thread)."""
-    if mode == "sequential":
-        return run_a(), run_b()
-    with hold or nullcontext(), ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
-        fa, fb = pool.submit(run_a), pool.submit(run_b)
-        errors = [f.exception() for f in (fa, fb)]
+    entered around both runs (session.shared_ray: their Ray, started once in this thread, as the flow
+    does; one after the other, run B would otherwise pay a second Ray start and stop)."""
+    with hold or nullcontext():
+        if mode == "sequential":
+            return run_a(), run_b()
+        with ThreadPoolExecutor(2, thread_name_prefix="detrl-run") as pool:
+            fa, fb = pool.submit(run_a), pool.submit(run_b)
+            errors = [f.exception() for f in (fa, fb)]
     for err in errors:
         if err is not None:
             raise err

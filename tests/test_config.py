@@ -120,6 +120,26 @@ def test_runs_a_and_b_go_side_by_side_only_where_both_fit():
     assert forced.config_hash() == gpu.config_hash()
 
 
+def test_both_runs_of_a_pair_hold_one_ray_in_either_mode():
+    """The pair's Ray is started once, around both runs, one after the other or side by side."""
+    import contextlib
+
+    from detrl.twice import run_both
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def hold():
+        events.append("start")
+        yield
+        events.append("stop")
+
+    for mode in ("sequential", "side_by_side"):
+        events.clear()
+        assert run_both(lambda: events.append("a") or 1, lambda: events.append("b") or 2, mode, hold()) == (1, 2)
+        assert events[0] == "start" and events[-1] == "stop" and sorted(events[1:-1]) == ["a", "b"], (mode, events)
+
+
 def test_one_gpu_is_shared_by_both_runs_only_when_its_memory_holds_them(tmp_path):
     import json
 
