@@ -89,6 +89,33 @@ def test_the_transport_is_chosen_from_the_config_and_unknown_names_are_refused()
         weight_sync.module("disk")
 
 
+def test_object_store_payload_is_every_tensor_bit_for_bit_in_out_of_band_buffers():
+    """What Ray does with the payload: pickle 5 with a buffer callback. The tensors' bytes must all leave
+    as buffers (written once, mapped in place by the reader) and come back bit for bit, whatever the dtype."""
+    import pickle
+
+    import torch
+
+    from detrl.weight_sync import object_store
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(3, 5, generator=g),
+        "b16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "h": torch.randn(2, 2, 2, generator=g).to(torch.float16),
+        "nan": torch.tensor([float("nan"), -0.0, 1e-45]),
+    }
+    tensors["nan"].view(torch.int32)[0] |= 0x1234  # a NaN payload an equality test of values would miss
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(object_store.pack(tensors), protocol=5, buffer_callback=buffers.append)
+    assert sum(b.raw().nbytes for b in buffers) == sum(t.numel() * t.element_size() for t in tensors.values())
+    back = object_store.unpack(pickle.loads(data, buffers=buffers))
+    assert list(back) == list(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape
+        assert back[k].reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist(), k
+
+
 def test_a_process_that_exited_is_not_alive_even_before_it_is_reaped():
     import signal
     import subprocess
