@@ -101,6 +101,22 @@ def test_weight_sync_is_proven_bitwise(engine, gpu_model):
     assert after.token_ids == before.token_ids and after.logprobs == before.logprobs  # restored bitwise
 
 
+def test_the_object_store_payload_loads_into_sglang_bit_for_bit(engine, gpu_model):
+    """The object_store transport's payload (NumPy byte views, bf16 included) as the engine's actor gets it:
+    loaded, it is what SGLang holds, by SGLang's own checksum; one flipped bit in it is named."""
+    from detrl.megatron.checkpoint import load_hf_state
+    from detrl.weight_sync import object_store
+
+    state = load_hf_state(gpu_model)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    changed = {**state, name: state[name].clone()}
+    changed[name].view(-1)[3:4].view(torch.int16).__ixor__(1)
+    assert object_store.load(engine, object_store.pack(changed), None, True) == []
+    assert engine.verify_weights(state) == ["model.layers.1.self_attn.qkv_proj.weight"]
+    assert object_store.load(engine, object_store.pack(state), None, True) == []
+    assert engine.verify_weights(state) == []
+
+
 def test_weight_sync_by_cuda_ipc_is_proven_bitwise(engine, gpu_model):
     """The trainer's side (this process) packs GPU tensors and sends a handle; the engine's scheduler
     loads from this process's memory; its own checksums prove what it holds."""
