@@ -3,8 +3,8 @@
 # each other's engines), each under a time limit so one hang cannot take the session. Run as a job:
 #   bash scripts/gpu/job.sh proofs "bash scripts/gpu/proofs.sh [STEP...]"
 # Steps (default: all, in this order): smol qwen tests plant cost; and issue 29's start-up: imports (a fresh
-# process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's imports with and without
-# Megatron importable, and their slowest parts), start (a cold flow with SGLang's own
+# process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's model runner, which imports
+# Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the slowest parts), start (a cold flow with SGLang's own
 # log of its start-up parts), warm (the same flow on the caches start filled), ipcwarm and osync (GPU tests of
 # the weight-sync transports). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
@@ -34,7 +34,7 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   plant) DETRL_RUNS=/tmp/plant-runs step plant 450 python -m flows.detrl_flow --profile gsm8k-smollm2-135m \
           --set $E --plant 1:decoder.layers.0.mlp.linear_fc2.weight --cache /tmp/c-smol ;;
   hidden) step hidden 300 python benchmarks/import_time.py --json "$R/h200-imports-hidden.json" --without megatron \
-          --top 25 sglang.srt.managers.scheduler sglang.srt.entrypoints.engine ;;
+          --top 25 sglang.srt.model_executor.model_runner sglang.srt.managers.scheduler ;;
   imports) step imports 300 python benchmarks/import_time.py --json "$R/h200-imports.json" --compile /tmp/site ;;
   start|warm) P=cold; [ $s = warm ] && P=warm
         step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow.json" --phases $P \
