@@ -1,5 +1,6 @@
 """detrl.ray and detrl.weight_sync without starting Ray: the one determinism-env and FA3 rule, the
-driver-side preflight that predicts the workers' environment, the fault hooks, and the transport choice.
+driver-side preflight that predicts the workers' environment, the fault hooks, the transport choice and
+the object_store payload's form.
 (The actors themselves run in the integration tier: test_loop, test_ops, test_parallel.)"""
 
 import sys
