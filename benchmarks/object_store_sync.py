@@ -1,8 +1,8 @@
 """The object_store weight-sync payload, as torch tensors (how it travelled before) and as
 `detrl.weight_sync.object_store.pack` makes it, side by side in one invocation: the trainer's side
 (`ray.put`, which serializes into the object store) and the engine's side (`ray.get` in another actor,
-then `unpack` and a copy of every tensor into the engine's own, as its load does), over the tensors of a real model in the engine's dtype. Alternating repeats; the
-median of each is reported, with the ratio.
+then `unpack` and a copy of every tensor into the engine's own, as its load does), over the tensors of
+a real model in the engine's dtype. Alternating repeats; the median of each is reported, with the ratio.
 
     python benchmarks/object_store_sync.py --json FILE [--model DIR] [--repeats 5]
 """
