@@ -81,15 +81,20 @@ def test_seed_semantics(engine):
     assert engine.generate([TARGET], [42], p)[0].token_ids == a[0].token_ids
 
 
+def _one_bit_flipped(state: dict, name: str) -> dict:
+    """`state` with one bit of one bf16 element of `name` flipped, in a copy of that tensor."""
+    changed = {**state, name: state[name].clone()}
+    changed[name].view(-1)[3:4].view(torch.int16).__ixor__(1)
+    return changed
+
+
 def test_weight_sync_is_proven_bitwise(engine, gpu_model):
     from detrl.megatron.checkpoint import load_hf_state
 
     state = load_hf_state(gpu_model)
     assert engine.verify_weights(state) == []
     name = "model.layers.1.self_attn.k_proj.weight"
-    changed = dict(state)
-    changed[name] = state[name].clone()
-    changed[name].view(-1)[3:4].view(torch.int16).__ixor__(1)  # one bit of one bf16 element
+    changed = _one_bit_flipped(state, name)
     assert engine.verify_weights(changed) == ["model.layers.1.self_attn.qkv_proj.weight"]
     before = engine.generate([TARGET], [5], SamplingParams(max_new_tokens=16))[0]
     engine.update_weights({name: changed[name]})
@@ -109,8 +114,7 @@ def test_the_object_store_payload_loads_into_sglang_bit_for_bit(engine, gpu_mode
 
     state = load_hf_state(gpu_model)
     name = "model.layers.1.self_attn.k_proj.weight"
-    changed = {**state, name: state[name].clone()}
-    changed[name].view(-1)[3:4].view(torch.int16).__ixor__(1)
+    changed = _one_bit_flipped(state, name)
     assert object_store.load(engine, object_store.pack(changed), None, True) == []
     assert engine.verify_weights(state) == ["model.layers.1.self_attn.qkv_proj.weight"]
     assert object_store.load(engine, object_store.pack(state), None, True) == []

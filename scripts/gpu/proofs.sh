@@ -3,10 +3,11 @@
 # each other's engines), each under a time limit so one hang cannot take the session. Run as a job:
 #   bash scripts/gpu/job.sh proofs "bash scripts/gpu/proofs.sh [STEP...]"
 # Steps (default: all, in this order): smol qwen tests plant cost; and issue 29's start-up: imports (a fresh
-# process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's model runner, which imports
-# Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the slowest parts), start (a cold flow with SGLang's own
-# log of its start-up parts), warm (the same flow on the caches start filled), ipcwarm and osync (GPU tests of
-# the weight-sync transports). Logs and records go to $JOB_OUT, and
+# process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's model runner, which
+# imports Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the
+# slowest parts), start (a cold flow with SGLang's own log of its start-up parts), warm (the same flow on the
+# caches start filled), ipcwarm and osync (GPU tests of the weight-sync transports). Logs and records go to
+# $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
 R=${JOB_OUT:?run it through scripts/gpu/job.sh}
