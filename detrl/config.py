@@ -172,6 +172,11 @@ class SGLangConfig(_Strict):
         description="deterministic mode's residual RMSNorm: det-rl's one-program-per-row kernel "
         "(detrl.rollout.sglang_plugin; batch-invariant, other bits) or SGLang's forward_native",
     )
+    start_ahead: bool = Field(
+        True,
+        description="start SGLang's scheduler and detokenizer processes while the engine's process imports "
+        "SGLang, instead of after (detrl.rollout.sglang_ahead)",
+    )
     weight_sync: Literal["auto", "ipc", "object_store"] = Field(
         "auto",
         description="how the trainer's weights reach the engine: ipc hands over a CUDA IPC handle (trainer "
@@ -489,6 +494,8 @@ NON_SEMANTIC: dict[str, str] = {
     "determinism.selftest": "a check of the engine before iteration 0; every later draw is seeded per "
     "sample (tiny-cpu final weights measured unchanged with it off)",
     "rollout.sglang.log_level": "what the engine prints",
+    "rollout.sglang.start_ahead": "when SGLang's processes start and import SGLang; each runs the same function "
+    "with the same arguments either way",
     "rollout.sglang.weight_sync": "how the weights travel to the engine; the engine's own checksum of every "
     "tensor proves the same bits arrived either way",
     "resources.twice": "runs A and B one after the other or side by side; each run still has its own "

@@ -74,6 +74,15 @@ def test_one_prompt_in_batches_of_1_to_16_is_bitwise_stable(engine):
         assert len(outs) == 1, f"seed {seed}: {len(outs)} distinct outputs over batch sizes 1..16"
 
 
+def test_sglangs_scheduler_and_detokenizer_run_in_the_processes_started_ahead(engine):
+    from detrl.rollout.sglang_ahead import SGLANG_MODULES
+
+    report = engine.started_ahead
+    assert [r["module"] for r in report] == list(SGLANG_MODULES)
+    assert [r["refused"] for r in report] == [None, None], report
+    assert {r["pid"] for r in report} <= set(engine.engine._scheduler_init_result.all_child_pids)
+
+
 def test_seed_semantics(engine):
     p = SamplingParams(max_new_tokens=24)
     a = engine.generate([TARGET] * 3, [42, 42, 43], p)

@@ -15,6 +15,7 @@ parameter the trainer's tensors do not cover also counts as a mismatch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from ..config import SGLangConfig
 from ..megatron.layout import sglang_layout
-from . import Generation, SamplingParams, sglang_plugin
+from . import Generation, SamplingParams, sglang_ahead, sglang_plugin
 
 
 def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -52,8 +53,6 @@ class SGLangEngine:
         benchmarks' knob variants). `prefill_logprobs`: the log-probs of each response come from a
         prefill over prompt + response once it is sampled (exact on-policy, `detrl.onpolicy`).
         `schedule_args`: batch limits of a perturbed schedule (detrl.schedule), over the config's."""
-        import sglang as sgl
-
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
         self.prefill_logprobs = prefill_logprobs
         self.engine: Any = None
@@ -96,10 +95,22 @@ class SGLangEngine:
         if self.kernels == "detrl":
             sglang_plugin.plugin_env(sglang_plugin.path_folder())
         folder = sglang_plugin.request(self.kernels == "detrl")
+        # after what the engine's processes read (path, plugin request), before this process imports SGLang
+        ahead = sglang_ahead.Ahead() if cfg.start_ahead else None
         try:
-            self.engine = sgl.Engine(**kwargs)
+            import sglang as sgl
+            import sglang.srt.entrypoints.engine as sglang_engine
+
+            with ahead.serving(sglang_engine) if ahead else contextlib.nullcontext():
+                self.engine = sgl.Engine(**kwargs)
         finally:
+            if ahead:
+                ahead.close()
             reports = sglang_plugin.read_reports(folder)
+        self.started_ahead = ahead.report() if ahead else []
+        for r in self.started_ahead:
+            took = "took its work" if r["refused"] is None else f"was refused ({r['refused']}); SGLang started its own"
+            print(f"det-rl: the process started ahead for {r['module']} (import {r['import_s']} s) {took}", flush=True)
         if self.kernels == "detrl":
             self._check_plugin(reports)
 

@@ -6,8 +6,9 @@
 # process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's model runner, which
 # imports Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the
 # slowest parts), start (a cold flow with SGLang's own log of its start-up parts), warm (the same flow on the
-# caches start filled), ipcwarm and osync (GPU tests of the weight-sync transports). Logs and records go to
-# $JOB_OUT, and
+# caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
+# same host), ahead (the GPU test of that hand-over), ipcwarm and osync (GPU tests of the weight-sync
+# transports). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
 R=${JOB_OUT:?run it through scripts/gpu/job.sh}
@@ -40,6 +41,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   start|warm) P=cold; [ $s = warm ] && P=warm
         step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow.json" --phases $P \
           --set rollout.sglang.log_level=info --cache /tmp/c-start --out /tmp/n-start; ledgers $s /tmp/n-start ;;  # (warm sorts after cold: its ledgers win)
+  before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
+          --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
+          --out /tmp/n-before; ledgers before /tmp/n-before ;;
+  ahead) step ahead 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "started_ahead" ;;
   osync) step osync 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "object_store_payload" ;;
   ipcwarm) step ipcwarm 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k ipc_transports_warm ;;
   *) echo "unknown step $s" >&2; exit 2 ;;

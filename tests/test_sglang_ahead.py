@@ -1,0 +1,108 @@
+"""detrl.rollout.sglang_ahead on the CPU: a process started ahead imports its module before the launch,
+takes the work the launch hands it with the launch's environment, and is refused (the launch then
+starts a fresh process, as SGLang does) where it could not run the work as a fresh process would. This
+module stands in for SGLang's engine module: `launch` starts a process the way SGLang launches its
+scheduler (`mp.Process(target=..., args=(..., writer))`, then `start()`). On the GPU, tests/test_gpu.py
+proves the hand-over inside SGLang."""
+
+import multiprocessing as mp  # the name `Ahead.serving` swaps, as in sglang.srt.entrypoints.engine
+import os
+import sys
+import time
+
+import pytest
+
+from detrl.rollout.sglang_ahead import Ahead
+
+IMPORTED_AT = time.time()
+THIS = sys.modules[__name__]
+
+
+def work(writer, value):
+    env = os.environ.get("DETRL_AHEAD_TEST")
+    writer.send({"pid": os.getpid(), "value": value, "env": env, "imported": IMPORTED_AT})
+
+
+def launch(value):
+    reader, writer = mp.Pipe(duplex=False)
+    proc = mp.Process(target=work, args=(writer, value))
+    proc.start()
+    return proc, reader
+
+
+@pytest.fixture(autouse=True)
+def spawn_by_default():
+    """SGLang's launch makes spawn the default start method before it starts its processes."""
+    before = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
+    yield
+    mp.set_start_method(before, force=True)
+
+
+def _ahead(count=1):
+    ahead = Ahead((__name__,) * count, env={})
+    for s in ahead.started:
+        s.ready()  # the import is done before the launch, so the test can tell
+    return ahead
+
+
+def test_the_process_started_ahead_runs_the_launched_work_with_the_launchs_environment(monkeypatch):
+    ahead = _ahead()
+    started = ahead.started[0].proc.pid
+    monkeypatch.setenv("DETRL_AHEAD_TEST", "set after the process started")
+    launched_at = time.time()
+    try:
+        with ahead.serving(THIS):
+            proc, reader = launch(7)
+        got = reader.recv()
+    finally:
+        ahead.close()
+    assert got["pid"] == started == proc.pid
+    assert got["imported"] < launched_at  # the module was imported ahead, not after the launch
+    assert got["value"] == 7
+    assert got["env"] == "set after the process started"
+    assert ahead.report() == [
+        {"module": __name__, "pid": started, "import_s": ahead.started[0].state["import_s"], "refused": None}
+    ]
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+    assert THIS.mp is mp  # the swap ends with the block
+
+
+def test_an_environment_read_at_process_start_refuses_the_process_and_a_fresh_one_runs_the_work(monkeypatch):
+    ahead = _ahead()
+    started = ahead.started[0].proc
+    monkeypatch.setenv("PYTHONDETRLAHEADTEST", "1")
+    monkeypatch.setenv("DETRL_AHEAD_TEST", "fresh")
+    launched_at = time.time()
+    try:
+        with ahead.serving(THIS):
+            proc, reader = launch(8)
+        got = reader.recv()
+    finally:
+        ahead.close()
+    assert got["pid"] == proc.pid != started.pid
+    assert got["imported"] > launched_at  # a fresh process imported the module after the launch
+    assert got["value"] == 8 and got["env"] == "fresh"
+    assert "PYTHONDETRLAHEADTEST" in ahead.report()[0]["refused"]
+    started.join(timeout=30)
+    assert not started.is_alive()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+
+
+def test_a_process_no_launch_takes_is_stopped_and_other_targets_start_fresh():
+    ahead = _ahead(count=2)
+    first, second = (s.proc for s in ahead.started)
+    try:
+        with ahead.serving(THIS):
+            proc, reader = launch(9)
+            other = mp.Process(target=print, args=("not a target started ahead",))
+            assert other.__class__.__module__ == "multiprocessing.context"
+        assert reader.recv()["pid"] == first.pid
+    finally:
+        ahead.close()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    proc.join(timeout=30)
+    assert [r["refused"] for r in ahead.report()] == [None]
