@@ -133,6 +133,7 @@ class Workers:
         self._started_ray = False
         self._pg: Any = None
         self._hung = False
+        self._prepared: Any = None  # the rollout actor's `prepare` call
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -271,6 +272,8 @@ class Workers:
             with self._timed("actors"):
                 self._create()
             if self.setup:
+                # first in the rollout actor's queue: the engine's processes import SGLang meanwhile
+                self._prepared = self.rollout.prepare.remote()
                 with self._timed("env_check"):
                     self._check_env()
                 self._start()
@@ -287,6 +290,7 @@ class Workers:
             meet = self.trainers[0].rendezvous.remote()
             imports = [t.preload.remote(self.transport) for t in self.trainers]
             with self._timed("engine"):
+                self.wait(self._prepared, "engine start")
                 self.engine_info = self.wait(engine, "engine start")
             addr, port = self.wait(meet, "trainer rendezvous")
             self.wait(imports, "trainer start")
@@ -295,6 +299,7 @@ class Workers:
         else:
             addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
+                self.wait(self._prepared, "engine start")
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
                 self.engine_info = self.wait(setups, "worker start")[-1]
         with self._timed("fingerprint"):

@@ -29,18 +29,29 @@ class RolloutActor:
         self.cfg, self.model_dir = config_from_json(cfg_json), model_dir
         self.schedule_args = schedule_args
         self.engine: Any = None
+        self.prepared: Any = None
         self.path_folder: Path | None = None
 
     def env(self) -> dict[str, Any]:
         return process_info("rollout")
 
+    def prepare(self) -> None:
+        """Start what the engine can start before `setup` (SGLang's processes, which import SGLang
+        meanwhile): the group calls it first, so that it overlaps the other workers' env check."""
+        from ..rollout import prepare_engine, sglang_plugin
+
+        self.path_folder = sglang_plugin.hide(sglang_plugin.path_folder(), HIDDEN)
+        self.prepared = prepare_engine(self.cfg)
+
     def setup(self) -> dict[str, Any]:
-        from ..rollout import make_engine, sglang_plugin
+        from ..rollout import make_engine
 
         need_paths(self.model_dir)
-        self.path_folder = sglang_plugin.hide(sglang_plugin.path_folder(), HIDDEN)
+        if self.path_folder is None:
+            self.prepare()
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
-        self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args)
+        prepared, self.prepared = self.prepared, None
+        self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args, prepared)
         return self.engine.info()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -71,6 +82,9 @@ class RolloutActor:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if getattr(self.prepared, "ahead", None) is not None:  # prepared, never set up (a refused env)
+            self.prepared.ahead.close()
+            self.prepared = None
         if self.path_folder is not None:  # the actor is killed after this: no atexit handler runs
             shutil.rmtree(self.path_folder, ignore_errors=True)
             self.path_folder = None

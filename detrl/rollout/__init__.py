@@ -56,8 +56,21 @@ def step_kv_tokens(cfg: RunConfig) -> int:
     return int(r.prompts_per_step * r.samples_per_prompt * (cfg.data.max_prompt_tokens + r.max_new_tokens) * 1.1)
 
 
-def make_engine(cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int] | None = None) -> RolloutEngine:
-    """`schedule_args`: SGLang batch limits of a perturbed schedule (detrl.schedule); the hf engine has none."""
+def prepare_engine(cfg: RunConfig) -> Any:
+    """What `make_engine` can set up before the engine's own start, for a caller with other work first:
+    SGLang's processes, started ahead (`detrl.rollout.sglang.prepare`); None for the hf engine."""
+    if cfg.backends.rollout != "sglang":
+        return None
+    from .sglang import prepare
+
+    return prepare(cfg.rollout.sglang, cfg.determinism.enabled)
+
+
+def make_engine(
+    cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int] | None = None, prepared: Any = None
+) -> RolloutEngine:
+    """`schedule_args`: SGLang batch limits of a perturbed schedule (detrl.schedule); the hf engine has none.
+    `prepared`: what `prepare_engine` returned for this config."""
     # each backend imports on use: sglang is optional (GPU hosts only)
     if cfg.backends.rollout == "hf":
         from .hf import HFEngine
@@ -79,5 +92,6 @@ def make_engine(cfg: RunConfig, model_dir: str, schedule_args: Mapping[str, int]
             kv_tokens=step_kv_tokens(cfg) if cfg.resources.gpu_share < 1 else None,
             prefill_logprobs=cfg.train.on_policy == "exact",
             schedule_args=schedule_args,
+            start=prepared,
         )
     raise ValueError(f"unknown rollout backend {cfg.backends.rollout!r}")

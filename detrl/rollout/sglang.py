@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,25 @@ import torch
 from ..config import SGLangConfig
 from ..megatron.layout import sglang_layout
 from . import Generation, SamplingParams, sglang_ahead, sglang_plugin
+
+
+@dataclass
+class Start:
+    """What an engine's processes read, set before this process imports SGLang (`prepare`)."""
+
+    kernels: str  # "detrl": det-rl's RMSNorm loads into SGLang; "sglang": SGLang's own kernels
+    reports: Path  # where each process of the engine reports what the plugin did
+    ahead: sglang_ahead.Ahead | None  # the engine's processes, started ahead
+
+
+def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
+    """Set what the next engine's processes read and start them ahead (`cfg.start_ahead`). Cheap here;
+    a caller that has other work before the engine (the rollout actor's env check) calls it first."""
+    kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
+    if kernels == "detrl":
+        sglang_plugin.plugin_env(sglang_plugin.path_folder())
+    reports = sglang_plugin.request(kernels == "detrl")
+    return Start(kernels, reports, sglang_ahead.Ahead() if cfg.start_ahead else None)
 
 
 def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -47,12 +68,14 @@ class SGLangEngine:
         engine_args: Mapping[str, Any] | None = None,
         prefill_logprobs: bool = False,
         schedule_args: Mapping[str, int] | None = None,
+        start: Start | None = None,
     ):
         """`kv_tokens`: a KV cache of exactly this many tokens (runs sharing a GPU) instead of
         mem_fraction_static of the GPU. `engine_args`: further `sgl.Engine` arguments, last (the
         benchmarks' knob variants). `prefill_logprobs`: the log-probs of each response come from a
         prefill over prompt + response once it is sampled (exact on-policy, `detrl.onpolicy`).
-        `schedule_args`: batch limits of a perturbed schedule (detrl.schedule), over the config's."""
+        `schedule_args`: batch limits of a perturbed schedule (detrl.schedule), over the config's.
+        `start`: what `prepare` set and started for this engine (None: prepared here)."""
         self.cfg, self.deterministic, self.kv_tokens = cfg, deterministic, kv_tokens
         self.prefill_logprobs = prefill_logprobs
         self.engine: Any = None
@@ -91,12 +114,8 @@ class SGLangEngine:
             kwargs["chunked_prefill_size"] = cfg.chunked_prefill_size
         kwargs.update(self.schedule_args)
         kwargs.update(self.engine_args)
-        self.kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
-        if self.kernels == "detrl":
-            sglang_plugin.plugin_env(sglang_plugin.path_folder())
-        folder = sglang_plugin.request(self.kernels == "detrl")
-        # after what the engine's processes read (path, plugin request), before this process imports SGLang
-        ahead = sglang_ahead.Ahead() if cfg.start_ahead else None
+        start = start or prepare(cfg, deterministic)
+        self.kernels, ahead = start.kernels, start.ahead
         try:
             import sglang as sgl
             import sglang.srt.entrypoints.engine as sglang_engine
@@ -106,7 +125,7 @@ class SGLangEngine:
         finally:
             if ahead:
                 ahead.close()
-            reports = sglang_plugin.read_reports(folder)
+            reports = sglang_plugin.read_reports(start.reports)
         self.started_ahead = ahead.report() if ahead else []
         for r in self.started_ahead:
             took = "took its work" if r["refused"] is None else f"was refused ({r['refused']}); SGLang started its own"
