@@ -46,17 +46,24 @@ def _ahead(count=1):
     return ahead
 
 
+def _launch_served(ahead, value):
+    """`launch(value)` while `ahead` serves this module: the process, what its work sent, and when the
+    launch began."""
+    launched_at = time.time()
+    try:
+        with ahead.serving(THIS):
+            proc, reader = launch(value)
+        got = reader.recv()
+    finally:
+        ahead.close()
+    return proc, got, launched_at
+
+
 def test_the_process_started_ahead_runs_the_launched_work_with_the_launchs_environment(monkeypatch):
     ahead = _ahead()
     started = ahead.started[0].proc.pid
     monkeypatch.setenv("DETRL_AHEAD_TEST", "set after the process started")
-    launched_at = time.time()
-    try:
-        with ahead.serving(THIS):
-            proc, reader = launch(7)
-        got = reader.recv()
-    finally:
-        ahead.close()
+    proc, got, launched_at = _launch_served(ahead, 7)
     assert got["pid"] == started == proc.pid
     assert got["imported"] < launched_at  # the module was imported ahead, not after the launch
     assert got["value"] == 7
@@ -74,13 +81,7 @@ def test_an_environment_read_at_process_start_refuses_the_process_and_a_fresh_on
     started = ahead.started[0].proc
     monkeypatch.setenv("PYTHONDETRLAHEADTEST", "1")
     monkeypatch.setenv("DETRL_AHEAD_TEST", "fresh")
-    launched_at = time.time()
-    try:
-        with ahead.serving(THIS):
-            proc, reader = launch(8)
-        got = reader.recv()
-    finally:
-        ahead.close()
+    proc, got, launched_at = _launch_served(ahead, 8)
     assert got["pid"] == proc.pid != started.pid
     assert got["imported"] > launched_at  # a fresh process imported the module after the launch
     assert got["value"] == 8 and got["env"] == "fresh"
