@@ -129,6 +129,7 @@ class _Launched:
         self._proc: Any = started.proc
 
     def start(self) -> None:
+        """Waits for the process's import: only then can it say whether it can take the work."""
         target, args, kwargs = self._call
         why = self._started.refusal()
         if why is None:
