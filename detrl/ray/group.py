@@ -283,6 +283,7 @@ class Workers:
         return self
 
     def _start(self) -> None:
+        self.wait(self._prepared, "engine start")  # its error, if any, before the engine's start
         if self.cfg.on_gpu and self.cfg.resources.colocate:
             # SGLang sizes its memory pool from what is free when it starts: start it first, while rank 0
             # opens the store and the trainers import Megatron and the weight-sync transport
@@ -290,7 +291,6 @@ class Workers:
             meet = self.trainers[0].rendezvous.remote()
             imports = [t.preload.remote(self.transport) for t in self.trainers]
             with self._timed("engine"):
-                self.wait(self._prepared, "engine start")
                 self.engine_info = self.wait(engine, "engine start")
             addr, port = self.wait(meet, "trainer rendezvous")
             self.wait(imports, "trainer start")
@@ -299,7 +299,6 @@ class Workers:
         else:
             addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
-                self.wait(self._prepared, "engine start")
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
                 self.engine_info = self.wait(setups, "worker start")[-1]
         with self._timed("fingerprint"):
