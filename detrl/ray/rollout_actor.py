@@ -82,8 +82,8 @@ class RolloutActor:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-        if getattr(self.prepared, "ahead", None) is not None:  # prepared, never set up (a refused env)
-            self.prepared.ahead.close()
+        if self.prepared is not None:  # prepared, never set up (a refused env)
+            self.prepared.close()
             self.prepared = None
         if self.path_folder is not None:  # the actor is killed after this: no atexit handler runs
             shutil.rmtree(self.path_folder, ignore_errors=True)

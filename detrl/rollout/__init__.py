@@ -58,7 +58,8 @@ def step_kv_tokens(cfg: RunConfig) -> int:
 
 def prepare_engine(cfg: RunConfig) -> Any:
     """What `make_engine` can set up before the engine's own start, for a caller with other work first:
-    SGLang's processes, started ahead (`detrl.rollout.sglang.prepare`); None for the hf engine."""
+    SGLang's processes, started ahead (`detrl.rollout.sglang.prepare`); None for the hf engine. What it
+    returns has `close()`, for when no engine is made from it."""
     if cfg.backends.rollout != "sglang":
         return None
     from .sglang import prepare

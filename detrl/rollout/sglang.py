@@ -37,6 +37,11 @@ class Start:
     reports: Path  # where each process of the engine reports what the plugin did
     ahead: sglang_ahead.Ahead | None  # the engine's processes, started ahead
 
+    def close(self) -> None:
+        """Stop the processes started ahead that no engine took (all of them, when none started)."""
+        if self.ahead is not None:
+            self.ahead.close()
+
 
 def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
     """Set what the next engine's processes read and start them ahead (`cfg.start_ahead`). Cheap here;
@@ -123,8 +128,7 @@ class SGLangEngine:
             with ahead.serving(sglang_engine) if ahead else contextlib.nullcontext():
                 self.engine = sgl.Engine(**kwargs)
         finally:
-            if ahead:
-                ahead.close()
+            start.close()
             reports = sglang_plugin.read_reports(start.reports)
         self.started_ahead = ahead.report() if ahead else []
         for r in self.started_ahead:
