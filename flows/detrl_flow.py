@@ -1,5 +1,5 @@
-"""The det-rl flow: download model -> download dataset -> convert HF -> Megatron -> run loop A ->
-run loop B -> verify. Ends Failed when the two runs differ, and then notifies (`notify`)."""
+"""The det-rl flow: download model and dataset -> convert HF -> Megatron (while Ray starts) -> run loops A
+and B -> verify. Ends Failed when the two runs differ, and then notifies (`notify`)."""
 
 from __future__ import annotations
 
@@ -109,13 +109,19 @@ def detrl_flow(
     preflight.with_options(timeout_seconds=timeouts.startup(cfg))(cfg)
     cache = cache_dir or default_dir("cache")
 
-    model = download_model(cfg, cache, refresh)
-    data = download_dataset(cfg, cache, refresh)
-    megatron = convert_checkpoint(model, cache, refresh)
-    mode, why = twice.choose(cfg, model_dir=model.path)
-    print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {schedule.for_run(cfg, 'B').describe()}")
-    start = time.monotonic()
-    run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
+    # the downloads and the conversion run in the task runner's threads while this thread starts Ray (here,
+    # for its signal handlers), which the runs would otherwise start after them; Ray is held for both runs
+    model_f = download_model.submit(cfg, cache, refresh)
+    data_f = download_dataset.submit(cfg, cache, refresh)
+    prepared = (model_f, data_f, convert_checkpoint.submit(model_f, cache, refresh))
+    with shared_ray(cfg):
+        wait(prepared)  # every one ends, however another did: none is left running
+        model, data, megatron = (f.result() for f in prepared)
+        mode, why = twice.choose(cfg, model_dir=model.path)
+        b_schedule = schedule.for_run(cfg, "B").describe()
+        print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {b_schedule}")
+        start = time.monotonic()
+        run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
     verdict = verify_runs(run_a, run_b)
 
     result = {
@@ -146,11 +152,9 @@ def _run_twice(
         return done[0], done[1]
     # each run's workers take their own GPUs (or half of a shared one, or cores); the task runner's
     # threads overlap the two. No Prefect timeout here: in a worker thread it cannot interrupt a blocking
-    # call; the runs' own phase timeouts (timeouts.*) stop a hung phase and name it. Ray starts in this
-    # thread (signal handlers).
-    with shared_ray(cfg):
-        futures = [run_loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
-        wait(futures)
+    # call; the runs' own phase timeouts (timeouts.*) stop a hung phase and name it.
+    futures = [run_loop.submit(cfg, str(d), *arts, label, p, cache) for label, d, p in runs]
+    wait(futures)
     return futures[0].result(), futures[1].result()
 
 
