@@ -113,10 +113,12 @@ def detrl_flow(
     # for its signal handlers), which the runs would otherwise start after them; Ray is held for both runs
     model_f = download_model.submit(cfg, cache, refresh)
     data_f = download_dataset.submit(cfg, cache, refresh)
-    prepared = (model_f, data_f, convert_checkpoint.submit(model_f, cache, refresh))
+    # Prefect resolves the future to the model before the conversion starts; its stubs do not say so
+    megatron_f = convert_checkpoint.submit(model_f, cache, refresh)  # type: ignore[call-overload]
     with shared_ray(cfg):
-        wait(prepared)  # every one ends, however another did: none is left running
-        model, data, megatron = (f.result() for f in prepared)
+        for f in (model_f, data_f, megatron_f):
+            f.wait()  # every one ends, however another did: none is left running
+        model, data, megatron = model_f.result(), data_f.result(), megatron_f.result()
         mode, why = twice.choose(cfg, model_dir=model.path)
         b_schedule = schedule.for_run(cfg, "B").describe()
         print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {b_schedule}")
