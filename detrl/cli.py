@@ -112,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plants = _plants(args.plant, cfg)
+    from concurrent.futures import ThreadPoolExecutor
+
     from . import schedule, twice
     from .loop import prepare, run
     from .ray.session import shared_ray
@@ -121,18 +123,24 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     out = check_out_dir(args.out)
     twice.choose(cfg)  # a schedule this machine cannot hold stops here, before any download
-    arts = prepare(cfg, args.cache, refresh=args.refresh)
-    mode, why = twice.choose(cfg, model_dir=arts.model.path)
-    emit(f"runs A and B: {mode.replace('_', ' ')} ({why})")
-    rcfg = twice.run_config(cfg, mode)
-    run_b = schedule.for_run(cfg, "B")
-    emit(f"run B's schedule: {run_b.describe()}")
-    twice.run_both(
-        lambda: run(rcfg, out / "run_a", arts, progress=_progress("run A")),
-        lambda: run(rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"), schedule=run_b),
-        mode,
-        hold=shared_ray(cfg),
-    )
+    # the downloads and the conversion run in a thread while this one starts Ray (here, for its signal
+    # handlers), held for both runs, as the flow does
+    with ThreadPoolExecutor(1, thread_name_prefix="detrl-prepare") as pool:
+        pending = pool.submit(prepare, cfg, args.cache, refresh=args.refresh)
+        with shared_ray(cfg):
+            arts = pending.result()
+            mode, why = twice.choose(cfg, model_dir=arts.model.path)
+            emit(f"runs A and B: {mode.replace('_', ' ')} ({why})")
+            rcfg = twice.run_config(cfg, mode)
+            run_b = schedule.for_run(cfg, "B")
+            emit(f"run B's schedule: {run_b.describe()}")
+            twice.run_both(
+                lambda: run(rcfg, out / "run_a", arts, progress=_progress("run A")),
+                lambda: run(
+                    rcfg, out / "run_b", arts, perturbations=plants, progress=_progress("run B"), schedule=run_b
+                ),
+                mode,
+            )
     verdict = verify(str(out / "run_a"), str(out / "run_b"))
     emit(verdict.to_json() if args.json else format_text(verdict))
     return verdict.exit_code
