@@ -7,8 +7,7 @@
 # imports Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the
 # slowest parts), start (a cold flow with SGLang's own log of its start-up parts), warm (the same flow on the
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
-# same host), base (the cold flow of an earlier checkout, $BASE_TREE, on caches of its own: the baseline of
-# start on the same host), kernels (what the flows' compile cache holds: time, size and path of each file, so the cold
+# same host), kernels (what the flows' compile cache holds: time, size and path of each file, so the cold
 # engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync (GPU tests of the weight-sync
 # transports). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
@@ -46,9 +45,6 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
-  base) step base 540 bash -c "cd '${BASE_TREE:?an earlier checkout}' && PYTHONPATH=\$PWD:/tmp/site python \
-          benchmarks/nightly_gpu.py --json '$R/h200-startup-flow-base.json' --phases cold \
-          --set rollout.sglang.log_level=info --cache /tmp/c-base --out /tmp/n-base"; ledgers base /tmp/n-base ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
   ahead) step ahead 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "started_ahead" ;;
   osync) step osync 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "object_store_payload" ;;
