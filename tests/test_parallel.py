@@ -100,18 +100,24 @@ from detrl.ray.group import Workers
 
 ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 cfg = twice.run_config(load_config("gsm8k-qwen2.5-0.5b-smoke"), "shared_gpu")
+def free_gpu(expected):
+    # Ray's view of free resources trails a placement group's creation and removal: read it until it
+    # shows the expected value or 10 s have passed, and report what it showed last
+    for _ in range(100):
+        free = ray.available_resources().get("GPU", 0)
+        if free == expected:
+            break
+        time.sleep(0.1)
+    return free
+
 out = {}
 with Workers(cfg, "", "", setup=False) as a:
-    out["free_with_one"] = ray.available_resources().get("GPU", 0)
+    out["free_with_one"] = free_gpu(0.5)
     with Workers(cfg, "", "", setup=False) as b:
-        out["free_with_two"] = ray.available_resources().get("GPU", 0)
+        out["free_with_two"] = free_gpu(0)
         actors = [x for w in (a, b) for x in (*w.trainers, w.rollout)]
         out["visible"] = [ray.get(x.env.remote())["cuda_visible_devices"] for x in actors]
-for _ in range(100):  # placement groups are removed asynchronously
-    out["free_after"] = ray.available_resources().get("GPU", 0)
-    if out["free_after"] == 1:
-        break
-    time.sleep(0.1)
+out["free_after"] = free_gpu(1)
 print(json.dumps(out))
 """
 
