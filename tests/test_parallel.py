@@ -100,6 +100,8 @@ from detrl.ray.group import Workers
 
 ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 cfg = twice.run_config(load_config("gsm8k-qwen2.5-0.5b-smoke"), "shared_gpu")
+
+
 def free_gpu(expected):
     # Ray's view of free resources trails a placement group's creation and removal: read it until it
     # shows the expected value or 10 s have passed, and report what it showed last

@@ -7,9 +7,9 @@
 # imports Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the
 # slowest parts), start (a cold flow with SGLang's own log of its start-up parts), warm (the same flow on the
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
-# same host), kernels (what the flows' compile cache holds: time, size and path of each file, so the cold
-# engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync (GPU tests of the weight-sync
-# transports). Logs and records go to $JOB_OUT, and
+# same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
+# cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
+# (GPU tests of the weight-sync transports). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
 R=${JOB_OUT:?run it through scripts/gpu/job.sh}
