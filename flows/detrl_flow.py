@@ -1,6 +1,6 @@
 """The det-rl flow: download model and dataset (while Ray starts) -> run loops A and B, whose workers start
-while the HF -> Megatron conversion runs -> verify. Ends Failed when the two runs differ, and then notifies
-(`notify`)."""
+while the HF -> Megatron conversion runs and the engines' attention module builds -> verify. Ends Failed
+when the two runs differ, and then notifies (`notify`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ from detrl.util import default_dir
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.notify import check_target, notify_hook
-from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
+from tasks.prepare import (
+    build_attention_module,
+    convert_checkpoint,
+    download_dataset,
+    download_model,
+    resolve_config,
+)
 from tasks.state import result_of
 from tasks.verify import verify_runs
 
@@ -118,6 +124,9 @@ def detrl_flow(
     data_f = download_dataset.submit(cfg, cache, refresh)
     # Prefect resolves the future to the model before the conversion starts; its stubs do not say so
     megatron_f = convert_checkpoint.submit(model_f, cache, refresh)  # type: ignore[call-overload]
+    # and the engines' attention module is compiled beside them; the runs do not wait for it (an engine
+    # that needs it mid-build waits on flashinfer's lock)
+    kernels_f = build_attention_module.submit(cfg, model_f, cache)  # type: ignore[call-overload]
     with shared_ray(cfg):
         try:
             for f in (model_f, data_f):
@@ -132,7 +141,8 @@ def detrl_flow(
             megatron = quote(converting(model, cache, megatron_f.result))
             run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
         finally:
-            megatron_f.wait()  # it ends, however the rest did: nothing is left running
+            for f in (megatron_f, kernels_f):
+                f.wait()  # they end, however the rest did: nothing is left running
     verdict = verify_runs(run_a, run_b)
 
     result = {

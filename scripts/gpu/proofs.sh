@@ -9,10 +9,12 @@
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
 # same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
-# (GPU tests of the weight-sync transports). Logs and records go to $JOB_OUT, and
+# (GPU tests of the weight-sync transports),
+# attn (the GPU test of the attention module built ahead); base (start's cold flow for the tree in .base-tree,
+# the commit before a change), outside and clean (see `written`). Logs and records go to $JOB_OUT, and
 # `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
 set -u
-R=${JOB_OUT:?run it through scripts/gpu/job.sh}
+export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
 step() {
   local name=$1 limit=$2; shift 2
@@ -21,6 +23,14 @@ step() {
   # (SIGKILL, exit 137) when the device call that started the job ended; the job's own group survives
   timeout --foreground "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name $?" >> "$R/steps"
+}
+# every file written since this job began, outside its own records, the flows' ledgers and the staged
+# stack's archive: the first-use output a flow leaves behind (compile caches outside det-rl's, Prefect's
+# database, bytecode); `outside` lists it by folder and `clean` deletes it (and drops the page cache where
+# it may), to start the next flow as a fresh host would
+written() {
+  find / \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp/jobs -o -path '/tmp/n-*' \
+    -o -path /tmp/stage \) -prune -o -type f -newer "$R/gpu.txt" "$@"
 }
 # the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
 ledgers() { for f in "$2"/*/*/run_?/ledger.jsonl; do [ -f "$f" ] && cp "$f" "$R/$1-$(basename "$(dirname "$f")")-ledger.jsonl"; done; }
@@ -40,12 +50,21 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --top 25 sglang.srt.model_executor.model_runner sglang.srt.managers.scheduler ;;
   imports) step imports 300 python benchmarks/import_time.py --json "$R/h200-imports.json" --compile /tmp/site ;;
   start|warm) P=cold; [ $s = warm ] && P=warm
-        step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow.json" --phases $P \
-          --set rollout.sglang.log_level=info --cache /tmp/c-start --out /tmp/n-start; ledgers $s /tmp/n-start ;;  # (warm sorts after cold: its ledgers win)
+        step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-$s.json" --phases $P \
+          --set rollout.sglang.log_level=info --cache /tmp/c-start --out /tmp/n-start; ledgers $s /tmp/n-start ;;
+  base) [ -d .base-tree ] || { echo "base: no .base-tree (git archive BASE | tar -x -C .base-tree)" >&2; exit 2; }
+        (cd .base-tree && PYTHONPATH="$PWD:/tmp/site" step base 540 python benchmarks/nightly_gpu.py \
+          --json "$R/h200-startup-flow-base.json" --phases cold --set rollout.sglang.log_level=info \
+          --cache /tmp/c-start --out /tmp/n-base); ledgers base /tmp/n-base ;;
+  outside) o=$((${o:-0} + 1)); step outside$o 120 bash -c "$(declare -f written); written -printf '%s %p\\n' | awk '{split(\$2, p, \"/\");
+          d = \"/\" p[2] \"/\" p[3] \"/\" p[4]; n[d]++; b[d] += \$1} END {for (d in n) print b[d], n[d], d}' | sort -rn" ;;
+  clean) step clean 300 bash -c "$(declare -f written); written -print0 | xargs -0 -r rm -f; rm -rf /tmp/c-start; sync;
+          echo 3 > /proc/sys/vm/drop_caches && echo 'page cache dropped' || echo 'page cache not dropped'" ;;
   before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
+  attn) step attn 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "attention_module_built_ahead" ;;
   ahead) step ahead 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "started_ahead" ;;
   osync) step osync 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "object_store_payload" ;;
   ipcwarm) step ipcwarm 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k ipc_transports_warm ;;
