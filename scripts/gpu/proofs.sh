@@ -12,7 +12,8 @@
 # (GPU tests of the weight-sync transports),
 # attn (the GPU test of the attention module built ahead); base and basewarm (start's and warm's flows for the
 # tree in .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to $JOB_OUT, and
-# `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
+# `steps` there gets one line per finished step: its name and exit status (124: its time ran out). SET=KEY=VALUE
+# adds one config override to the start, warm, base and basewarm flows.
 set -u
 export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
@@ -51,11 +52,12 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   imports) step imports 300 python benchmarks/import_time.py --json "$R/h200-imports.json" --compile /tmp/site ;;
   start|warm) P=cold; [ $s = warm ] && P=warm
         step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-$s.json" --phases $P \
-          --set rollout.sglang.log_level=info --cache /tmp/c-start --out /tmp/n-start; ledgers $s /tmp/n-start ;;
+          --set rollout.sglang.log_level=info ${SET:+--set $SET} --cache /tmp/c-start --out /tmp/n-start
+        ledgers $s /tmp/n-start ;;
   base|basewarm) P=cold; [ $s = basewarm ] && P=warm
         [ -d .base-tree ] || { echo "$s: no .base-tree (git archive BASE | tar -x -C .base-tree)" >&2; exit 2; }
         (cd .base-tree && PYTHONPATH="$PWD:/tmp/site" step $s 540 python benchmarks/nightly_gpu.py \
-          --json "$R/h200-startup-flow-$s.json" --phases $P --set rollout.sglang.log_level=info \
+          --json "$R/h200-startup-flow-$s.json" --phases $P --set rollout.sglang.log_level=info ${SET:+--set $SET} \
           --cache /tmp/c-start --out /tmp/n-$s); ledgers $s /tmp/n-$s ;;
   outside) o=$((${o:-0} + 1)); step outside$o 120 bash -c "$(declare -f written); written -printf '%s %p\\n' | awk '{split(\$2, p, \"/\");
           d = \"/\" p[2] \"/\" p[3] \"/\" p[4]; n[d]++; b[d] += \$1} END {for (d in n) print b[d], n[d], d}' | sort -rn" ;;
