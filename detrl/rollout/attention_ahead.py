@@ -32,7 +32,7 @@ from ..ray.env import runtime_env
 # attention and plans the fa2 backend with int32 page indices.
 BACKEND, INDEX_DTYPE, POS_ENCODING_NONE = "fa2", "int32", 0
 DTYPES = ("bfloat16", "float16")  # flashinfer's attention has no float32 kernels
-BUILD_TIMEOUT_S = 900.0  # a backstop: the engine builds the module itself when this build did not
+BUILD_TIMEOUT_S = 300.0  # a backstop (the flow waits for the build before it ends); an engine builds what this did not
 
 
 @dataclass(frozen=True)
