@@ -41,7 +41,7 @@ def header(
         "artifacts": {
             "model": asdict(artifacts.model),
             "data": asdict(artifacts.data),
-            "megatron": asdict(artifacts.converted()),
+            "megatron": asdict(artifacts.megatron),
             **({"reward": reward} if reward else {}),
         },
         "engine": workers.engine_info,
