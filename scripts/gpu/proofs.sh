@@ -24,13 +24,13 @@ step() {
   timeout --foreground "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name $?" >> "$R/steps"
 }
-# every file written since this job began, outside its own records, the flows' ledgers and the staged
-# stack's archive: the first-use output a flow leaves behind (compile caches outside det-rl's, Prefect's
-# database, bytecode); `outside` lists it by folder and `clean` deletes it (and drops the page cache where
-# it may), to start the next flow as a fresh host would
+# every file written since this job began, outside its own records, the flows' ledgers, the staged stack's
+# archive and the trees later device calls send: the first-use output a flow leaves behind (compile caches
+# outside det-rl's, Prefect's database, bytecode); `outside` lists it by folder and `clean` deletes it (and
+# drops the page cache where it may), to start the next flow as a fresh host would
 written() {
   find / \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp/jobs -o -path '/tmp/n-*' \
-    -o -path /tmp/stage \) -prune -o -type f -newer "$R/gpu.txt" "$@"
+    -o -path /tmp/stage -o -path "${CALL_ROOT:-/tmp/jobs}" \) -prune -o -type f -newer "$R/gpu.txt" "$@"
 }
 # the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
 ledgers() { for f in "$2"/*/*/run_?/ledger.jsonl; do [ -f "$f" ] && cp "$f" "$R/$1-$(basename "$(dirname "$f")")-ledger.jsonl"; done; }
