@@ -49,13 +49,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   hidden) step hidden 300 python benchmarks/import_time.py --json "$R/h200-imports-hidden.json" --without megatron \
           --top 25 sglang.srt.model_executor.model_runner sglang.srt.managers.scheduler ;;
   imports) step imports 300 python benchmarks/import_time.py --json "$R/h200-imports.json" --compile /tmp/site ;;
-  start|warm) P=cold; [ $s = warm ] && P=warm
-        step $s 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-$s.json" --phases $P \
-          --set rollout.sglang.log_level=info ${SET:+--set $SET} --cache /tmp/c-start --out /tmp/n-start
-        ledgers $s /tmp/n-start ;;
-  base|basewarm) P=cold; [ $s = basewarm ] && P=warm
-        [ -d .base-tree ] || { echo "$s: no .base-tree (git archive BASE | tar -x -C .base-tree)" >&2; exit 2; }
-        (cd .base-tree && PYTHONPATH="$PWD:/tmp/site" step $s 540 python benchmarks/nightly_gpu.py \
+  start|warm|base|basewarm) P=cold; case $s in *warm) P=warm ;; esac
+        t=.; case $s in base*) t=.base-tree ;; esac  # base: the tree of the commit before a change
+        [ -d $t ] || { echo "$s: no $t (git archive BASE | tar -x -C .base-tree)" >&2; exit 2; }
+        (cd $t && PYTHONPATH="$PWD:/tmp/site" step $s 540 python benchmarks/nightly_gpu.py \
           --json "$R/h200-startup-flow-$s.json" --phases $P --set rollout.sglang.log_level=info ${SET:+--set $SET} \
           --cache /tmp/c-start --out /tmp/n-$s); ledgers $s /tmp/n-$s ;;
   outside) o=$((${o:-0} + 1)); step outside$o 120 bash -c "$(declare -f written); written -printf '%s %p\\n' | awk '{split(\$2, p, \"/\");
