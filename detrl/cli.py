@@ -114,21 +114,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     plants = _plants(args.plant, cfg)
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import schedule, twice
-    from .loop import prepare, run
+    from . import artifacts, schedule, twice
+    from .loop import run
     from .ray.session import shared_ray
     from .report import format_text
+    from .rollout import attention_ahead
     from .rundir import check_out_dir
     from .verify import verify
 
     out = check_out_dir(args.out)
     twice.choose(cfg)  # a schedule this machine cannot hold stops here, before any download
-    # the downloads and the conversion run in a thread while this one starts Ray (here, for its signal
-    # handlers), held for both runs, as the flow does
-    with ThreadPoolExecutor(1, thread_name_prefix="detrl-prepare") as pool:
-        pending = pool.submit(prepare, cfg, args.cache, refresh=args.refresh)
+    # as the flow does: the downloads run in threads while this one starts Ray (here, for its signal
+    # handlers), held for both runs, and the runs start their workers while the conversion and the
+    # engines' attention module build
+    cache, refresh = args.cache, args.refresh
+    with ThreadPoolExecutor(3, thread_name_prefix="detrl-prepare") as pool:
+        model_f = pool.submit(artifacts.model, cfg, cache, refresh)
+        data_f = pool.submit(artifacts.dataset, cfg, cache, refresh)
         with shared_ray(cfg):
-            arts = pending.result()
+            model = model_f.result()
+            megatron_f = pool.submit(artifacts.megatron, model, cache, refresh)
+            kernels_f = pool.submit(attention_ahead.build, cfg, model.path, artifacts.compile_cache_dir(cache))
+            kernels_f.add_done_callback(lambda f: emit(f.result().text()))
+            megatron = artifacts.converting(model, cache, megatron_f.result)
+            arts = artifacts.Artifacts(model, data_f.result(), megatron, artifacts.compile_cache_dir(cache))
             mode, why = twice.choose(cfg, model_dir=arts.model.path)
             emit(f"runs A and B: {mode.replace('_', ' ')} ({why})")
             rcfg = twice.run_config(cfg, mode)

@@ -174,8 +174,8 @@ class SGLangConfig(_Strict):
     )
     start_ahead: bool = Field(
         True,
-        description="start SGLang's scheduler and detokenizer processes while the engine's process imports "
-        "SGLang, instead of after (detrl.rollout.sglang_ahead)",
+        description="start SGLang's scheduler and detokenizer processes, and the engine's process's own import "
+        "of SGLang, before the workers' env check instead of after it (detrl.rollout.sglang_ahead)",
     )
     weight_sync: Literal["auto", "ipc", "object_store"] = Field(
         "auto",

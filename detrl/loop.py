@@ -112,9 +112,13 @@ def _run_locked(
     summary = RunSummary(str(run_dir), start.iteration, 0.0, "")
     recorded = start.recorded.iterations if start.recorded else []
 
-    ckpt = str(Path(artifacts.megatron.path) / "weights")
     workers = Workers(
-        cfg, artifacts.model.path, ckpt, compile_cache=artifacts.compile_cache, schedule_args=schedule.engine_args
+        cfg,
+        artifacts.model.path,
+        artifacts.checkpoint,
+        compile_cache=artifacts.compile_cache,
+        schedule_args=schedule.engine_args,
+        before_load=artifacts.converted,  # a conversion still running ends while the engine starts
     )
     with workers as w:
         header = records.header(cfg, artifacts, w, w.selftest(), step.prompts, schedule, step.reward.identity())

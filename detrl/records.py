@@ -41,7 +41,7 @@ def header(
         "artifacts": {
             "model": asdict(artifacts.model),
             "data": asdict(artifacts.data),
-            "megatron": asdict(artifacts.megatron),
+            "megatron": asdict(artifacts.converted()),
             **({"reward": reward} if reward else {}),
         },
         "engine": workers.engine_info,

@@ -1,5 +1,6 @@
-"""The det-rl flow: download model and dataset -> convert HF -> Megatron (while Ray starts) -> run loops A
-and B -> verify. Ends Failed when the two runs differ, and then notifies (`notify`)."""
+"""The det-rl flow: download model and dataset (while Ray starts) -> run loops A and B, whose workers start
+while the HF -> Megatron conversion runs and the engines' attention module builds -> verify. Ends Failed
+when the two runs differ, and then notifies (`notify`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from prefect import flow
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
+from prefect.utilities.annotations import quote
 
 from detrl import schedule, timeouts, twice
+from detrl.artifacts import converting
 from detrl.cli import config_arguments
 from detrl.config import PROFILES, RunConfig
 from detrl.plant import parse_plants
@@ -29,7 +32,13 @@ from detrl.util import default_dir
 from tasks.diagnose import golden_check, preflight
 from tasks.loop import run_loop
 from tasks.notify import check_target, notify_hook
-from tasks.prepare import convert_checkpoint, download_dataset, download_model, resolve_config
+from tasks.prepare import (
+    build_attention_module,
+    convert_checkpoint,
+    download_dataset,
+    download_model,
+    resolve_config,
+)
 from tasks.state import result_of
 from tasks.verify import verify_runs
 
@@ -115,15 +124,25 @@ def detrl_flow(
     data_f = download_dataset.submit(cfg, cache, refresh)
     # Prefect resolves the future to the model before the conversion starts; its stubs do not say so
     megatron_f = convert_checkpoint.submit(model_f, cache, refresh)  # type: ignore[call-overload]
+    # and the engines' attention module is compiled beside them; the runs do not wait for it (an engine
+    # that needs it mid-build waits on flashinfer's lock)
+    kernels_f = build_attention_module.submit(cfg, model_f, cache)  # type: ignore[call-overload]
     with shared_ray(cfg):
-        for f in (model_f, data_f, megatron_f):
-            f.wait()  # every one ends, however another did: none is left running
-        model, data, megatron = model_f.result(), data_f.result(), megatron_f.result()
-        mode, why = twice.choose(cfg, model_dir=model.path)
-        b_schedule = schedule.for_run(cfg, "B").describe()
-        print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {b_schedule}")
-        start = time.monotonic()
-        run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
+        try:
+            for f in (model_f, data_f):
+                f.wait()
+            model, data = model_f.result(), data_f.result()
+            mode, why = twice.choose(cfg, model_dir=model.path)
+            b_schedule = schedule.for_run(cfg, "B").describe()
+            print(f"runs A and B: {mode.replace('_', ' ')} ({why}); run B's schedule: {b_schedule}")
+            start = time.monotonic()
+            # the runs start their workers while the conversion runs: its future goes to them unresolved
+            # (quote), and their trainers wait for it before they load the checkpoint
+            megatron = quote(converting(model, cache, megatron_f.result))
+            run_a, run_b = _run_twice(mode, twice.run_config(cfg, mode), out, (model, data, megatron), plant, cache)
+        finally:
+            for f in (megatron_f, kernels_f):
+                f.wait()  # they end, however the rest did: nothing is left running
     verdict = verify_runs(run_a, run_b)
 
     result = {

@@ -10,6 +10,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from detrl import schedule
+from detrl.artifacts import Converting
 from detrl.config import ConfigError, RunConfig
 from detrl.convert import ConvertedArtifact
 from detrl.data import DatasetArtifact
@@ -46,7 +47,7 @@ def run_loop(
     run_dir: str,
     model: ModelArtifact,
     data: DatasetArtifact,
-    megatron: ConvertedArtifact,
+    megatron: ConvertedArtifact | Converting,
     label: str,
     plant: list[str],
     cache_dir: str | None = None,

@@ -16,6 +16,7 @@ from detrl.data import DatasetArtifact
 from detrl.doctor import check_resources
 from detrl.models import ModelArtifact
 from detrl.resolve import resolve
+from detrl.rollout import attention_ahead
 
 
 @task(name="resolve-config", cache_policy=NO_CACHE)
@@ -48,3 +49,12 @@ def convert_checkpoint(model: ModelArtifact, cache_dir: str, refresh: bool = Fal
     art = artifacts.megatron(model, cache_dir, refresh)
     get_run_logger().info(f"Megatron torch_dist checkpoint at {art.path} (converter v{art.converter_version})")
     return art
+
+
+@task(name="build-attention-module", cache_policy=NO_CACHE)
+def build_attention_module(cfg: RunConfig, model: ModelArtifact, cache_dir: str) -> str:
+    """flashinfer's attention module for the engines, compiled while the conversion and the runs' start
+    go on; it never fails the flow (an engine builds what was not built here)."""
+    result = attention_ahead.build(cfg, model.path, artifacts.compile_cache_dir(cache_dir))
+    get_run_logger().info(result.text())
+    return result.text()

@@ -404,3 +404,24 @@ def test_the_ipc_transports_warm_up_builds_the_checksum_kernels_of_the_first_exp
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[-3:-1] == ["[False, False]", "[True, True]"], done.stdout + done.stderr[-2000:]
+
+
+def test_the_attention_module_built_ahead_is_in_the_workers_cache_and_found_there_the_second_time(tmp_path):
+    """The build the flow starts beside the conversion (detrl.rollout.attention_ahead), into an empty
+    compile cache: it compiles the module under the workers' flashinfer workspace, and a second build
+    finds it. That the engine then uses it is the flow's record (scripts/gpu/proofs.sh `kernels`)."""
+    import json
+
+    from detrl.rollout.attention_ahead import build
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 576, "num_attention_heads": 9}))  # SmolLM2
+    cfg, cache = load_config("gsm8k-smollm2-135m"), str(tmp_path / "compile")
+    first, second = build(cfg, model, cache), build(cfg, model, cache)
+    assert first.status == "built" and second.status == "found", (first, second)
+    assert second.seconds < first.seconds
+    name = "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_head_dim_qk_64"
+    assert name in first.detail, first.detail
+    built = list((tmp_path / "compile" / "flashinfer").rglob(f"cached_ops/{name}*/*.so"))
+    assert len(built) == 1, built

@@ -1,10 +1,13 @@
 """The tiny-cpu loop through Ray, run twice and verified; then planted divergences, each of which
 the verifier must catch at the right iteration, phase and tensor."""
 
+import dataclasses
 import shutil
+import time
 
 import pytest
 
+from detrl.artifacts import ConversionFailed, Converting
 from detrl.config import ConfigError, load_config
 from detrl.determinism import DeterminismError
 from detrl.ledger import read_ledger
@@ -170,3 +173,27 @@ def test_a_worker_missing_a_required_variable_stops_the_run(runs, artifacts):
 def test_a_run_directory_is_never_overwritten(runs, tiny_cfg, artifacts):
     with pytest.raises(ConfigError, match="already holds a complete run ledger"):
         run(tiny_cfg, runs / "a", artifacts)
+
+
+def test_a_run_starts_its_workers_while_its_conversion_runs_and_ends_identical(runs, tiny_cfg, artifacts):
+    def conversion():  # the conversion, still running for a while after the run began
+        time.sleep(1.5)
+        return artifacts.megatron
+
+    pending = dataclasses.replace(artifacts, megatron=Converting(artifacts.megatron.path, conversion))
+    run(tiny_cfg, runs / "converting", pending)
+    header = read_ledger(runs / "converting" / "ledger.jsonl").header
+    # waited for inside the workers' start (after their env check, beside the engine's start), not before it
+    assert header["startup_s"]["conversion"] >= 1.4 and "env_check" in header["startup_s"]
+    assert header["artifacts"]["megatron"] == dataclasses.asdict(artifacts.megatron)
+    assert verify(str(runs / "a"), str(runs / "converting")).status == "identical"
+
+
+def test_a_failed_conversion_stops_the_run_with_its_error_and_leaves_nothing(runs, tiny_cfg, artifacts):
+    def conversion():
+        raise OSError("no space left on device")
+
+    pending = dataclasses.replace(artifacts, megatron=Converting(artifacts.megatron.path, conversion))
+    with pytest.raises(ConversionFailed, match="no space left on device"):
+        run(tiny_cfg, runs / "unconverted", pending)
+    assert not (runs / "unconverted").exists()

@@ -107,3 +107,22 @@ def test_a_process_no_launch_takes_is_stopped_and_other_targets_start_fresh():
     assert not second.is_alive()
     proc.join(timeout=30)
     assert [r["refused"] for r in ahead.report()] == [None]
+
+
+def test_prepare_starts_this_processs_import_of_sglang_and_the_engine_waits_for_it(monkeypatch):
+    """`prepare` starts the engine process's own import of SGLang in a thread (here it fails: no SGLang
+    on the CPU); the engine joins it before it imports SGLang itself. Off with start_ahead=false."""
+    from detrl.config import SGLangConfig
+    from detrl.rollout import sglang, sglang_plugin
+
+    for key in (sglang_plugin.ENABLE_ENV, sglang_plugin.REPORT_ENV):
+        monkeypatch.delenv(key, raising=False)  # prepare sets what the engine's processes read: restored after
+    start = sglang.prepare(SGLangConfig(kernels="sglang"), deterministic=False)
+    try:
+        assert start.importing is not None and start.importing.name == "detrl-import-sglang"
+        start.imported()
+        assert start.importing is None
+    finally:
+        start.close()
+    off = sglang.prepare(SGLangConfig(kernels="sglang", start_ahead=False), deterministic=False)
+    assert off.importing is None and off.ahead is None

@@ -116,10 +116,14 @@ class Workers:
         setup: bool = True,
         compile_cache: str | None = None,
         schedule_args: dict[str, int] | None = None,
+        before_load: Callable[[], Any] | None = None,
     ):
         """`setup=False`: start the actors with their env and resources but load nothing (preflight).
-        `schedule_args`: the engine's batch limits under a perturbed schedule (detrl.schedule)."""
+        `schedule_args`: the engine's batch limits under a perturbed schedule (detrl.schedule).
+        `before_load`: waited for before the trainers read `ckpt_dir`, once the engine has started (the
+        conversion that writes it, still running: detrl.artifacts.Converting)."""
         self.cfg, self.model_dir, self.ckpt_dir, self.setup = cfg, model_dir, ckpt_dir, setup
+        self.before_load = before_load
         self.schedule_args = dict(schedule_args or {})
         self.compile_cache = compile_cache
         self.transport = weight_sync.transport_for(cfg)
@@ -292,6 +296,7 @@ class Workers:
             imports = [t.preload.remote(self.transport) for t in self.trainers]
             with self._timed("engine"):
                 self.engine_info = self.wait(engine, "engine start")
+            self._await_checkpoint()
             addr, port = self.wait(meet, "trainer rendezvous")
             self.wait(imports, "trainer start")
             with self._timed("trainer"):
@@ -299,7 +304,9 @@ class Workers:
         else:
             addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
-                setups = [t.setup.remote(addr, port) for t in self.trainers] + [self.rollout.setup.remote()]
+                engine = self.rollout.setup.remote()
+                self._await_checkpoint()
+                setups = [t.setup.remote(addr, port) for t in self.trainers] + [engine]
                 self.engine_info = self.wait(setups, "worker start")[-1]
         with self._timed("fingerprint"):
             fps = self.wait(
@@ -307,6 +314,11 @@ class Workers:
             )
         self.fingerprints = {fp["role"]: fp for fp in fps}
         weight_sync.warm(self, self.transport)
+
+    def _await_checkpoint(self) -> None:
+        if self.before_load is not None:
+            with self._timed("conversion"):  # the wait only: the conversion ran beside the start
+                self.before_load()
 
     def _create(self) -> None:
         """One actor per trainer rank and one rollout actor. On GPUs, and on any cluster, the

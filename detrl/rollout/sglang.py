@@ -16,7 +16,9 @@ parameter the trainer's tensors do not cover also counts as a mismatch.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,14 @@ class Start:
     kernels: str  # "detrl": det-rl's RMSNorm loads into SGLang; "sglang": SGLang's own kernels
     reports: Path  # where each process of the engine reports what the plugin did
     ahead: sglang_ahead.Ahead | None  # the engine's processes, started ahead
+    importing: threading.Thread | None = None  # this process's own import of SGLang, started ahead
+
+    def imported(self) -> None:
+        """Wait for this process's import of SGLang started by `prepare`, so that no module of SGLang is
+        ever imported by two threads at once (the engine imports it next)."""
+        if self.importing is not None:
+            self.importing.join()
+            self.importing = None
 
     def close(self) -> None:
         """Stop the processes started ahead that no engine took (all of them, when none started)."""
@@ -50,7 +60,21 @@ def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
     if kernels == "detrl":
         sglang_plugin.plugin_env(sglang_plugin.path_folder())
     reports = sglang_plugin.request(kernels == "detrl")
-    return Start(kernels, reports, sglang_ahead.Ahead() if cfg.start_ahead else None)
+    if not cfg.start_ahead:
+        return Start(kernels, reports, None)
+    ahead = sglang_ahead.Ahead()
+    # and this process imports SGLang's engine from here, in a thread: the caller's other work (the
+    # workers' env check) overlaps that import instead of preceding it
+    importing = threading.Thread(target=_import_engine, name="detrl-import-sglang", daemon=True)
+    importing.start()
+    return Start(kernels, reports, ahead, importing)
+
+
+def _import_engine() -> None:
+    try:
+        importlib.import_module("sglang.srt.entrypoints.engine")
+    except BaseException:  # the engine's own import raises it again, where it is reported
+        pass
 
 
 def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -122,6 +146,7 @@ class SGLangEngine:
         start = start or prepare(cfg, deterministic)
         self.kernels, ahead = start.kernels, start.ahead
         try:
+            start.imported()
             import sglang as sgl
             import sglang.srt.entrypoints.engine as sglang_engine
 

@@ -9,10 +9,11 @@
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
 # same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
-# (GPU tests of the weight-sync transports), base and basewarm (start's and warm's flows for the tree in
-# .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to $JOB_OUT,
-# and `steps` there gets one line per finished step: its name and exit status (124: its time ran out).
-# SET=KEY=VALUE adds one config override to the start, warm, base and basewarm flows.
+# (GPU tests of the weight-sync transports),
+# attn (the GPU test of the attention module built ahead); base and basewarm (start's and warm's flows for the
+# tree in .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to $JOB_OUT, and
+# `steps` there gets one line per finished step: its name and exit status (124: its time ran out). SET=KEY=VALUE
+# adds one config override to the start, warm, base and basewarm flows.
 set -u
 export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
@@ -63,6 +64,7 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
+  attn) step attn 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "attention_module_built_ahead" ;;
   ahead) step ahead 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "started_ahead" ;;
   osync) step osync 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "object_store_payload" ;;
   ipcwarm) step ipcwarm 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k ipc_transports_warm ;;
