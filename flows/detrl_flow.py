@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-# The temporary server a local flow starts must not try to send telemetry: offline it logs an ERROR a user
-# cannot act on. Set before Prefect reads its settings; an explicit setting wins.
+# The temporary server a local flow starts (no PREFECT_API_URL) must not try to send telemetry: offline it
+# logs an ERROR a user cannot act on. It must also be given time to start: on a fresh host it first creates
+# and migrates its database, which can outlast Prefect's default timeout, and the flow then fails before
+# its first task. Set before Prefect reads its settings; an explicit setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow
 from prefect.futures import wait

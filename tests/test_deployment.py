@@ -326,3 +326,20 @@ def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect
     ).json()
     assert [t["name"].rsplit("-", 1)[0] for t in runs] == ["resolve-config"]  # nothing ran after it
     assert "needs 1 GPU(s)" in fr["state"]["message"] or "needs 1 GPU(s)" in json.dumps(runs)
+
+
+@pytest.mark.parametrize("given", [None, "7"])
+def test_the_flows_temporary_server_has_time_to_start_on_a_fresh_host_and_sends_no_telemetry(given):
+    # Prefect's own default (20 s) is shorter than a fresh host's first start of the server, which creates
+    # and migrates its database: the flow would fail before its first task. A user's setting wins.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_")}
+    if given:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    code = (
+        "import flows.detrl_flow\n"
+        "from prefect.settings import get_current_settings\n"
+        "s = get_current_settings().server\n"
+        "print(s.ephemeral.startup_timeout_seconds, s.analytics_enabled)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [given or "180", "False"]
