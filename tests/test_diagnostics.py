@@ -135,7 +135,11 @@ def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypat
     assert env["FLASHINFER_WORKSPACE_BASE"] == f"{tmp_path}/compile/flashinfer"
     # SGLang replaces DG_JIT_CACHE_DIR with SGLANG_DG_CACHE_DIR: both must point at one folder
     assert env["SGLANG_DG_CACHE_DIR"] == env["DG_JIT_CACHE_DIR"] == f"{tmp_path}/compile/deep_gemm"
+    # tvm-ffi (flashinfer's FFI) JIT-builds its torch DLPack addon on import, by default in ~/.cache/tvm-ffi
+    assert env["TVM_FFI_CACHE_DIR"] == f"{tmp_path}/compile/tvm-ffi"
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # a user's own setting wins
     assert runtime_env(cfg, "trainer", cc)["env_vars"]["TRITON_CACHE_DIR"] == "/elsewhere"
     monkeypatch.setenv("SGLANG_DG_CACHE_DIR", "/dg")
     assert runtime_env(cfg, "rollout", cc)["env_vars"]["SGLANG_DG_CACHE_DIR"] == "/dg"
+    monkeypatch.setenv("TVM_FFI_CACHE_DIR", "/ffi")
+    assert runtime_env(cfg, "rollout", cc)["env_vars"]["TVM_FFI_CACHE_DIR"] == "/ffi"

@@ -33,9 +33,11 @@ PASSTHROUGH_ENV = (
     "TORCHINDUCTOR_CACHE_DIR",
     "FLASHINFER_WORKSPACE_BASE",
     "SGLANG_DG_CACHE_DIR",
+    "TVM_FFI_CACHE_DIR",
 )
 # The JIT caches a worker fills (Triton kernels, torch inductor, flashinfer's compiled ops, DeepGEMM's
-# kernels, which SGLang's deterministic GEMMs build per shape on Hopper), kept under the det-rl cache so
+# kernels, which SGLang's deterministic GEMMs build per shape on Hopper, and tvm-ffi's torch DLPack addon,
+# which flashinfer's import builds where torch lacks its C exchange API), kept under the det-rl cache so
 # run B, the next nightly and the Docker volume start warm. SGLang overwrites DG_JIT_CACHE_DIR with
 # SGLANG_DG_CACHE_DIR (default ~/.cache/deep_gemm): both are set, and a user moves it with the latter.
 # A compiled kernel is the same code whether built now or loaded: a warm cache changes no bit (cold and
@@ -46,6 +48,7 @@ COMPILE_CACHE_ENV = {
     "FLASHINFER_WORKSPACE_BASE": "flashinfer",
     "SGLANG_DG_CACHE_DIR": "deep_gemm",
     "DG_JIT_CACHE_DIR": "deep_gemm",
+    "TVM_FFI_CACHE_DIR": "tvm-ffi",
 }
 ENV_CHECK, FA3_CHECK = "determinism env", "FlashAttention-3 absent"
 
