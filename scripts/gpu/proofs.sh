@@ -27,8 +27,8 @@ step() {
 }
 # every file written since this job began, outside its own records, the flows' ledgers, the staged stack's
 # archive and the trees later device calls send: the first-use output a flow leaves behind (compile caches
-# outside det-rl's, Prefect's database, bytecode); `outside` lists it by folder and `clean` deletes it (and
-# drops the page cache where it may), to start the next flow as a fresh host would
+# outside det-rl's, Prefect's database, bytecode); `outside` lists it by folder, with when it was written, and
+# `clean` deletes it (and drops the page cache where it may), to start the next flow as a fresh host would
 written() {
   find / \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp/jobs -o -path '/tmp/n-*' \
     -o -path /tmp/stage -o -path "${CALL_ROOT:-/tmp/jobs}" \) -prune -o -type f -newer "$R/gpu.txt" "$@"
@@ -56,8 +56,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
         (cd $t && PYTHONPATH="$PWD:/tmp/site" step $s 540 python benchmarks/nightly_gpu.py \
           --json "$R/h200-startup-flow-$s.json" --phases $P --set rollout.sglang.log_level=info ${SET:+--set $SET} \
           --cache /tmp/c-start --out /tmp/n-$s); ledgers $s /tmp/n-$s ;;
-  outside) o=$((${o:-0} + 1)); step outside$o 120 bash -c "$(declare -f written); written -printf '%s %p\\n' | awk '{split(\$2, p, \"/\");
-          d = \"/\" p[2] \"/\" p[3] \"/\" p[4]; n[d]++; b[d] += \$1} END {for (d in n) print b[d], n[d], d}' | sort -rn" ;;
+  # per folder: bytes, files, the first and last write (epoch seconds: which phase of a flow's log wrote it)
+  outside) o=$((${o:-0} + 1)); step outside$o 120 bash -c "$(declare -f written); written -printf '%s %T@ %p\\n' | awk '{split(\$3, p, \"/\");
+          d = \"/\" p[2] \"/\" p[3] \"/\" p[4]; n[d]++; b[d] += \$1; t = int(\$2); if (!(d in lo) || t < lo[d]) lo[d] = t;
+          if (t > hi[d]) hi[d] = t} END {for (d in n) print b[d], n[d], lo[d], hi[d], d}' | sort -rn" ;;
   clean) step clean 300 bash -c "$(declare -f written); written -print0 | xargs -0 -r rm -f; rm -rf /tmp/c-start; sync;
           echo 3 > /proc/sys/vm/drop_caches && echo 'page cache dropped' || echo 'page cache not dropped'" ;;
   before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
