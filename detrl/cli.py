@@ -128,16 +128,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # handlers), held for both runs, and the runs start their workers while the conversion and the
     # engines' attention module build
     cache, refresh = args.cache, args.refresh
+    compile_cache = artifacts.compile_cache_dir(cache)
     with ThreadPoolExecutor(3, thread_name_prefix="detrl-prepare") as pool:
         model_f = pool.submit(artifacts.model, cfg, cache, refresh)
         data_f = pool.submit(artifacts.dataset, cfg, cache, refresh)
         with shared_ray(cfg):
             model = model_f.result()
             megatron_f = pool.submit(artifacts.megatron, model, cache, refresh)
-            kernels_f = pool.submit(attention_ahead.build, cfg, model.path, artifacts.compile_cache_dir(cache))
+            kernels_f = pool.submit(attention_ahead.build, cfg, model.path, compile_cache)
             kernels_f.add_done_callback(lambda f: emit(f.result().text()))
             megatron = artifacts.converting(model, cache, megatron_f.result)
-            arts = artifacts.Artifacts(model, data_f.result(), megatron, artifacts.compile_cache_dir(cache))
+            arts = artifacts.Artifacts(model, data_f.result(), megatron, compile_cache)
             mode, why = twice.choose(cfg, model_dir=arts.model.path)
             emit(f"runs A and B: {mode.replace('_', ' ')} ({why})")
             rcfg = twice.run_config(cfg, mode)

@@ -67,10 +67,15 @@ def test_an_unreadable_model_config_is_named(tmp_path):
     assert isinstance(got, str) and "config.json is unreadable" in got
 
 
-def test_a_build_that_fails_reports_the_error_and_leaves_it_to_the_engines(tmp_path, monkeypatch):
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.skipif(_importable("flashinfer"), reason="flashinfer is importable here: its build is tests/test_gpu.py's")
+def test_a_build_that_fails_reports_the_error_and_leaves_it_to_the_engines(tmp_path):
     # the process runs as on the GPU host; here it cannot import flashinfer, as on a host without it
-    if "flashinfer" in sys.modules or _importable("flashinfer"):
-        pytest.skip("flashinfer is importable here: its build is tests/test_gpu.py's")
     result = build(_gpu(), _model(tmp_path, **SMOLLM2), str(tmp_path / "compile"))
     assert result.status == "failed" and "flashinfer" in result.detail and "the engines build it" in result.detail
     assert result.seconds > 0
@@ -88,9 +93,3 @@ def test_the_build_process_refuses_a_dtype_flashinfer_has_no_kernels_for():
     with pytest.raises(SystemExit) as exc:
         attention_ahead.main(["--dtype", "float32", "--head-dim", "64"])
     assert exc.value.code == 2
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
