@@ -77,7 +77,7 @@ class HFEngine:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation
         )
-        self.model = model.to(device).eval()  # type: ignore[arg-type]
+        self.model = model.to(device).eval()
         self.model.requires_grad_(False)
 
     # -- generation
