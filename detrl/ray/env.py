@@ -17,24 +17,6 @@ from ..config import RunConfig
 from ..determinism import DeterminismError, env_problems
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-# Inherited from the driver when set: offline switches, caches, and the host's NVLink-multicast
-# guards (they must reach every process that opens NCCL).
-PASSTHROUGH_ENV = (
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "NCCL_NVLS_ENABLE",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-    "NVSHMEM_DISABLE_NVLS",
-    "NCCL_DEBUG",
-    "CUDA_DEVICE_MAX_CONNECTIONS",
-    "TRITON_CACHE_DIR",
-    "TORCHINDUCTOR_CACHE_DIR",
-    "FLASHINFER_WORKSPACE_BASE",
-    "SGLANG_DG_CACHE_DIR",
-    "TVM_FFI_CACHE_DIR",
-)
 # The JIT caches a worker fills (Triton kernels, torch inductor, flashinfer's compiled ops, DeepGEMM's
 # kernels, which SGLang's deterministic GEMMs build per shape on Hopper, and tvm-ffi's torch DLPack addon,
 # which flashinfer's import builds where torch lacks its C exchange API), kept under the det-rl cache so
@@ -50,6 +32,21 @@ COMPILE_CACHE_ENV = {
     "DG_JIT_CACHE_DIR": "deep_gemm",
     "TVM_FFI_CACHE_DIR": "tvm-ffi",
 }
+# Inherited from the driver when set: offline switches, the host's NVLink-multicast guards (they must
+# reach every process that opens NCCL), and a user's own compile caches (all but DG_JIT_CACHE_DIR, which
+# SGLang sets from SGLANG_DG_CACHE_DIR).
+PASSTHROUGH_ENV = (
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "NVSHMEM_DISABLE_NVLS",
+    "NCCL_DEBUG",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    *(key for key in COMPILE_CACHE_ENV if key != "DG_JIT_CACHE_DIR"),
+)
 ENV_CHECK, FA3_CHECK = "determinism env", "FlashAttention-3 absent"
 
 
