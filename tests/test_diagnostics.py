@@ -122,6 +122,9 @@ def test_selftest_catches_a_batch_variant_engine(artifacts):
 
 
 def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypatch):
+    import torch._dynamo  # noqa: F401  (as the driver does through transformers: torch sets its default cache)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from detrl.loop import compile_cache_dir
     from detrl.ray.env import COMPILE_CACHE_ENV, runtime_env
 
@@ -143,3 +146,8 @@ def test_workers_keep_their_jit_caches_under_the_detrl_cache(tmp_path, monkeypat
     assert runtime_env(cfg, "rollout", cc)["env_vars"]["SGLANG_DG_CACHE_DIR"] == "/dg"
     monkeypatch.setenv("TVM_FFI_CACHE_DIR", "/ffi")
     assert runtime_env(cfg, "rollout", cc)["env_vars"]["TVM_FFI_CACHE_DIR"] == "/ffi"
+    # the value torch writes into the driver's environment is its default, not a user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert runtime_env(cfg, "trainer", cc)["env_vars"]["TORCHINDUCTOR_CACHE_DIR"] == f"{tmp_path}/compile/inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    assert runtime_env(cfg, "trainer", cc)["env_vars"]["TORCHINDUCTOR_CACHE_DIR"] == "/mine"

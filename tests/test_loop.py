@@ -4,6 +4,7 @@ the verifier must catch at the right iteration, phase and tensor."""
 import dataclasses
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +188,9 @@ def test_a_run_starts_its_workers_while_its_conversion_runs_and_ends_identical(r
     assert header["startup_s"]["conversion"] >= 1.4 and "env_check" in header["startup_s"]
     assert header["artifacts"]["megatron"] == dataclasses.asdict(artifacts.megatron)
     assert verify(str(runs / "a"), str(runs / "converting")).status == "identical"
+    # this process imported torch._dynamo, so torch wrote its default cache into its environment; the
+    # workers still made their inductor cache under det-rl's (torch makes it as they import torch._dynamo)
+    assert (Path(artifacts.compile_cache) / "inductor").is_dir()
 
 
 def test_a_failed_conversion_stops_the_run_with_its_error_and_leaves_nothing(runs, tiny_cfg, artifacts):

@@ -8,6 +8,7 @@ rows of its report."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,9 @@ def runtime_env(cfg: RunConfig, role: str, compile_cache: str | None = None) -> 
     if compile_cache:
         env.update({key: str(Path(compile_cache) / sub) for key, sub in COMPILE_CACHE_ENV.items()})
     for key in PASSTHROUGH_ENV:  # the user's own settings win over ours
-        if key in os.environ:
-            env[key] = os.environ[key]
+        value = users_own(key)
+        if value is not None:
+            env[key] = value
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
     for key, value in cfg.resources.worker_env.get(role, {}).items():  # type: ignore[call-overload]
         if value is None:
@@ -74,6 +76,20 @@ def runtime_env(cfg: RunConfig, role: str, compile_cache: str | None = None) -> 
         else:
             env[key] = value
     return {"env_vars": env}
+
+
+def users_own(key: str) -> str | None:
+    """This process's value of `key`, unless it is one a library set for itself: torch's inductor writes its
+    default cache folder into TORCHINDUCTOR_CACHE_DIR the first time it looks for it (importing
+    torch._dynamo does, and the driver imports it with transformers and Megatron). Passed through as a
+    user's setting, that default took every worker out of det-rl's cache. A user who chose that very
+    folder gets det-rl's instead (a kernel is the same code from either)."""
+    value = os.environ.get(key)
+    if key == "TORCHINDUCTOR_CACHE_DIR" and value is not None:
+        inductor = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # not imported: torch set nothing
+        if inductor is not None and value == inductor.default_cache_dir():
+            return None
+    return value
 
 
 def predicted_env(cfg: RunConfig, role: str) -> dict[str, str]:
