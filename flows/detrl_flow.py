@@ -5,17 +5,15 @@ when the two runs differ, and then notifies (`notify`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-# The temporary server a local flow starts (no PREFECT_API_URL) must not try to send telemetry: offline it
-# logs an ERROR a user cannot act on. It must also be given time to start: on a fresh host it first creates
-# and migrates its database, which can outlast Prefect's default timeout, and the flow then fails before
-# its first task. Set before Prefect reads its settings; an explicit setting wins.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# the temporary server's settings, before Prefect reads them; run as `python -m flows.detrl_flow`, the server
+# also starts while the imports below run
+from flows.server import start_ahead
+
+_server_ready = start_ahead() if __name__ == "__main__" else lambda: None
 
 from prefect import flow
 from prefect.futures import wait
@@ -189,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     config_arguments(ap)
     a = ap.parse_args(argv)
+    _server_ready()
     state = detrl_flow(
         profile=a.profile or "auto",
         config_file=a.config,

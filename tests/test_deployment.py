@@ -343,3 +343,50 @@ def test_the_flows_temporary_server_has_time_to_start_on_a_fresh_host_and_sends_
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [given or "180", "False"]
+
+
+def _script(code: str, tmp_path: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_SERVER_", "PREFECT_API_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), **env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_local_run_starts_the_temporary_server_ahead_and_its_flow_uses_that_server(tmp_path):
+    # flows.server.start_ahead returns at once and the server answers after wait(); the flow's client then
+    # takes that server (Prefect keeps one per process), so no second one starts
+    code = (
+        "import time\n"
+        "from flows.server import start_ahead\n"
+        "t = time.perf_counter(); wait = start_ahead(); back = time.perf_counter() - t\n"
+        "import httpx\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "server = SubprocessASGIServer()\n"
+        "t = time.perf_counter(); wait(); waited = time.perf_counter() - t\n"
+        "status = httpx.get(server.api_url + '/health').status_code\n"
+        "from prefect import flow, get_client\n"
+        "@flow\n"
+        "def f():\n"
+        "    with get_client(sync_client=True) as c:\n"
+        "        return str(c.api_url)\n"
+        "url = f()\n"
+        "print(back < waited, status, url.rstrip('/') == server.api_url, len(SubprocessASGIServer._instances))\n"
+    )
+    out = _script(code, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-4:] == ["True", "200", "True", "1"]
+
+
+def test_the_server_started_ahead_reports_a_failed_start_at_the_wait_and_none_starts_for_a_real_server(tmp_path):
+    failing = "from flows.server import start_ahead\nwait = start_ahead()\nwait()\n"
+    out = _script(failing, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    assert out.returncode == 1 and "Timed out while attempting to connect" in out.stderr
+    # with a server of the user's (a deployment's worker), nothing starts: wait() returns at once
+    code = (
+        "from flows.server import start_ahead\n"
+        "start_ahead()()\n"
+        "import sys\n"
+        "print('prefect.server.api.server' in sys.modules)\n"
+    )
+    out = _script(code, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False"]

@@ -11,19 +11,20 @@
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
 # (GPU tests of the weight-sync transports),
 # attn (the GPU test of the attention module built ahead); base and basewarm (start's and warm's flows for the
-# tree in .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to $JOB_OUT, and
-# `steps` there gets one line per finished step: its name and exit status (124: its time ran out). SET=KEY=VALUE
-# adds one config override to the start, warm, base and basewarm flows.
+# tree in .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go
+# to $JOB_OUT, and `steps` there gets one line per finished step: its name, exit status (124: its time ran
+# out) and wall seconds. SET=KEY=VALUE adds one config override to the start, warm, base and basewarm flows.
 set -u
 export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 began=$SECONDS rc; shift 2
   echo "$(date -u +%T) $name: $*" >> "$R/steps.log"
   # --foreground: plain timeout puts the step in a process group of its own, and such a group was killed
   # (SIGKILL, exit 137) when the device call that started the job ended; the job's own group survives
-  timeout --foreground "$limit" "$@" > "$R/$name.log" 2>&1
-  echo "$name $?" >> "$R/steps"
+  timeout --foreground "$limit" "$@" > "$R/$name.log" 2>&1; rc=$?
+  # and its whole wall time, the process's start and imports included (a flow's own figure starts at its call)
+  echo "$name $rc $((SECONDS - began))s" >> "$R/steps"
 }
 # every file written since this job began, outside its own records, the flows' ledgers, the staged stack's
 # archive and the trees later device calls send: the first-use output a flow leaves behind (compile caches
