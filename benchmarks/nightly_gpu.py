@@ -79,7 +79,7 @@ def flow_once(
     from tasks.state import result_of
 
     # the flow's time counts what it waits for Prefect's temporary server, started ahead (flows.server):
-    # what the server's start overlapped is the imports above, never counted
+    # what its start overlapped (the imports, which were never counted) it no longer adds
     t = t0 = time.perf_counter()
     server_ready()
     server_wait_s = time.perf_counter() - t
@@ -147,7 +147,7 @@ def main() -> int:
 
     from flows.server import start_ahead
 
-    server_ready = start_ahead()  # while the imports below and the flow's run
+    server_ready = start_ahead()  # it starts while the imports below run
     from detrl.determinism import fingerprint
     from detrl.loop import compile_cache_dir
 
