@@ -328,27 +328,26 @@ def test_the_reference_profile_on_a_cpu_machine_fails_first_with_the_fix(prefect
     assert "needs 1 GPU(s)" in fr["state"]["message"] or "needs 1 GPU(s)" in json.dumps(runs)
 
 
+def _script(code: str, tmp_path: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python with no Prefect server or API settings of this process's, its own PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_SERVER_", "PREFECT_API_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), **env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("given", [None, "7"])
-def test_the_flows_temporary_server_has_time_to_start_on_a_fresh_host_and_sends_no_telemetry(given):
+def test_the_flows_temporary_server_has_time_to_start_on_a_fresh_host_and_sends_no_telemetry(given, tmp_path):
     # Prefect's own default (20 s) is shorter than a fresh host's first start of the server, which creates
     # and migrates its database: the flow would fail before its first task. A user's setting wins.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_")}
-    if given:
-        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
     code = (
         "import flows.detrl_flow\n"
         "from prefect.settings import get_current_settings\n"
         "s = get_current_settings().server\n"
         "print(s.ephemeral.startup_timeout_seconds, s.analytics_enabled)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out = _script(code, tmp_path, **({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": given} if given else {}))
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [given or "180", "False"]
-
-
-def _script(code: str, tmp_path: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_SERVER_", "PREFECT_API_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), **env_extra)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_local_run_starts_the_temporary_server_ahead_and_its_flow_uses_that_server(tmp_path):
