@@ -1,0 +1,78 @@
+"""benchmarks/startup_record.py, issue 29's record, on GPU flows the project ships
+(benchmarks/results/h100-startup-head-*-20261206: one H100 host, a new tree's cold and warm flows and a warm
+flow before the change): the targets it judges are those the hand-made record states, and each verdict
+turns when its figure does."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import startup_record  # noqa: E402
+
+R = ROOT / "benchmarks" / "results"
+NEW, BASE = R / "h100-startup-head-flow-20261206.json", R / "h100-startup-head-before-flow-20261206.json"
+LOGS = [R / f"h100-startup-head-{p}-flow-20261206.log" for p in ("cold", "warm", "before-warm")]
+
+
+def record(tmp_path, *flows: str, logs=LOGS, steps=None) -> dict:
+    out = tmp_path / "record.json"
+    argv = ["--json", str(out), *(a for log in logs for a in ("--log", str(log))), *flows]
+    assert startup_record.main([*argv, *(["--steps", str(steps)] if steps else [])]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_recorded_host_judged_as_its_record_states(tmp_path):
+    rec = record(tmp_path, f"new={NEW}", f"base={BASE}")
+    t = rec["targets"]
+    assert t["cold_flow"] == "not met: 193 s (goal 150)"
+    assert t["warm_flow"] == "not met: 109.1 s (goal 90)"
+    assert t["warm_startup_per_run"] == "not met: 32.9 / 31.5 s (goal 30)"
+    assert t["preflight"].startswith("met: ") and t["iteration0_sync"].startswith("met: ")
+    assert t["no_warning_lines"] == "met: none in 3 log(s)"
+    assert t["same_bits"] == "met: final weights e223695df485b070 in all 6 runs"
+    assert rec["device"] == ["NVIDIA H100 80GB HBM3"]
+    # the warm flow before and after the change, part by part (the record's 121.8 -> 109.1 s)
+    warm = rec["before_after"]["warm"]
+    assert warm["flow_s"] == [121.8, 109.1] and warm["run_a.startup.engine"] == [38.75, 25.08]
+    assert "cold" not in rec["before_after"]  # no base flow ran cold
+
+
+def test_each_verdict_turns_with_its_figure(tmp_path):
+    rec = json.loads(NEW.read_text())
+    rec["warm"]["flow_s"] = 88.0
+    rec["warm"]["runs"]["run_b"]["final_weights"] = "0" * 64
+    rec["cold"]["runs"]["run_a"]["phases"]["sync_s"][0] = 1.5
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(rec))
+    noisy = tmp_path / "noisy.log"
+    noisy.write_text("05:00:00 | WARNING | prefect - something a user cannot act on\n")
+    steps = tmp_path / "steps"
+    steps.write_text("start 0 201s\nwarm 0 118s\noff 124 480s\nbase 0\n")
+    t = (rec2 := record(tmp_path, f"new={edited}", logs=[*LOGS, noisy], steps=steps))["targets"]
+    assert t["warm_flow"] == "met: 88 s (goal 90)"
+    assert t["iteration0_sync"].startswith("not met: ") and "1.5" in t["iteration0_sync"]
+    assert t["same_bits"].startswith("not met: ") and "0" * 64 in t["same_bits"]
+    assert t["no_warning_lines"].startswith("not met: 1 line(s), first: noisy.log: ")
+    assert rec2["process_wall_s"] == {"start": 201.0, "warm": 118.0}  # a step cut off or without a wall: none
+
+
+@pytest.mark.parametrize(
+    "flows, says",
+    [
+        (["after=x.json"], "LABEL new or base"),
+        ([f"new={R / 'missing.json'}"], "no file"),
+        ([f"new={NEW}", f"new={NEW}"], "given twice: label the second flow new2"),
+        ([f"new={R / 'README.md'}"], None),  # not JSON: json's own error
+    ],
+)
+def test_bad_input_is_refused_with_what_to_give(tmp_path, flows, says):
+    with pytest.raises((SystemExit, ValueError)) as e:
+        startup_record.main(["--json", str(tmp_path / "r.json"), *flows])
+    if says:
+        assert says in str(e.value)
+    assert not (tmp_path / "r.json").exists()
