@@ -85,7 +85,7 @@ def before_after(flows: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[f
 
 
 def judge(value: float | list[float] | None, limit: float) -> str:
-    if value is None:
+    if value is None or value == []:
         return "not measured"
     values = value if isinstance(value, list) else [value]
     shown = " / ".join(f"{v:g}" for v in values)
@@ -105,7 +105,9 @@ def targets(flows: dict[str, dict[str, Any]], logs: list[Path]) -> dict[str, str
         "warm_startup_per_run": judge(
             [r["startup_total_s"] for r in warm["runs"].values()] if warm else None, WARM_STARTUP_S
         ),
-        "preflight": judge([f["flow_parts_s"].get("preflight", 0.0) for f in new_flows], PREFLIGHT_S),
+        "preflight": judge(
+            [f["flow_parts_s"]["preflight"] for f in new_flows if "preflight" in f["flow_parts_s"]], PREFLIGHT_S
+        ),
         "iteration0_sync": judge(syncs, ITERATION0_SYNC_S),
         "no_warning_lines": (
             "not checked (no --log)"

@@ -47,6 +47,8 @@ def test_each_verdict_turns_with_its_figure(tmp_path):
     rec["warm"]["flow_s"] = 88.0
     rec["warm"]["runs"]["run_b"]["final_weights"] = "0" * 64
     rec["cold"]["runs"]["run_a"]["phases"]["sync_s"][0] = 1.5
+    for phase in ("cold", "warm"):  # a flow without the part: never judged met
+        del rec[phase]["flow_parts_s"]["preflight"]
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(rec))
     noisy = tmp_path / "noisy.log"
@@ -55,6 +57,7 @@ def test_each_verdict_turns_with_its_figure(tmp_path):
     steps.write_text("start 0 201s\nwarm 0 118s\noff 124 480s\nbase 0\n")
     t = (rec2 := record(tmp_path, f"new={edited}", logs=[*LOGS, noisy], steps=steps))["targets"]
     assert t["warm_flow"] == "met: 88 s (goal 90)"
+    assert t["preflight"] == "not measured"
     assert t["iteration0_sync"].startswith("not met: ") and "1.5" in t["iteration0_sync"]
     assert t["same_bits"].startswith("not met: ") and "0" * 64 in t["same_bits"]
     assert t["no_warning_lines"].startswith("not met: 1 line(s), first: noisy.log: ")
