@@ -113,16 +113,34 @@ def test_prepare_starts_this_processs_import_of_sglang_and_the_engine_waits_for_
     """`prepare` starts the engine process's own import of SGLang in a thread (here it fails: no SGLang
     on the CPU); the engine joins it before it imports SGLang itself. Off with start_ahead=false."""
     from detrl.config import SGLangConfig
-    from detrl.rollout import sglang, sglang_plugin
+    from detrl.rollout import sglang_ahead, sglang_plugin
 
     for key in (sglang_plugin.ENABLE_ENV, sglang_plugin.REPORT_ENV):
         monkeypatch.delenv(key, raising=False)  # prepare sets what the engine's processes read: restored after
-    start = sglang.prepare(SGLangConfig(kernels="sglang"), deterministic=False)
+    start = sglang_ahead.prepare(SGLangConfig(kernels="sglang"), deterministic=False)
     try:
         assert start.importing is not None and start.importing.name == "detrl-import-sglang"
         start.imported()
         assert start.importing is None
     finally:
         start.close()
-    off = sglang.prepare(SGLangConfig(kernels="sglang", start_ahead=False), deterministic=False)
+    off = sglang_ahead.prepare(SGLangConfig(kernels="sglang", start_ahead=False), deterministic=False)
     assert off.importing is None and off.ahead is None
+
+
+def test_the_rollout_actor_reaches_prepare_without_importing_torch():
+    """The rollout actor's module, its construction and what `prepare` imports leave torch unimported, so
+    SGLang's processes start (and begin their own imports) before the actor spends seconds on torch."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from detrl.config import load_config\n"
+        "from detrl.ray.rollout_actor import RolloutActor\n"
+        "from detrl.rollout import prepare_engine, sglang_ahead, sglang_plugin\n"
+        "cfg = load_config('tiny-cpu')\n"
+        "RolloutActor(cfg.model_dump_json(), '/nonexistent')\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'megatron', 'transformers', 'sglang') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split("\n")[-2] == "[]", out.stdout

@@ -11,11 +11,12 @@ from typing import Any
 import ray
 
 from ..config import DETERMINISM_ENV
-from ..determinism import fa3_importable, read_env
 
 
 def process_info(role: str) -> dict[str, Any]:
     """A worker's identity and the environment it really has (read back, not assumed)."""
+    from ..determinism import fa3_importable, read_env  # torch: not before the rollout actor's `prepare`
+
     return {
         "role": role,
         "pid": os.getpid(),

@@ -1,5 +1,7 @@
 """The rollout engine as a Ray actor. The engine (SGLang or the hf engine) is imported when `setup`
-starts it; Megatron never is, in this process or any it starts (`HIDDEN`)."""
+starts it; Megatron never is, in this process or any it starts (`HIDDEN`). Nothing this module imports
+at its top imports torch: `prepare`, first in the actor's queue, starts SGLang's processes (and their
+imports of SGLang) before this process spends seconds importing torch."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import quiet, weight_sync
 from ..config import RunConfig, config_from_json
-from ..determinism import apply_process_settings, fingerprint
 from .actor_common import checks_as_dicts, need_paths, process_info
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class RolloutActor:
         self.prepared = prepare_engine(self.cfg)
 
     def setup(self) -> dict[str, Any]:
+        from ..determinism import apply_process_settings
         from ..rollout import make_engine
 
         need_paths(self.model_dir)
@@ -55,6 +57,8 @@ class RolloutActor:
         return self.engine.info()
 
     def fingerprint(self) -> dict[str, Any]:
+        from ..determinism import fingerprint
+
         # the schedule's batch limits are the run's schedule (in the header), not its environment
         info = {k: v for k, v in self.engine.info().items() if k != "schedule_args"}
         return fingerprint("rollout", {"engine": info})

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import RunConfig
+
+if TYPE_CHECKING:  # the rollout actor imports this package before torch, to start SGLang's processes first
+    import torch
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def step_kv_tokens(cfg: RunConfig) -> int:
 
 def prepare_engine(cfg: RunConfig) -> Any:
     """What `make_engine` can set up before the engine's own start, for a caller with other work first:
-    SGLang's processes, started ahead (`detrl.rollout.sglang.prepare`); None for the hf engine. What it
+    SGLang's processes, started ahead (`detrl.rollout.sglang_ahead.prepare`); None for the hf engine. What it
     returns has `close()`, for when no engine is made from it."""
     if cfg.backends.rollout != "sglang":
         return None
-    from .sglang import prepare
+    from .sglang_ahead import prepare
 
     return prepare(cfg.rollout.sglang, cfg.determinism.enabled)
 

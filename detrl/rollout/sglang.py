@@ -16,65 +16,16 @@ parameter the trainer's tensors do not cover also counts as a mismatch.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import SGLangConfig
 from ..megatron.layout import sglang_layout
-from . import Generation, SamplingParams, sglang_ahead, sglang_plugin
-
-
-@dataclass
-class Start:
-    """What an engine's processes read, set before this process imports SGLang (`prepare`)."""
-
-    kernels: str  # "detrl": det-rl's RMSNorm loads into SGLang; "sglang": SGLang's own kernels
-    reports: Path  # where each process of the engine reports what the plugin did
-    ahead: sglang_ahead.Ahead | None  # the engine's processes, started ahead
-    importing: threading.Thread | None = None  # this process's own import of SGLang, started ahead
-
-    def imported(self) -> None:
-        """Wait for this process's import of SGLang started by `prepare`, so that no module of SGLang is
-        ever imported by two threads at once (the engine imports it next)."""
-        if self.importing is not None:
-            self.importing.join()
-            self.importing = None
-
-    def close(self) -> None:
-        """Stop the processes started ahead that no engine took (all of them, when none started)."""
-        if self.ahead is not None:
-            self.ahead.close()
-
-
-def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
-    """Set what the next engine's processes read and start them ahead (`cfg.start_ahead`). Cheap here;
-    a caller that has other work before the engine (the rollout actor's env check) calls it first."""
-    kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
-    if kernels == "detrl":
-        sglang_plugin.plugin_env(sglang_plugin.path_folder())
-    reports = sglang_plugin.request(kernels == "detrl")
-    if not cfg.start_ahead:
-        return Start(kernels, reports, None)
-    ahead = sglang_ahead.Ahead()
-    # and this process imports SGLang's engine from here, in a thread: the caller's other work (the
-    # workers' env check) overlaps that import instead of preceding it
-    importing = threading.Thread(target=_import_engine, name="detrl-import-sglang", daemon=True)
-    importing.start()
-    return Start(kernels, reports, ahead, importing)
-
-
-def _import_engine() -> None:
-    try:
-        importlib.import_module("sglang.srt.entrypoints.engine")
-    except BaseException:  # the engine's own import raises it again, where it is reported
-        pass
+from . import Generation, SamplingParams, sglang_plugin
+from .sglang_ahead import Start, prepare
 
 
 def expected_checksums(named: Mapping[str, torch.Tensor]) -> dict[str, str]:

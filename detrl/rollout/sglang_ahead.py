@@ -15,6 +15,11 @@ died), when the interpreter SGLang would spawn changed (NUMA binding wraps it), 
 environment SGLang launches with differs from the one the process started with in a key that is read
 only as a process starts (`LD_*`, `PYTHON*`), or in a `CUDA_*` key after the import initialized CUDA.
 Every other difference is applied before the work starts.
+
+`prepare` is what an engine sets and starts before its own start: the variables its processes read,
+these processes, and this process's own import of SGLang's engine, in a thread. Nothing here imports
+torch, nor does the rollout actor before it calls `prepare`: the processes start, and begin their
+imports, before the actor itself spends seconds importing torch.
 """
 
 from __future__ import annotations
@@ -26,10 +31,18 @@ import multiprocessing.connection
 import multiprocessing.spawn
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import sglang_plugin
+
+if TYPE_CHECKING:
+    from ..config import SGLangConfig
 
 # The modules of `sgl.Engine`'s `run_scheduler_process_func` and `run_detokenizer_process_func`.
 SGLANG_MODULES = ("sglang.srt.managers.scheduler", "sglang.srt.managers.detokenizer_manager")
@@ -204,3 +217,49 @@ class Ahead:
         that runs the work, the import's seconds, and why the process started ahead was refused (None:
         it took the work)."""
         return list(self.log)
+
+
+@dataclass
+class Start:
+    """What an engine's processes read, set before this process imports SGLang (`prepare`)."""
+
+    kernels: str  # "detrl": det-rl's RMSNorm loads into SGLang; "sglang": SGLang's own kernels
+    reports: Path  # where each process of the engine reports what the plugin did
+    ahead: Ahead | None  # the engine's processes, started ahead
+    importing: threading.Thread | None = None  # this process's own import of SGLang, started ahead
+
+    def imported(self) -> None:
+        """Wait for this process's import of SGLang started by `prepare`, so that no module of SGLang is
+        ever imported by two threads at once (the engine imports it next)."""
+        if self.importing is not None:
+            self.importing.join()
+            self.importing = None
+
+    def close(self) -> None:
+        """Stop the processes started ahead that no engine took (all of them, when none started)."""
+        if self.ahead is not None:
+            self.ahead.close()
+
+
+def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
+    """Set what the next engine's processes read and start them ahead (`cfg.start_ahead`). Cheap here;
+    a caller that has other work before the engine (the rollout actor's env check) calls it first."""
+    kernels = "detrl" if deterministic and cfg.kernels == "detrl" else "sglang"
+    if kernels == "detrl":
+        sglang_plugin.plugin_env(sglang_plugin.path_folder())
+    reports = sglang_plugin.request(kernels == "detrl")
+    if not cfg.start_ahead:
+        return Start(kernels, reports, None)
+    ahead = Ahead()
+    # and this process imports SGLang's engine from here, in a thread: the caller's other work (the
+    # workers' env check) overlaps that import instead of preceding it
+    importing = threading.Thread(target=_import_engine, name="detrl-import-sglang", daemon=True)
+    importing.start()
+    return Start(kernels, reports, ahead, importing)
+
+
+def _import_engine() -> None:
+    try:
+        importlib.import_module("sglang.srt.entrypoints.engine")
+    except BaseException:  # the engine's own import raises it again, where it is reported
+        pass
