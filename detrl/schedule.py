@@ -1,9 +1,10 @@
 """How a run's rollout requests reach its engine. Run A sends each iteration's batch as it comes, in one
 submission. Run B of a twice-run (`verify.perturb_schedule`, on by default) sends the same requests
-differently: shuffled per iteration, cut into several submissions, and to an SGLang engine started with
-other batch limits. Its outputs are put back in place, so what is computed is unchanged; only which
-requests share a batch is. Two runs with one schedule see the same batches, so even batch-variant
-kernels can repeat themselves; a perturbed run B passes only when the engine is batch-invariant.
+differently: shuffled per iteration, to an SGLang engine started with other batch limits (on the hf
+engine, which has none, cut into several submissions instead). Its outputs are put back in place, so
+what is computed is unchanged; only which requests share a batch is. Two runs with one schedule see the
+same batches, so even batch-variant kernels can repeat themselves; a perturbed run B passes only when
+the engine is batch-invariant.
 
 Everything is derived from the run seed, recorded in B's ledger header and named in the verdict."""
 
@@ -102,14 +103,16 @@ def perturbed(cfg: RunConfig) -> Schedule:
     """Run B's schedule: derived from the run seed, never the one run A gets."""
     h = int.from_bytes(hashlib.sha256(f"detrl-schedule-{cfg.seed}".encode()).digest()[:8], "little")
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    # on SGLang each submission waits for its longest response: two keep the rollout's cost near run A's; the
-    # hf engine computes sequence by sequence (per_sequence) or per submission (padded), so four cost nothing
-    submissions = min(n, 2 if cfg.backends.rollout == "sglang" else 4)
+    # on SGLang each submission waits for its longest response, so a second one nearly doubles B's rollout and
+    # adds no batch the running-request limit below does not already form (requests queue behind it and join
+    # decode batches as others finish): one. The hf engine computes sequence by sequence (per_sequence) or per
+    # submission (padded), so four cost nothing there and are its only way to form other batches
+    submissions = min(n, 1 if cfg.backends.rollout == "sglang" else 4)
     engine_args: dict[str, int] = {}
     if cfg.backends.rollout == "sglang":
         sg = cfg.rollout.sglang
         per = -(-n // submissions)
-        # a quarter of a submission (or more) queued behind the rest, so batches form and shrink differently
+        # a quarter of the requests (or more) queued behind the rest, so batches form and shrink differently
         running = _pick((3 * per // 4, 5 * per // 8), sg.max_running_requests, h >> 4)
         if running == sg.cuda_graph_max_bs:
             running -= 1

@@ -10,10 +10,11 @@
 # same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
 # (GPU tests of the weight-sync transports),
-# attn (the GPU test of the attention module built ahead); base and basewarm (start's and warm's flows for the
-# tree in .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go
-# to $JOB_OUT, and `steps` there gets one line per finished step: its name, exit status (124: its time ran
-# out) and wall seconds. SET=KEY=VALUE adds one config override to the start, warm, base and basewarm flows.
+# attn (the GPU test of the attention module built ahead); off and offplain (the schedule's teeth: determinism
+# off, seeds pinned, run B perturbed or not); base and basewarm (start's and warm's flows for the tree in
+# .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to
+# $JOB_OUT, and `steps` there gets one line per finished step: its name, exit status (124: its time ran out)
+# and wall seconds. SET=KEY=VALUE adds one config override to the start, warm, base and basewarm flows.
 set -u
 export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
@@ -67,6 +68,13 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
+  # the schedule's teeth: determinism off with the draws pinned (production kernels, batch-variant), run B
+  # perturbed must diverge (off) and, under run A's schedule, may repeat itself (offplain); one iteration,
+  # since the first rollout is where batch variance shows
+  off|offplain) b=true; [ $s = offplain ] && b=false
+        step $s 480 python -m detrl reproduce --profile gsm8k-smollm2-135m --set determinism.enabled=false \
+          --set determinism.pin_seeds=true --set train.on_policy=approx --set verify.perturb_schedule=$b --set train.steps=1 \
+          --cache /tmp/c-start --out /tmp/n-$s ;;
   attn) step attn 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "attention_module_built_ahead" ;;
   ahead) step ahead 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "started_ahead" ;;
   osync) step osync 300 python -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -k "object_store_payload" ;;
