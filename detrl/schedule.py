@@ -103,8 +103,8 @@ def perturbed(cfg: RunConfig) -> Schedule:
     """Run B's schedule: derived from the run seed, never the one run A gets."""
     h = int.from_bytes(hashlib.sha256(f"detrl-schedule-{cfg.seed}".encode()).digest()[:8], "little")
     n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    # on SGLang each submission waits for its longest response, so a second one nearly doubles B's rollout and
-    # adds no batch the running-request limit below does not already form (requests queue behind it and join
+    # on SGLang each submission waits for its longest response, so a second one makes B's rollout wait twice and
+    # forms no batch the running-request limit below does not already form (requests queue behind it and join
     # decode batches as others finish): one. The hf engine computes sequence by sequence (per_sequence) or per
     # submission (padded), so four cost nothing there and are its only way to form other batches
     submissions = min(n, 1 if cfg.backends.rollout == "sglang" else 4)
