@@ -111,9 +111,8 @@ def perturbed(cfg: RunConfig) -> Schedule:
     engine_args: dict[str, int] = {}
     if cfg.backends.rollout == "sglang":
         sg = cfg.rollout.sglang
-        per = -(-n // submissions)
         # a quarter of the requests (or more) queued behind the rest, so batches form and shrink differently
-        running = _pick((3 * per // 4, 5 * per // 8), sg.max_running_requests, h >> 4)
+        running = _pick((3 * n // 4, 5 * n // 8), sg.max_running_requests, h >> 4)
         if running == sg.cuda_graph_max_bs:
             running -= 1
         running = max(1, running)
