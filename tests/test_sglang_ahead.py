@@ -109,9 +109,10 @@ def test_a_process_no_launch_takes_is_stopped_and_other_targets_start_fresh():
     assert [r["refused"] for r in ahead.report()] == [None]
 
 
-def test_prepare_starts_this_processs_import_of_sglang_and_the_engine_waits_for_it(monkeypatch):
-    """`prepare` starts the engine process's own import of SGLang in a thread (here it fails: no SGLang
-    on the CPU); the engine joins it before it imports SGLang itself. Off with start_ahead=false."""
+def test_import_engine_starts_this_processs_import_of_sglang_and_the_engine_waits_for_it(monkeypatch):
+    """`prepare` starts the processes only; `import_engine` starts the engine process's own import of
+    SGLang in a thread (here it fails: no SGLang on the CPU), which the engine joins before it imports
+    SGLang itself. Off with start_ahead=false."""
     from detrl.config import SGLangConfig
     from detrl.rollout import sglang_ahead, sglang_plugin
 
@@ -119,12 +120,15 @@ def test_prepare_starts_this_processs_import_of_sglang_and_the_engine_waits_for_
         monkeypatch.delenv(key, raising=False)  # prepare sets what the engine's processes read: restored after
     start = sglang_ahead.prepare(SGLangConfig(kernels="sglang"), deterministic=False)
     try:
+        assert start.ahead is not None and start.importing is None
+        start.import_engine()
         assert start.importing is not None and start.importing.name == "detrl-import-sglang"
         start.imported()
         assert start.importing is None
     finally:
         start.close()
     off = sglang_ahead.prepare(SGLangConfig(kernels="sglang", start_ahead=False), deterministic=False)
+    off.import_engine()
     assert off.importing is None and off.ahead is None
 
 
@@ -144,3 +148,27 @@ def test_the_rollout_actor_reaches_prepare_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split("\n")[-2] == "[]", out.stdout
+
+
+def test_the_rollout_actors_checks_import_nothing_beside_its_import_of_sglang():
+    """After `prepare`, the actor's checks (run while its own import of SGLang runs in a thread) import no
+    module: two threads importing one module graph at once can fail (a run on the GPU failed with
+    torch._inductor half-initialised, imported by both `torch.use_deterministic_algorithms` and SGLang).
+    Without `import_own_work` the checks import hundreds. A fresh process, as the actor's is."""
+    import subprocess
+
+    code = (
+        "import importlib, sys\n"
+        "from detrl.config import load_config\n"
+        "from detrl.ray.rollout_actor import RolloutActor\n"
+        "actor = RolloutActor(load_config('tiny-cpu').model_dump_json(), '/nonexistent')\n"
+        "actor.prepare()\n"
+        "before = set(sys.modules)\n"
+        # the driver's check function arrives pickled: its module is imported as it arrives
+        "checks = actor.check(lambda role, c: importlib.import_module('detrl.doctor').worker_checks(role, c))\n"
+        "print(len(checks), sorted(set(sys.modules) - before))\n"
+        "actor.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    n, new = out.stdout.strip().split("\n")[-1].split(" ", 1)
+    assert int(n) >= 3 and new == "[]", out.stdout

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 HIDDEN = ("megatron",)
 
 
+def import_own_work() -> None:
+    """Import what the actor's work between `prepare` and `setup` imports (`env`, `check`): torch, and
+    torch._inductor's config, which `torch.use_deterministic_algorithms` imports with hundreds of
+    modules (SGLang's import shares them)."""
+    import torch._inductor.config  # noqa: F401
+
+    from .. import determinism, doctor  # noqa: F401
+    from . import env  # noqa: F401  (the checks' own, imported where they run)
+
+
 class RolloutActor:
     def __init__(self, cfg_json: str, model_dir: str, schedule_args: dict[str, int] | None = None):
         quiet.install()
@@ -43,6 +53,12 @@ class RolloutActor:
 
         self.path_folder = sglang_plugin.hide(sglang_plugin.path_folder(), HIDDEN)
         self.prepared = prepare_engine(self.cfg)
+        # this process's own import of SGLang runs beside `env` and `check`: what they import is imported
+        # first, on this thread (two threads importing one module graph at once can fail; see
+        # `Start.import_engine`)
+        import_own_work()
+        if self.prepared is not None:
+            self.prepared.import_engine()
 
     def setup(self) -> dict[str, Any]:
         from ..determinism import apply_process_settings
@@ -51,6 +67,8 @@ class RolloutActor:
         need_paths(self.model_dir)
         if self.path_folder is None:
             self.prepare()
+        if self.prepared is not None:
+            self.prepared.imported()  # before this thread imports anything more
         apply_process_settings(self.cfg.determinism.enabled, self.cfg.seed, self.cfg.resources.cpu_threads)
         prepared, self.prepared = self.prepared, None
         self.engine = make_engine(self.cfg, self.model_dir, self.schedule_args, prepared)

@@ -60,7 +60,9 @@ def step_kv_tokens(cfg: RunConfig) -> int:
 def prepare_engine(cfg: RunConfig) -> Any:
     """What `make_engine` can set up before the engine's own start, for a caller with other work first:
     SGLang's processes, started ahead (`detrl.rollout.sglang_ahead.prepare`); None for the hf engine. What it
-    returns has `close()`, for when no engine is made from it."""
+    returns has `import_engine()` (this process's import of the engine, in a thread, once the caller has
+    imported what its own work meanwhile imports), `imported()` (wait for that import) and `close()`, for
+    when no engine is made from it."""
     if cfg.backends.rollout != "sglang":
         return None
     from .sglang_ahead import prepare

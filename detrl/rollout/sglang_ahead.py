@@ -16,10 +16,11 @@ environment SGLang launches with differs from the one the process started with i
 only as a process starts (`LD_*`, `PYTHON*`), or in a `CUDA_*` key after the import initialized CUDA.
 Every other difference is applied before the work starts.
 
-`prepare` is what an engine sets and starts before its own start: the variables its processes read,
-these processes, and this process's own import of SGLang's engine, in a thread. Nothing here imports
-torch, nor does the rollout actor before it calls `prepare`: the processes start, and begin their
-imports, before the actor itself spends seconds importing torch.
+`prepare` is what an engine sets and starts before its own start: the variables its processes read
+and these processes. Nothing here imports torch, nor does the rollout actor before it calls `prepare`:
+the processes start, and begin their imports, before the actor itself spends seconds importing torch.
+`Start.import_engine` then imports SGLang's engine in this process, in a thread, once the caller has
+imported what its own work meanwhile imports (see its docstring for why that order matters).
 """
 
 from __future__ import annotations
@@ -228,9 +229,20 @@ class Start:
     ahead: Ahead | None  # the engine's processes, started ahead
     importing: threading.Thread | None = None  # this process's own import of SGLang, started ahead
 
+    def import_engine(self) -> None:
+        """Import SGLang's engine in this process, in a thread, so that the caller's work before the
+        engine's start (the workers' env check) overlaps it. Call it only once the caller imported every
+        module that work imports: two threads importing one module graph at once can each wait for a
+        module the other is importing, and Python breaks that deadlock by handing one of them the module
+        half-initialised (torch._inductor's, which both `torch.use_deterministic_algorithms` and SGLang
+        import, failed a run that way)."""
+        if self.ahead is not None and self.importing is None:
+            self.importing = threading.Thread(target=_import_engine, name="detrl-import-sglang", daemon=True)
+            self.importing.start()
+
     def imported(self) -> None:
-        """Wait for this process's import of SGLang started by `prepare`, so that no module of SGLang is
-        ever imported by two threads at once (the engine imports it next)."""
+        """Wait for this process's import of SGLang started by `import_engine`, so that no module of SGLang
+        is ever imported by two threads at once (the engine imports it next)."""
         if self.importing is not None:
             self.importing.join()
             self.importing = None
@@ -248,14 +260,7 @@ def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
     if kernels == "detrl":
         sglang_plugin.plugin_env(sglang_plugin.path_folder())
     reports = sglang_plugin.request(kernels == "detrl")
-    if not cfg.start_ahead:
-        return Start(kernels, reports, None)
-    ahead = Ahead()
-    # and this process imports SGLang's engine from here, in a thread: the caller's other work (the
-    # workers' env check) overlaps that import instead of preceding it
-    importing = threading.Thread(target=_import_engine, name="detrl-import-sglang", daemon=True)
-    importing.start()
-    return Start(kernels, reports, ahead, importing)
+    return Start(kernels, reports, Ahead() if cfg.start_ahead else None)
 
 
 def _import_engine() -> None:
