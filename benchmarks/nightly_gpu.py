@@ -106,15 +106,17 @@ def flow_once(
         "twice_run_s": data.get("runs_wall_s"),  # both runs and verify, as the flow measured them
         "verify_s": round(verify_s, 2),
         "runs_dir": str(pair),
-        "flow_parts_s": flow_parts(state, t0),
+        **flow_tasks(state, t0),
         "runs": {n: run_breakdown(pair / n) for n in ("run_a", "run_b")},
     }
 
 
-def flow_parts(state: Any, t0: float) -> dict[str, float]:
-    """The flow's wall time by part, from its task runs' recorded times: the temporary Prefect server
-    and the flow run's start (until the flow run began), each task (preflight, download-model, ...; the
-    two runs overlap), and the flow's end."""
+def flow_tasks(state: Any, t0: float) -> dict[str, dict[str, Any]]:
+    """`flow_parts_s`: the flow's wall time by part, from its task runs' recorded times: the temporary
+    Prefect server and the flow run's start (until the flow run began), each task (preflight,
+    download-model, ...; the two runs overlap), and the flow's end. `retried_tasks`: each task that ran
+    more than once, with its attempts: a retry that passed leaves the flow Completed, yet it hides a
+    failure and its time counts in the part's."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -123,6 +125,7 @@ def flow_parts(state: Any, t0: float) -> dict[str, float]:
         fr = client.read_flow_run(fid)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
     out: dict[str, float] = {}
+    retried: dict[str, int] = {}
     if fr.start_time is not None:
         called = time.time() - (time.perf_counter() - t0)  # wall clock when the flow was called
         out["server_and_flow_start"] = round(fr.start_time.timestamp() - called, 1)
@@ -131,7 +134,9 @@ def flow_parts(state: Any, t0: float) -> dict[str, float]:
             name = tr.name.rsplit("-", 1)[0]  # "download-model-7f3": the task's name and a suffix
             key = name if name not in out else f"{name}_{sum(k.startswith(name) for k in out)}"
             out[key] = round((tr.end_time - tr.start_time).total_seconds(), 1)
-    return out
+            if tr.run_count > 1:
+                retried[key] = tr.run_count
+    return {"flow_parts_s": out, "retried_tasks": retried}
 
 
 def main() -> int:

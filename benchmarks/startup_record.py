@@ -6,7 +6,8 @@ of each part where a base flow ran in the same phase, and the issue's targets ju
 Each FILE is a `benchmarks/nightly_gpu.py` record and LABEL names its flow: `new` or `base` (the tree before
 a change, proofs.sh's base and basewarm), with a suffix of its own if a label repeats (`new2`). A record
 holding both phases counts as two flows. `--log` scans the flows' logs for WARNING and ERROR lines (issue 29
-asks a clean nightly for none); `--steps` is proofs.sh's `steps` file, whose wall seconds per step are the
+asks a clean nightly for none) and for task attempts that failed (a retry that passed still hides a failure,
+and its time counts in the flow's); `--steps` is proofs.sh's `steps` file, whose wall seconds per step are the
 processes' whole time (a flow's own figure starts at its call).
 """
 
@@ -25,6 +26,8 @@ from typing import Any
 # counted with them here, so the figure is never flattered
 COLD_FLOW_S, WARM_FLOW_S, WARM_STARTUP_S, PREFLIGHT_S, ITERATION0_SYNC_S = 150, 90, 30, 5, 1
 WARNING = re.compile(r"\b(WARNING|ERROR)\b")
+# Prefect's line for a task attempt that failed, logged at INFO when a retry follows
+FAILED_ATTEMPT = re.compile(r"Task run failed with exception")
 
 
 def flows_of(label: str, path: Path) -> dict[str, dict[str, Any]]:
@@ -54,6 +57,7 @@ def flows_of(label: str, path: Path) -> dict[str, dict[str, Any]]:
             "flow_s": flow["flow_s"],
             "server_wait_s": flow.get("server_wait_s"),  # absent before the server started ahead
             "flow_parts_s": flow["flow_parts_s"],
+            "retried_tasks": flow.get("retried_tasks"),  # absent before nightly_gpu.py recorded attempts
             "runs": runs,
         }
     if not out:
@@ -92,12 +96,24 @@ def judge(value: float | list[float] | None, limit: float) -> str:
     return f"{'met' if max(values) <= limit else 'not met'}: {shown} s (goal {limit:g})"
 
 
+def matching(logs: list[Path], pattern: re.Pattern[str]) -> list[str]:
+    """Each line of the logs that `pattern` finds, after its log's name."""
+    return [f"{p.name}: {line.strip()}" for p in logs for line in p.read_text().splitlines() if pattern.search(line)]
+
+
 def targets(flows: dict[str, dict[str, Any]], logs: list[Path]) -> dict[str, str]:
     """Issue 29's targets, judged on the new flows only."""
     cold, warm = flows.get("new/cold"), flows.get("new/warm")
     new_flows = [f for k, f in flows.items() if k.startswith("new")]
     syncs = [r["iteration0_sync_s"] for f in new_flows for r in f["runs"].values()]
-    lines = [f"{p.name}: {line.strip()}" for p in logs for line in p.read_text().splitlines() if WARNING.search(line)]
+    lines, failed = matching(logs, WARNING), matching(logs, FAILED_ATTEMPT)
+    failed += [
+        f"{k}: {name} ran {n} times"
+        for k, f in flows.items()
+        if k.startswith("new")
+        for name, n in (f["retried_tasks"] or {}).items()
+    ]
+    attempts_known = bool(logs) or any(f["retried_tasks"] is not None for f in flows.values())
     weights = {r["final_weights"] for f in flows.values() for r in f["runs"].values()}
     return {
         "cold_flow": judge(cold["flow_s"] if cold else None, COLD_FLOW_S),
@@ -115,6 +131,13 @@ def targets(flows: dict[str, dict[str, Any]], logs: list[Path]) -> dict[str, str
             else f"met: none in {len(logs)} log(s)"
             if not lines
             else f"not met: {len(lines)} line(s), first: {lines[0][:300]}"
+        ),
+        "no_failed_attempt": (
+            "not checked (no --log, and no record of attempts)"
+            if not attempts_known
+            else "met: every task passed on its first attempt"
+            if not failed
+            else f"not met: {len(failed)} failed attempt(s), first: {failed[0][:300]}"
         ),
         "same_bits": (
             f"met: final weights {weights.pop()[:16]} in all {sum(len(f['runs']) for f in flows.values())} runs"

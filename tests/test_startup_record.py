@@ -34,6 +34,7 @@ def test_the_recorded_host_judged_as_its_record_states(tmp_path):
     assert t["warm_startup_per_run"] == "not met: 32.9 / 31.5 s (goal 30)"
     assert t["preflight"].startswith("met: ") and t["iteration0_sync"].startswith("met: ")
     assert t["no_warning_lines"] == "met: none in 3 log(s)"
+    assert t["no_failed_attempt"] == "met: every task passed on its first attempt"
     assert t["same_bits"] == "met: final weights e223695df485b070 in all 6 runs"
     assert rec["device"] == ["NVIDIA H100 80GB HBM3"]
     # the warm flow before and after the change, part by part (the record's 121.8 -> 109.1 s)
@@ -47,6 +48,7 @@ def test_each_verdict_turns_with_its_figure(tmp_path):
     rec["warm"]["flow_s"] = 88.0
     rec["warm"]["runs"]["run_b"]["final_weights"] = "0" * 64
     rec["cold"]["runs"]["run_a"]["phases"]["sync_s"][0] = 1.5
+    rec["cold"]["retried_tasks"] = {"run-loop": 2}
     for phase in ("cold", "warm"):  # a flow without the part: never judged met
         del rec[phase]["flow_parts_s"]["preflight"]
     edited = tmp_path / "edited.json"
@@ -62,6 +64,20 @@ def test_each_verdict_turns_with_its_figure(tmp_path):
     assert t["same_bits"].startswith("not met: ") and "0" * 64 in t["same_bits"]
     assert t["no_warning_lines"].startswith("not met: 1 line(s), first: noisy.log: ")
     assert rec2["process_wall_s"] == {"start": 201.0, "warm": 118.0}  # a step cut off or without a wall: none
+    assert t["no_failed_attempt"] == "not met: 1 failed attempt(s), first: new/cold: run-loop ran 2 times"
+    # from the record alone; a record from before attempts were recorded, without a log, is not judged
+    assert record(tmp_path, f"new={edited}", logs=[])["targets"]["no_failed_attempt"].startswith("not met: 1 ")
+    assert record(tmp_path, f"new={NEW}", logs=[])["targets"]["no_failed_attempt"].startswith("not checked")
+
+
+def test_a_task_that_failed_and_passed_on_its_retry_is_named_from_the_log(tmp_path):
+    """The H100 warm flow of 2026-12-07 ended identical and Completed, but its run A failed once (an import
+    race) and passed on the task's retry: its log says so, at INFO."""
+    log = R / "h100-startup-warm-warm-flow-20261207.log"
+    t = record(tmp_path, f"new={R / 'h100-startup-warm-warm-flow-20261207.json'}", logs=[log])["targets"]
+    assert t["no_warning_lines"] == "met: none in 1 log(s)"
+    assert t["no_failed_attempt"].startswith("not met: 1 failed attempt(s), first: h100-startup-warm-warm-flow")
+    assert "partially initialized module 'torch._inductor.utils'" in t["no_failed_attempt"]
 
 
 @pytest.mark.parametrize(
