@@ -104,16 +104,12 @@ def matching(logs: list[Path], pattern: re.Pattern[str]) -> list[str]:
 def targets(flows: dict[str, dict[str, Any]], logs: list[Path]) -> dict[str, str]:
     """Issue 29's targets, judged on the new flows only."""
     cold, warm = flows.get("new/cold"), flows.get("new/warm")
-    new_flows = [f for k, f in flows.items() if k.startswith("new")]
+    news = {k: f for k, f in flows.items() if k.startswith("new")}
+    new_flows = list(news.values())
     syncs = [r["iteration0_sync_s"] for f in new_flows for r in f["runs"].values()]
     lines, failed = matching(logs, WARNING), matching(logs, FAILED_ATTEMPT)
-    failed += [
-        f"{k}: {name} ran {n} times"
-        for k, f in flows.items()
-        if k.startswith("new")
-        for name, n in (f["retried_tasks"] or {}).items()
-    ]
-    attempts_known = bool(logs) or any(f["retried_tasks"] is not None for f in flows.values())
+    failed += [f"{k}: {name} ran {n} times" for k, f in news.items() for name, n in (f["retried_tasks"] or {}).items()]
+    attempts_known = bool(logs) or any(f["retried_tasks"] is not None for f in new_flows)
     weights = {r["final_weights"] for f in flows.values() for r in f["runs"].values()}
     return {
         "cold_flow": judge(cold["flow_s"] if cold else None, COLD_FLOW_S),
