@@ -6,6 +6,9 @@ in its own session; every second it records the processes of the driver's Ray se
 the session directory, and all their descendants), and once the driver is gone it kills every one of
 them still alive. A driver that shuts Ray down itself leaves nothing to kill; the watcher then exits.
 
+It writes what it did (its start, each poll that failed, what it killed and why it stopped) to
+`SESSION_DIR/logs/detrl-reaper.log`, beside Ray's own logs: a leftover process can then be traced.
+
     python -m detrl.reaper DRIVER_PID SESSION_DIR
 """
 
@@ -15,6 +18,8 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+from pathlib import Path
 
 import psutil
 
@@ -47,28 +52,48 @@ def _kill(known: dict[int, float]) -> int:
     return len(alive)
 
 
+def _log(session_dir: str, line: str) -> None:
+    try:
+        logs = Path(session_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "detrl-reaper.log", "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    except OSError:
+        pass  # a log it cannot write must not stop the watch
+
+
 def watch(driver_pid: int, session_dir: str, interval: float = 1.0) -> int:
     try:
         driver = psutil.Process(driver_pid)
         born = driver.create_time()
     except psutil.NoSuchProcess:
+        _log(session_dir, f"driver {driver_pid} already gone: nothing watched")
         return 0
     session = session_dir.rstrip("/").rsplit("/", 1)[-1]
+    _log(session_dir, f"watching driver {driver_pid}")
     known: dict[int, float] = {}
     while True:
+        # one failed poll (a psutil error of a kind not foreseen, a /proc read under memory pressure) must not
+        # end the watch: a watcher that dies silently leaves exactly the processes it exists to stop
         try:
-            driver_alive = (
-                driver.is_running() and driver.create_time() == born and driver.status() != psutil.STATUS_ZOMBIE
-            )
-        except psutil.NoSuchProcess:
-            driver_alive = False
-        if not driver_alive:
-            known.update(_session_processes(session))
-            return _kill(known)
-        current = _session_processes(session)
-        if known and not current:  # the driver shut its Ray down: nothing left to watch
-            return 0
-        known.update(current)
+            try:
+                driver_alive = (
+                    driver.is_running() and driver.create_time() == born and driver.status() != psutil.STATUS_ZOMBIE
+                )
+            except psutil.NoSuchProcess:
+                driver_alive = False
+            if not driver_alive:
+                known.update(_session_processes(session))
+                killed = _kill(known)
+                _log(session_dir, f"driver {driver_pid} gone: killed {killed} of {len(known)} known processes")
+                return killed
+            current = _session_processes(session)
+            if known and not current:  # the driver shut its Ray down: nothing left to watch
+                _log(session_dir, "the session's processes ended with the driver alive: done")
+                return 0
+            known.update(current)
+        except Exception:
+            _log(session_dir, "a poll failed, watching on:\n" + traceback.format_exc())
         time.sleep(interval)
 
 

@@ -126,7 +126,9 @@ def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path, cache_dir, artifac
     deadline = time.time() + 30
     while _alive(seen) and time.time() < deadline:
         time.sleep(1)
-    assert _alive(seen) == [], {pid: seen[pid] for pid in _alive(seen)}
+    logs = [f.read_text() for f in Path("/tmp/ray").glob(f"session_*_{p.pid}/logs/detrl-reaper.log")]
+    assert _alive(seen) == [], ({pid: seen[pid] for pid in _alive(seen)}, logs)
+    assert logs and "gone: killed" in logs[0], logs
 
 
 # ---------------------------------------------------------------- downloads
