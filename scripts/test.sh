@@ -7,6 +7,5 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# two workers, each taking whole test files (their module fixtures stay in one process), in the order
-# tests/conftest.py gives them (longest first)
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "integration or not integration" "$@"
+# two workers, each taking whole test files (their module fixtures stay in one process)
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile -m "integration or not integration" "$@"

@@ -64,32 +64,6 @@ def _cuda() -> bool:
         return False
 
 
-# scripts/test.sh's two workers take whole files in collection order (xdist's --no-loadscope-reorder): a long
-# file taken last leaves the other worker idle at the end, so the files that run several loops or a Prefect
-# deployment come first, the longest first (per-file times: benchmarks/results/README.md), then the rest
-LONGEST_FIRST = (
-    "test_deployment.py",
-    "test_loop.py",
-    "test_ops.py",
-    "test_smollm2.py",
-    "test_parallel.py",
-    "test_resume.py",
-    "test_inputs.py",
-    "test_eval.py",
-    "test_cli.py",
-    "test_rewards.py",
-    "test_diagnostics.py",
-)
-
-
-def _longest_first(items) -> None:
-    missing = [f for f in LONGEST_FIRST if not (ROOT / "tests" / f).exists()]
-    if missing:  # a renamed file would silently fall to the end of the order
-        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}")
-    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
-
-
 # The integration tier: tests that run the loop through Ray (the `runs` and `ray_session` fixtures), are
 # marked here; tests that start the CLI or Prefect in another process carry the mark themselves.
 INTEGRATION_FIXTURES = {"runs", "ray_session"}
@@ -100,7 +74,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-    _longest_first(items)
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run these on the GPU host: pytest -m gpu)")
