@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detrl.cli import main
-from detrl.config import load_config
+from detrl.config import is_semantic, load_config
 from detrl.ledger import read_ledger, step_data_path
 from detrl.notify import target_problem
 from detrl.rundir import LOCK_FILE, check_out_dir, exclusive
-from detrl.verify import verify
+from detrl.verify import dict_diff, verify
 
 BAD_ARGS = {
     "negative seed": (["--seed", "-1"], "greater than or equal to 0"),
@@ -250,8 +250,9 @@ def test_verify_into_a_closed_pipe_is_quiet_and_keeps_its_exit_code(runs):
 
 
 # The bytes a verdict depends on: every iteration's hashes, tensors, step-data hash and eval, and the header's
-# config, artifacts' content keys and config hash (stats, times, paths, labels and the environment only
-# describe the run).
+# semantic config, artifacts' content keys and config hash (stats, times, paths, labels and the environment
+# only describe the run; a non-semantic key such as a log level cannot change results, and the verdict names
+# it when it differs).
 def _depended_on(led):
     from detrl.verify import ARTIFACT_KEYS
 
@@ -261,7 +262,7 @@ def _depended_on(led):
     }
     return (
         [(r["hashes"], r["tensors"], r.get("step_data"), (r.get("eval") or {}).get("tokens")) for r in led.iterations],
-        head.get("config"),
+        [d for d in dict_diff({}, head.get("config") or {}) if is_semantic(d.split(": ", 1)[0], deterministic=True)],
         artifacts,
         head.get("config_hash"),
     )
@@ -301,7 +302,12 @@ def test_no_single_byte_or_record_edit_of_run_b_passes_unless_it_left_what_the_v
         p.write_text("".join(lines))
     v = verify(str(runs / "a"), str(d))
     if v.exit_code == 0:
-        assert _depended_on(read_ledger(d)) == before, (target, v.problems)
+        after = read_ledger(d)
+        assert _depended_on(after) == before, (target, v.problems)
+        # what else changed in the config passed only as a named, non-semantic difference
+        edited = dict_diff(read_ledger(runs / "b").header["config"], after.header["config"])
+        named = {x.split(": ", 1)[0] for x in v.config_diff_other}
+        assert {x.split(": ", 1)[0] for x in edited} <= named, (edited, v.config_diff_other)
 
 
 KEYS = [

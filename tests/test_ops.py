@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import signal
 import subprocess
 import threading
@@ -126,7 +127,8 @@ def test_kill_9_of_the_driver_leaves_no_ray_process(tmp_path, cache_dir, artifac
     deadline = time.time() + 30
     while _alive(seen) and time.time() < deadline:
         time.sleep(1)
-    logs = [f.read_text() for f in Path("/tmp/ray").glob(f"session_*_{p.pid}/logs/detrl-reaper.log")]
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"  # where a local Ray keeps its sessions
+    logs = [f.read_text() for f in ray_tmp.glob(f"session_*_{p.pid}/logs/detrl-reaper.log")]
     assert _alive(seen) == [], ({pid: seen[pid] for pid in _alive(seen)}, logs)
     assert logs and "gone: killed" in logs[0], logs
 
