@@ -9,7 +9,7 @@
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
 # same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
-# (GPU tests of the weight-sync transports),
+# (GPU tests of the weight-sync transports), profile (a cold flow under py-spy),
 # attn (the GPU test of the attention module built ahead); off and offplain (the schedule's teeth: determinism
 # off, seeds pinned, run B perturbed or not); base and basewarm (start's and warm's flows for the tree in
 # .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to
@@ -67,6 +67,12 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
+  # a cold flow under py-spy (its wheel carried in .gpu/): every process's stacks, sampled, idle included, so
+  # the cold engine's first CUDA-graph batch and self-test can be split by what they ran
+  profile) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
+        step profile 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --threads --rate 25 --format raw \
+          --output "$R/cold-pyspy.txt" -- python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-profile.json" \
+          --phases cold --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-prof; ledgers profile /tmp/n-prof; gzip -f "$R/cold-pyspy.txt" ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
   # the schedule's teeth: determinism off with the draws pinned (production kernels, batch-variant), run B
   # perturbed must diverge (off) and, under run A's schedule, may repeat itself (offplain); one iteration,

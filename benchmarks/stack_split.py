@@ -1,0 +1,85 @@
+"""Where sampled time went, from py-spy's raw output (`py-spy record --subprocesses --idle --threads
+--format raw`; scripts/gpu/proofs.sh's `profile` step): per process, the seconds under a frame that a
+filter names, split by the frames beneath it.
+
+    python benchmarks/stack_split.py FILE[.gz] --rate 25 [--process TEXT] [--under TEXT] [--top 30]
+
+`--under` keeps the samples whose stack holds a frame containing TEXT (e.g. `capture_one_batch_size`) and
+reports the frames beneath it; inclusive seconds count a frame once per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+from collections import Counter
+from pathlib import Path
+
+_LINE = re.compile(r"^(.*) (\d+)$")
+
+
+def read(path: Path) -> list[tuple[list[str], int]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", errors="replace") as f:  # type: ignore[operator]
+        for line in f:
+            m = _LINE.match(line.rstrip("\n"))
+            if m:
+                out.append((m.group(1).split(";"), int(m.group(2))))
+    return out
+
+
+def short(frame: str) -> str:
+    """`func (path/to/pkg/mod.py:12)` -> `func (pkg/mod.py)`: lines differ per sample, functions do not."""
+    m = re.match(r"^(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    parts = m.group(2).split("/")
+    return f"{m.group(1)} ({'/'.join(parts[-2:])})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file", type=Path)
+    ap.add_argument("--rate", type=float, default=25.0, help="py-spy's --rate (samples per second)")
+    ap.add_argument("--process", default="", help="keep processes whose name contains this")
+    ap.add_argument("--under", default="", help="keep samples under a frame containing this")
+    ap.add_argument("--top", type=int, default=30)
+    a = ap.parse_args(argv)
+    per_proc: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    for stack, n in read(a.file):
+        # with --subprocesses, each sample names its process's ancestors first: the last is its own
+        proc = next((f for f in reversed(stack) if f.startswith("process ")), "?")
+        if a.process not in proc:
+            continue
+        if a.under:
+            at = next((i for i, f in enumerate(stack) if a.under in f), None)
+            if at is None:
+                continue
+            below = stack[at:]
+        else:  # the process and thread frames are not code
+            below = [f for f in stack if not f.startswith(("process ", "thread "))]
+        per_proc[proc[:110]] += n
+        for f in {short(f) for f in below}:
+            inclusive[f] += n
+        if below:
+            leaf[short(below[-1])] += n
+    s = 1.0 / a.rate
+    print(f"# {a.file.name}: under {a.under or '(all)'!r}, processes matching {a.process or '(all)'!r}")
+    print("## seconds per process")
+    for p, n in per_proc.most_common(a.top):
+        print(f"{n * s:8.1f}  {p}")
+    print("## inclusive seconds (all matching processes summed)")
+    for f, n in inclusive.most_common(a.top):
+        print(f"{n * s:8.1f}  {f}")
+    print("## leaf seconds")
+    for f, n in leaf.most_common(a.top):
+        print(f"{n * s:8.1f}  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
