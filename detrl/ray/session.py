@@ -17,6 +17,7 @@ from ..config import RunConfig
 
 _LOCK = threading.Lock()
 _users = 0  # runs in this process using the local Ray that ensure_ray started
+_NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 
 
 def _node() -> Any:
@@ -46,15 +47,20 @@ def ensure_ray(cfg: RunConfig) -> bool:
                 return True
             return False
         # "local": a fresh instance even when `ray start` left a cluster behind; joining one is explicit
+        local = not cfg.resources.ray_address
         ray.init(
             address=cfg.resources.ray_address or "local",
             include_dashboard=False,
             logging_level=logging.WARNING,
             configure_logging=True,
             log_to_driver=True,
+            # a local Ray prestarts one idle worker per CPU, which no det-rl actor can use (each has a
+            # runtime env, so Ray starts it a worker of its own): they would only take the cores from the
+            # runs' own start (benchmarks/results/cpu-ray-prestart-*.json). A cluster keeps its own settings.
+            _system_config=_NO_PRESTART if local else None,
         )
         _users = 1
-    if not cfg.resources.ray_address:  # our own local Ray: stop it even if this process is killed
+    if local:  # our own local Ray: stop it even if this process is killed
         session = session_dir()
         if session is not None:
             reaper.start(str(session))
