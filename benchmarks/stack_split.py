@@ -2,9 +2,9 @@
 --format raw`; scripts/gpu/proofs.sh's `profile` step): per process, the seconds under a frame that a
 filter names, split by the frames beneath it.
 
-    python benchmarks/stack_split.py FILE[.gz] --rate 25 [--process TEXT] [--under TEXT] [--top 30]
+    python benchmarks/stack_split.py FILE[.gz] --rate 25 [--process TEXT] [--under REGEX] [--top 30]
 
-`--under` keeps the samples whose stack holds a frame containing TEXT (e.g. `capture_one_batch_size`) and
+`--under` keeps the samples whose stack holds a frame that REGEX matches (e.g. `capture_one_shape`) and
 reports the frames beneath it; inclusive seconds count a frame once per sample.
 """
 
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", type=Path)
     ap.add_argument("--rate", type=float, default=25.0, help="py-spy's --rate (samples per second)")
     ap.add_argument("--process", default="", help="keep processes whose name contains this")
-    ap.add_argument("--under", default="", help="keep samples under a frame containing this")
+    ap.add_argument("--under", default="", help="keep samples under a frame this regex matches")
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args(argv)
+    under = re.compile(a.under)
     per_proc: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     leaf: Counter[str] = Counter()
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.process not in proc:
             continue
         if a.under:
-            at = next((i for i, f in enumerate(stack) if a.under in f), None)
+            at = next((i for i, f in enumerate(stack) if under.search(f)), None)
             if at is None:
                 continue
             below = stack[at:]

@@ -68,11 +68,16 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
   # a cold flow under py-spy (its wheel carried in .gpu/): every process's stacks, sampled, idle included, so
-  # the cold engine's first CUDA-graph batch and self-test can be split by what they ran
+  # the cold engine's first CUDA-graph batch, its self-test and the driver's Ray start can be split by what
+  # they ran; the splits are written here too, should the samples be too large to come back
   profile) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
-        step profile 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --threads --rate 25 --format raw \
+        step profile 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --rate 25 --format raw \
           --output "$R/cold-pyspy.txt" -- python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-profile.json" \
-          --phases cold --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-prof; ledgers profile /tmp/n-prof; gzip -f "$R/cold-pyspy.txt" ;;
+          --phases cold --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-prof; ledgers profile /tmp/n-prof
+        gzip -f "$R/cold-pyspy.txt"; n=0
+        for u in "" run_scheduler_process capture_one_shape "^warmup " "^event_loop" "^init .*ray/_private/worker" \
+                 "^setup .*rollout_actor" "^selftest " "^prepare .*rollout_actor"; do n=$((n + 1))
+          python benchmarks/stack_split.py "$R/cold-pyspy.txt.gz" --rate 25 --top 40 --under "$u" > "$R/split-$n.txt"; done ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
   # the schedule's teeth: determinism off with the draws pinned (production kernels, batch-variant), run B
   # perturbed must diverge (off) and, under run A's schedule, may repeat itself (offplain); one iteration,
