@@ -1,6 +1,6 @@
-"""Where sampled time went, from py-spy's raw output (`py-spy record --subprocesses --idle --threads
---format raw`; scripts/gpu/proofs.sh's `profile` step): per process, the seconds under a frame that a
-filter names, split by the frames beneath it.
+"""Where sampled time went, from py-spy's raw output (`py-spy record --subprocesses --idle --format raw`,
+with or without `--threads`; scripts/gpu/proofs.sh's `profile` step): per process, the seconds under a
+frame that a filter names, split by the frames beneath it.
 
     python benchmarks/stack_split.py FILE[.gz] --rate 25 [--process TEXT] [--under REGEX] [--top 30]
 

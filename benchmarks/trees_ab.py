@@ -22,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detrl.ledger import LEDGER_FILE, read_ledger
+
 
 def _startup(out: Path) -> dict[str, Any]:
     """Each run's `startup_s` from its ledger header (a `run` writes one ledger, `reproduce` two)."""
     found = {}
-    for led in sorted(out.rglob("ledger.jsonl")):
-        header = json.loads(led.read_text().splitlines()[0])
+    for led in sorted(out.rglob(LEDGER_FILE)):
+        header = read_ledger(led).header or {}
         found[led.parent.name] = header.get("startup_s", {})
     return found
 
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then the detrl command (no --out)")
     a = ap.parse_args(argv)
+    bad = [t for t in a.tree if "=" not in t or not (Path(t.split("=", 1)[1]) / "detrl").is_dir()]
+    if bad:
+        ap.error(f"--tree wants NAME=PATH, PATH a source tree with detrl/ in it: {bad}")
     trees = dict(t.split("=", 1) for t in a.tree)
     args = [x for x in a.args if x != "--"]
     if len(trees) < 2 or not args:
