@@ -75,8 +75,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
           --output "$R/cold-pyspy.txt" -- python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-profile.json" \
           --phases cold --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-prof; ledgers profile /tmp/n-prof
         gzip -f "$R/cold-pyspy.txt"; n=0
-        for u in "" run_scheduler_process capture_one_shape "^warmup " "^event_loop" "^init .*ray/_private/worker" \
-                 "^setup .*rollout_actor" "^selftest " "^prepare .*rollout_actor"; do n=$((n + 1))
+        # (py-spy names methods by qualified name; it loses a Ray worker that a runtime env's set-up exec's
+        # into, as the actors are, but not the processes those start, such as SGLang's)
+        for u in "" run_scheduler_process capture_one_shape "\.warmup \(" "\.event_loop_" "^init .*ray/_private/worker" \
+                 "RolloutActor\.setup \(" "RolloutActor\.selftest \(" "RolloutActor\.prepare \("; do n=$((n + 1))
           python benchmarks/stack_split.py "$R/cold-pyspy.txt.gz" --rate 25 --top 40 --under "$u" > "$R/split-$n.txt"; done ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
   # the schedule's teeth: determinism off with the draws pinned (production kernels, batch-variant), run B
