@@ -12,7 +12,7 @@ from conftest import ROOT
 @pytest.mark.integration
 def test_a_local_ray_prestarts_no_idle_worker_that_no_actor_could_use():
     """Each det-rl actor has a runtime env, so Ray starts it a worker of its own: the idle workers a local
-    Ray prestarts (one per CPU) would only take the cores while the runs start."""
+    Ray prestarts (one per CPU) would only boot beside the runs' start and hold memory until the end."""
     code = (
         "import json, time, psutil\n"
         "from detrl.config import load_config\n"

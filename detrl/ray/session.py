@@ -55,8 +55,9 @@ def ensure_ray(cfg: RunConfig) -> bool:
             configure_logging=True,
             log_to_driver=True,
             # a local Ray prestarts one idle worker per CPU, which no det-rl actor can use (each has a
-            # runtime env, so Ray starts it a worker of its own): they would only take the cores from the
-            # runs' own start (benchmarks/results/cpu-ray-prestart-*.json). A cluster keeps its own settings.
+            # runtime env, so Ray starts it a worker of its own): they would only boot beside the runs' own
+            # start and hold memory until the end (benchmarks/results/cpu-ray-prestart-*). A cluster keeps
+            # its own settings.
             _system_config=_NO_PRESTART if local else None,
         )
         _users = 1
