@@ -20,13 +20,21 @@ _LINE = re.compile(r"^(.*) (\d+)$")
 
 
 def read(path: Path) -> list[tuple[list[str], int]]:
+    """The samples: (frames from the root down, count). A process started as `python -c CODE` has newlines
+    in its command line, which py-spy writes as they are: a sample ends where its quotes are balanced."""
     opener = gzip.open if path.suffix == ".gz" else open
-    out = []
+    out, pending = [], ""
     with opener(path, "rt", errors="replace") as f:  # type: ignore[operator]
         for line in f:
-            m = _LINE.match(line.rstrip("\n"))
-            if m:
+            pending += line.rstrip("\n")
+            m = _LINE.match(pending)
+            if m and pending.count('"') % 2 == 0:
                 out.append((m.group(1).split(";"), int(m.group(2))))
+                pending = ""
+            elif m is None and '"' not in pending:
+                pending = ""  # not a sample line
+            else:
+                pending += " "
     return out
 
 

@@ -52,3 +52,12 @@ def test_without_a_filter_every_process_counts_and_process_frames_are_not_code(t
     procs = out.split("## seconds per process")[1].split("##")[0]
     assert '2.0  process 10:"python flow.py"' in procs and '5.2  process 11:"sglang::scheduler"' in procs
     assert "thread (" not in out.split("## inclusive seconds")[1]
+
+
+def test_a_command_line_with_newlines_stays_one_sample_of_its_process(tmp_path, capsys):
+    # `python -c CODE` with CODE over two lines, as py-spy writes it: the sample spans three lines
+    child = 'process 12:"python -c import time\ndef busy():\n    pass"'
+    out = split(tmp_path, f"{FLOW};{child};thread (12);<module> (<string>:5);busy (<string>:4) 50\n", capsys=capsys)
+    procs = out.split("## seconds per process")[1].split("##")[0]
+    assert "2.0  process 12:" in procs and "?" not in procs
+    assert "2.0  busy (<string>)" in out.split("## leaf seconds")[1]
