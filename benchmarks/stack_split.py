@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     leaf: Counter[str] = Counter()
     for stack, n in read(a.file):
         # with --subprocesses, each sample names its process's ancestors first: the last is its own
-        proc = next((f for f in reversed(stack) if f.startswith("process ")), "?")
+        proc = next((f for f in reversed(stack) if f.startswith("process ")), "(one process: --pid)")
         if a.process not in proc:
             continue
         if a.under:

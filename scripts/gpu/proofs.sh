@@ -35,6 +35,18 @@ written() {
   find / \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp/jobs -o -path '/tmp/n-*' \
     -o -path /tmp/stage -o -path "${CALL_ROOT:-/tmp/jobs}" \) -prune -o -type f -newer "$R/gpu.txt" "$@"
 }
+# a py-spy recorder for each Ray actor process (ray::RolloutActor, ray::TrainerActor) that appears within SECS,
+# to DIR/actor-PID.txt (`profile` below says why)
+pyspy_actors() {
+  local dir=$1 end=$((SECONDS + $2)) seen=" " pid
+  while [ $SECONDS -lt $end ]; do
+    for pid in $(pgrep -f '^ray::(RolloutActor|TrainerActor)'); do
+      case "$seen" in *" $pid "*) ;; *) seen="$seen$pid "
+        /tmp/pyspy/bin/py-spy record --pid "$pid" --idle --nonblocking --rate 25 --format raw \
+          --output "$dir/actor-$pid.txt" > /dev/null 2>&1 & ;; esac
+    done; sleep 0.5
+  done
+}
 # the ledgers of a flow's runs, flat (wait.sh brings back files, not deep folders), finished or not
 ledgers() { for f in "$2"/*/*/run_?/ledger.jsonl; do [ -f "$f" ] && cp "$f" "$R/$1-$(basename "$(dirname "$f")")-ledger.jsonl"; done; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt"
@@ -71,15 +83,19 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   # the cold engine's first CUDA-graph batch, its self-test and the driver's Ray start can be split by what
   # they ran; the splits are written here too, should the samples be too large to come back
   profile) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
+        # py-spy loses a Ray worker that its runtime env's set-up exec's into, as the actors' are (it keeps the
+        # processes those start, SGLang's among them): each actor gets a recorder of its own once it has a name
+        pyspy_actors "$R" 480 & watcher=$!
         step profile 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --rate 25 --format raw \
           --output "$R/cold-pyspy.txt" -- python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-profile.json" \
           --phases cold --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-prof; ledgers profile /tmp/n-prof
-        gzip -f "$R/cold-pyspy.txt"; n=0
-        # (py-spy names methods by qualified name; it loses a Ray worker that a runtime env's set-up exec's
-        # into, as the actors are, but not the processes those start, such as SGLang's)
-        for u in "" run_scheduler_process capture_one_shape "\.warmup \(" "\.event_loop_" "^init .*ray/_private/worker" \
-                 "RolloutActor\.setup \(" "RolloutActor\.selftest \(" "RolloutActor\.prepare \("; do n=$((n + 1))
-          python benchmarks/stack_split.py "$R/cold-pyspy.txt.gz" --rate 25 --top 40 --under "$u" > "$R/split-$n.txt"; done ;;
+        kill $watcher 2>/dev/null; sleep 5; gzip -f "$R/cold-pyspy.txt" "$R"/actor-*.txt; n=0
+        # (py-spy names methods by qualified name: BaseRunner.warmup, Scheduler.event_loop_overlap, ...)
+        for u in "" run_scheduler_process capture_one_shape "\.warmup \(" "\.event_loop_" "^init .*ray/_private/worker"; do
+          n=$((n + 1)); python benchmarks/stack_split.py "$R/cold-pyspy.txt.gz" --rate 25 --top 40 --under "$u" > "$R/split-$n.txt"
+        done
+        for f in "$R"/actor-*.txt.gz; do for u in "" "RolloutActor\.(prepare|setup|selftest) \("; do n=$((n + 1))
+          python benchmarks/stack_split.py "$f" --rate 25 --top 40 --under "$u" > "$R/split-$n.txt"; done; done ;;
   kernels) step kernels 60 bash -c "find /tmp/c-start/compile -type f -printf '%T@ %s %P\\n' | sort -n" ;;
   # the schedule's teeth: determinism off with the draws pinned (production kernels, batch-variant), run B
   # perturbed must diverge (off) and, under run A's schedule, may repeat itself (offplain); one iteration,
