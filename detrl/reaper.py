@@ -4,7 +4,9 @@ A local Ray started by `ray.init` leaves its agents (ray::DashboardAgent, ray::R
 sometimes idle workers running under pid 1 when the driver is killed. The driver starts this watcher
 in its own session; every second it records the processes of the driver's Ray session (those naming
 the session directory, and all their descendants), and once the driver is gone it kills every one of
-them still alive. A driver that shuts Ray down itself leaves nothing to kill; the watcher then exits.
+them still alive. A driver that shuts its Ray down stops the watcher itself (`stop`): the watcher never
+concludes from what it sees that Ray is down, since one poll that saw none of the session's processes,
+the driver alive, once ended a watch whose driver was then killed (tests/test_ops.py's kill -9 test).
 
 It writes what it did (its start, each poll that failed, what it killed and why it stopped) to
 `SESSION_DIR/logs/detrl-reaper.log`, beside Ray's own logs: a leftover process can then be traced.
@@ -15,6 +17,7 @@ It writes what it did (its start, each poll that failed, what it killed and why 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,11 +90,7 @@ def watch(driver_pid: int, session_dir: str, interval: float = 1.0) -> int:
                 killed = _kill(known)
                 _log(session_dir, f"driver {driver_pid} gone: killed {killed} of {len(known)} known processes")
                 return killed
-            current = _session_processes(session)
-            if known and not current:  # the driver shut its Ray down: nothing left to watch
-                _log(session_dir, "the session's processes ended with the driver alive: done")
-                return 0
-            known.update(current)
+            known.update(_session_processes(session))
         except Exception:
             _log(session_dir, "a poll failed, watching on:\n" + traceback.format_exc())
         time.sleep(interval)
@@ -108,5 +107,24 @@ def start(session_dir: str) -> subprocess.Popen:
     )
 
 
+def stop(watcher: subprocess.Popen) -> None:
+    """The driver shut its Ray down: end the watch (its log says so)."""
+    watcher.terminate()
+    try:
+        watcher.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+        watcher.wait()
+
+
+def _main(driver_pid: int, session_dir: str) -> int:
+    def stopped(signum: int, frame: object) -> None:
+        _log(session_dir, "stopped: the driver shut its Ray down")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
+    return 0 if watch(driver_pid, session_dir) >= 0 else 1
+
+
 if __name__ == "__main__":
-    sys.exit(0 if watch(int(sys.argv[1]), sys.argv[2]) >= 0 else 1)
+    sys.exit(_main(int(sys.argv[1]), sys.argv[2]))

@@ -17,6 +17,7 @@ from ..config import RunConfig
 
 _LOCK = threading.Lock()
 _users = 0  # runs in this process using the local Ray that ensure_ray started
+_watcher: Any = None  # the reaper of that Ray, stopped when this process shuts it down
 _NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 
 
@@ -64,17 +65,21 @@ def ensure_ray(cfg: RunConfig) -> bool:
     if local:  # our own local Ray: stop it even if this process is killed
         session = session_dir()
         if session is not None:
-            reaper.start(str(session))
+            global _watcher
+            _watcher = reaper.start(str(session))
     return True
 
 
 def release_ray() -> None:
-    global _users
+    global _users, _watcher
     with _LOCK:
         _users -= 1
         if _users <= 0:
             _users = 0
             ray.shutdown()
+            if _watcher is not None:  # Ray is down by this process's hand: nothing is left to reap
+                reaper.stop(_watcher)
+                _watcher = None
 
 
 @contextlib.contextmanager
