@@ -40,7 +40,7 @@ def logs_dir() -> Path | None:
 def ensure_ray(cfg: RunConfig) -> bool:
     """Connect to the configured cluster or start a local one. Returns whether the caller must
     `release_ray()` when done: the last run out of a Ray this process started shuts it down."""
-    global _users
+    global _users, _watcher
     with _LOCK:
         if ray.is_initialized():
             if _users:
@@ -65,7 +65,6 @@ def ensure_ray(cfg: RunConfig) -> bool:
     if local:  # our own local Ray: stop it even if this process is killed
         session = session_dir()
         if session is not None:
-            global _watcher
             _watcher = reaper.start(str(session))
     return True
 
