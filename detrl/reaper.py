@@ -123,7 +123,8 @@ def _main(driver_pid: int, session_dir: str) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stopped)
-    return 0 if watch(driver_pid, session_dir) >= 0 else 1
+    watch(driver_pid, session_dir)  # returns once the driver is gone and its session's processes are killed
+    return 0
 
 
 if __name__ == "__main__":

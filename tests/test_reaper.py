@@ -1,5 +1,6 @@
-"""detrl.reaper without Ray: the watcher stops a dead driver's session processes, and a failed poll does
-not end its watch. (A real kill -9 of a driver mid-run: test_ops.)"""
+"""detrl.reaper without Ray: the watcher stops a dead driver's session processes; neither a failed poll nor
+a poll that sees none of the session's processes ends its watch while the driver lives; `stop` ends it.
+(A real kill -9 of a driver mid-run: test_ops.)"""
 
 import subprocess
 import sys
