@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the process and thread frames are not code
             below = [f for f in stack if not f.startswith(("process ", "thread "))]
         per_proc[proc[:110]] += n
-        for f in {short(f) for f in below}:
+        # importlib's own frames sit between every two imports and would fill the list: the `<module>` frames
+        # name the imports, and the leaf seconds keep what importlib itself spent (reading files, compiling)
+        for f in {short(f) for f in below if "<frozen importlib" not in f}:
             inclusive[f] += n
         if below:
             leaf[short(below[-1])] += n

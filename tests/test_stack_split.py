@@ -61,3 +61,22 @@ def test_a_command_line_with_newlines_stays_one_sample_of_its_process(tmp_path, 
     procs = out.split("## seconds per process")[1].split("##")[0]
     assert "2.0  process 12:" in procs and "?" not in procs
     assert "2.0  busy (<string>)" in out.split("## leaf seconds")[1]
+
+
+def test_an_import_is_split_by_the_modules_it_imports_not_by_importlib_frames(tmp_path, capsys):
+    # as py-spy recorded `import torch` here: importlib's frames between each `<module>` and the next
+    boot = "_find_and_load (<frozen importlib._bootstrap>:1360);_load_unlocked (<frozen importlib._bootstrap>:935)"
+    top = f"{FLOW};thread (10);<module> (<string>:1);{boot};<module> (site/torch/__init__.py:40)"
+    out = split(
+        tmp_path,
+        f"{top};{boot};<module> (torch/nn/__init__.py:2) 20\n"
+        f"{top};{boot};get_data (<frozen importlib._bootstrap_external>:1190) 5\n",
+        "--under",
+        r"^<module> .*torch/__init__\.py",
+        capsys=capsys,
+    )
+    inclusive = out.split("## inclusive seconds")[1].split("##")[0]
+    assert "1.0  <module> (site/torch/__init__.py)" not in inclusive  # short() keeps two path parts
+    assert "1.0  <module> (torch/__init__.py)" in inclusive and "0.8  <module> (nn/__init__.py)" in inclusive
+    assert "frozen importlib" not in inclusive
+    assert "0.2  get_data (<frozen importlib._bootstrap_external>)" in out.split("## leaf seconds")[1]
