@@ -9,7 +9,7 @@
 # caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
 # same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
 # cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
-# (GPU tests of the weight-sync transports), profile (a cold flow under py-spy) and profilewarm (a warm one),
+# (GPU tests of the weight-sync transports), profile (a cold flow under py-spy), profilewarm (a warm one) and profileone (one cold run of one iteration),
 # attn (the GPU test of the attention module built ahead); off and offplain (the schedule's teeth: determinism
 # off, seeds pinned, run B perturbed or not); base and basewarm (start's and warm's flows for the tree in
 # .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to
@@ -82,14 +82,18 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   # a cold flow under py-spy (its wheel carried in .gpu/): every process's stacks, sampled, idle included, so
   # the cold engine's first CUDA-graph batch, its self-test and the driver's Ray start can be split by what
   # they ran; the splits are written here too, should the samples be too large to come back
-  profile|profilewarm) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
+  profile|profilewarm|profileone) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
         P=cold; [ $s = profilewarm ] && P=warm  # profilewarm: on the caches profile filled
+        # profileone: one run of one iteration, cold, outside the flow (what fits a small device budget)
+        cmd=(python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-$s.json" --phases $P
+             --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-$s)
+        [ $s = profileone ] && cmd=(python -m detrl run --profile gsm8k-smollm2-135m --set train.steps=1
+             --set rollout.sglang.log_level=info --cache /tmp/c-prof1 --out /tmp/n-$s)
         # py-spy loses a Ray worker that its runtime env's set-up exec's into, as the actors' are (it keeps the
         # processes those start, SGLang's among them): each actor gets a recorder of its own once it has a name
         mkdir -p "$R/$s"; pyspy_actors "$R/$s" 480 & watcher=$!
         step $s 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --rate 25 --format raw \
-          --output "$R/$s/pyspy.txt" -- python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-$s.json" \
-          --phases $P --set rollout.sglang.log_level=info --cache /tmp/c-prof --out /tmp/n-$s; ledgers $s /tmp/n-$s
+          --output "$R/$s/pyspy.txt" -- "${cmd[@]}"; ledgers $s /tmp/n-$s
         kill $watcher 2>/dev/null; sleep 5; gzip -f "$R/$s/pyspy.txt" "$R/$s"/actor-*.txt; n=0
         # (py-spy names methods by qualified name: BaseRunner.warmup, Scheduler.event_loop_overlap, ...; and a
         # module's import by its `<module>` frame: what the scheduler's and the engine's imports spend)
