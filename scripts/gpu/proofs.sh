@@ -6,15 +6,16 @@
 # process's imports, then the site's bytecode compiled as pip would), hidden (SGLang's model runner, which
 # imports Megatron through its dumper in the scheduler's set-up, with and without Megatron importable, and the
 # slowest parts), start (a cold flow with SGLang's own log of its start-up parts), warm (the same flow on the
-# caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the
-# same host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the
-# cold engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync
-# (GPU tests of the weight-sync transports), profile (a cold flow under py-spy), profilewarm (a warm one) and profileone (one cold run of one iteration),
-# attn (the GPU test of the attention module built ahead); off and offplain (the schedule's teeth: determinism
-# off, seeds pinned, run B perturbed or not); base and basewarm (start's and warm's flows for the tree in
-# .base-tree, the commit before a change), outside and clean (see `written`). Logs and records go to
-# $JOB_OUT, and `steps` there gets one line per finished step: its name, exit status (124: its time ran out)
-# and wall seconds. SET=KEY=VALUE adds one config override to the start, warm, base and basewarm flows.
+# caches start filled), before (warm without SGLang's processes started ahead, the baseline of warm on the same
+# host), kernels (what start's and warm's compile cache holds: time, size and path of each file, so the cold
+# engine's first-use JIT can be split by kind), ahead (the GPU test of that hand-over), ipcwarm and osync (GPU
+# tests of the weight-sync transports), profile (a cold flow under py-spy), profilewarm (a warm one) and
+# profileone (one cold run of one iteration), attn (the GPU test of the attention module built ahead); off and
+# offplain (the schedule's teeth: determinism off, seeds pinned, run B perturbed or not); base and basewarm
+# (start's and warm's flows for the tree in .base-tree, the commit before a change), outside and clean (see
+# `written`). Logs and records go to $JOB_OUT, and `steps` there gets one line per finished step: its name, exit
+# status (124: its time ran out) and wall seconds. SET=KEY=VALUE adds one config override to the start, warm,
+# base and basewarm flows.
 set -u
 export R=${JOB_OUT:?run it through scripts/gpu/job.sh}  # (exported: `written` runs in child shells)
 E=train.on_policy=exact
@@ -79,9 +80,10 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
   before) step before 540 python benchmarks/nightly_gpu.py --json "$R/h200-startup-flow-before.json" --phases warm \
           --set rollout.sglang.log_level=info --set rollout.sglang.start_ahead=false --cache /tmp/c-start \
           --out /tmp/n-before; ledgers before /tmp/n-before ;;
-  # a cold flow under py-spy (its wheel carried in .gpu/): every process's stacks, sampled, idle included, so
-  # the cold engine's first CUDA-graph batch, its self-test and the driver's Ray start can be split by what
-  # they ran; the splits are written here too, should the samples be too large to come back
+  # a flow (or one run) under py-spy (its wheel carried in .gpu/): every process's stacks, sampled, idle included,
+  # so the engine's imports, a cold engine's first CUDA-graph batch, its self-test and the driver's Ray start can
+  # be split by what they ran; the splits are written in the step's folder too, should the samples be too large
+  # to come back
   profile|profilewarm|profileone) pip install -q --no-deps --target /tmp/pyspy .gpu/py_spy-*.whl >/dev/null 2>&1
         P=cold; [ $s = profilewarm ] && P=warm  # profilewarm: on the caches profile filled
         # profileone: one run of one iteration, cold, outside the flow (what fits a small device budget)
