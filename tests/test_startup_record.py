@@ -80,6 +80,20 @@ def test_a_task_that_failed_and_passed_on_its_retry_is_named_from_the_log(tmp_pa
     assert "partially initialized module 'torch._inductor.utils'" in t["no_failed_attempt"]
 
 
+def test_a_warm_flow_in_a_record_of_its_own_is_judged(tmp_path):
+    """proofs.sh's `start warm` writes one record per phase, so its warm flow comes labelled new2 (the H100
+    host of 2026-12-08); it is judged with the targets, as is every new flow of a phase."""
+    flows = [f"new={R / 'h100-startup-cold-flow-20261208.json'}", f"new2={R / 'h100-startup-warm-flow-20261208.json'}"]
+    t = record(tmp_path, *flows, logs=[])["targets"]
+    assert t["cold_flow"] == "not met: 182.2 s (goal 150)"
+    assert t["warm_flow"] == "not met: 122.2 s (goal 90)"
+    assert t["warm_startup_per_run"] == "not met: 51.5 / 48.6 s (goal 30)"
+    # two warm flows: both shown, the slower one judged
+    t = record(tmp_path, *flows, f"new3={NEW}", logs=[])["targets"]
+    assert t["warm_flow"] == "not met: 122.2 / 109.1 s (goal 90)"
+    assert t["cold_flow"] == "not met: 182.2 / 193 s (goal 150)"
+
+
 @pytest.mark.parametrize(
     "flows, says",
     [

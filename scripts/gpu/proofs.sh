@@ -43,7 +43,7 @@ pyspy_actors() {
   while [ $SECONDS -lt $end ]; do
     for pid in $(pgrep -f '^ray::(RolloutActor|TrainerActor)'); do
       case "$seen" in *" $pid "*) ;; *) seen="$seen$pid "
-        /tmp/pyspy/bin/py-spy record --pid "$pid" --idle --nonblocking --rate 25 --format raw \
+        /tmp/pyspy/bin/py-spy record --pid "$pid" --idle --nonblocking --full-filenames --rate 25 --format raw \
           --output "$dir/actor-$pid.txt" > /dev/null 2>&1 & ;; esac
     done; sleep 0.5
   done
@@ -94,11 +94,13 @@ for s in "${@:-smol qwen tests plant cost}"; do for s in $s; do case $s in
         # py-spy loses a Ray worker that its runtime env's set-up exec's into, as the actors' are (it keeps the
         # processes those start, SGLang's among them): each actor gets a recorder of its own once it has a name
         mkdir -p "$R/$s"; pyspy_actors "$R/$s" 480 & watcher=$!
-        step $s 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --rate 25 --format raw \
+        step $s 540 /tmp/pyspy/bin/py-spy record --subprocesses --idle --full-filenames --rate 25 --format raw \
           --output "$R/$s/pyspy.txt" -- "${cmd[@]}"; ledgers $s /tmp/n-$s
         kill $watcher 2>/dev/null; sleep 5; gzip -f "$R/$s/pyspy.txt" "$R/$s"/actor-*.txt; n=0
         # (py-spy names methods by qualified name: BaseRunner.warmup, Scheduler.event_loop_overlap, ...; and a
-        # module's import by its `<module>` frame: what the scheduler's and the engine's imports spend)
+        # module's import by its `<module>` frame: what the scheduler's and the engine's imports spend. The
+        # recorders write full file names: py-spy's short ones drop some modules' package path, SGLang's
+        # scheduler recorded as plain `scheduler.py`, which the module splits here would not find)
         for u in "" run_scheduler_process capture_one_shape "\.warmup \(" "\.event_loop_" "^init .*ray/_private/worker" \
           "^<module> .*sglang/srt/managers/scheduler\.py" "^<module> .*sglang/srt/entrypoints/engine\.py"; do
           n=$((n + 1)); python benchmarks/stack_split.py "$R/$s/pyspy.txt.gz" --rate 25 --top 40 --under "$u" > "$R/$s/split-$n.txt"
