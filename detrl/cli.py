@@ -136,7 +136,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             model = model_f.result()
             megatron_f = pool.submit(artifacts.megatron, model, cache, refresh)
             kernels_f = pool.submit(attention_ahead.build, cfg, model.path, compile_cache)
-            kernels_f.add_done_callback(lambda f: emit(f.result().text()))
+            kernels_f.add_done_callback(lambda f: emit("\n".join(r.text() for r in f.result())))
             megatron = artifacts.converting(model, cache, megatron_f.result)
             arts = artifacts.Artifacts(model, data_f.result(), megatron, compile_cache)
             mode, why = twice.choose(cfg, model_dir=arts.model.path)

@@ -53,8 +53,9 @@ def convert_checkpoint(model: ModelArtifact, cache_dir: str, refresh: bool = Fal
 
 @task(name="build-attention-module", cache_policy=NO_CACHE)
 def build_attention_module(cfg: RunConfig, model: ModelArtifact, cache_dir: str) -> str:
-    """flashinfer's attention module for the engines, compiled while the conversion and the runs' start
-    go on; it never fails the flow (an engine builds what was not built here)."""
-    result = attention_ahead.build(cfg, model.path, artifacts.compile_cache_dir(cache_dir))
-    get_run_logger().info(result.text())
-    return result.text()
+    """flashinfer's attention module and SGLang's store_cache kernel for the engines, compiled while the
+    conversion and the runs' start go on; it never fails the flow (an engine builds what was not built here)."""
+    results = attention_ahead.build(cfg, model.path, artifacts.compile_cache_dir(cache_dir))
+    for r in results:
+        get_run_logger().info(r.text())
+    return "; ".join(r.text() for r in results)
