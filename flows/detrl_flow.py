@@ -1,5 +1,5 @@
 """The det-rl flow: download model and dataset (while Ray starts) -> run loops A and B, whose workers start
-while the HF -> Megatron conversion runs and the engines' attention module builds -> verify. Ends Failed
+while the HF -> Megatron conversion runs and the engines' kernels build -> verify. Ends Failed
 when the two runs differ, and then notifies (`notify`)."""
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def detrl_flow(
     data_f = download_dataset.submit(cfg, cache, refresh)
     # Prefect resolves the future to the model before the conversion starts; its stubs do not say so
     megatron_f = convert_checkpoint.submit(model_f, cache, refresh)  # type: ignore[call-overload]
-    # and the engines' attention module is compiled beside them; the runs do not wait for it (an engine
-    # that needs it mid-build waits on flashinfer's lock)
+    # and the engines' attention module and store_cache kernel are compiled beside them; the runs do not
+    # wait for them (an engine that needs one mid-build waits on its build's lock)
     kernels_f = build_attention_module.submit(cfg, model_f, cache)  # type: ignore[call-overload]
     with shared_ray(cfg):
         try:
