@@ -104,6 +104,23 @@ def test_a_build_that_fails_reports_the_error_and_leaves_it_to_the_engines(tmp_p
     assert store.text().startswith("store_cache kernel ahead: failed in ")
 
 
+def test_a_store_cache_kernel_in_the_workers_cache_is_found_without_a_process(tmp_path, monkeypatch):
+    # the module SGLang would load (its name: the arguments, then a hash of its source), in the tvm-ffi
+    # cache the workers are given; a process started anyway would fail the test through its argv
+    monkeypatch.delenv("TVM_FFI_CACHE_DIR", raising=False)
+    name = "sgl_kernel_jit_kvcache_384_384_true_0123abcd"
+    folder = tmp_path / "compile" / "tvm-ffi" / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.so").write_bytes(b"")
+    monkeypatch.setattr(StoreCache, "argv", lambda self: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(Module, "argv", lambda self: [sys.executable, "-c", "raise SystemExit(4)"])
+    attention, store = build(_gpu(), _model(tmp_path, **SMOLLM2), str(tmp_path / "compile"))
+    assert store.status == "found" and name in store.detail and store.seconds < 1, store
+    assert attention.status == "failed" and "exit 4" in attention.detail  # its process ran as before
+    # another row width is not taken for this one
+    assert StoreCache(256, 256).built({"TVM_FFI_CACHE_DIR": str(tmp_path / "compile" / "tvm-ffi")}) == []
+
+
 def test_a_build_past_its_time_is_stopped_and_reported(tmp_path, monkeypatch):
     # processes that outlive the limit: the build call returns at the limit instead of hanging the flow,
     # and the two run at once (both stopped at the one limit, not one after the other)

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
@@ -65,6 +66,12 @@ class StoreCache:
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", __name__, "--store-cache", str(self.row_bytes), str(self.v_row_bytes)]
+
+    def built(self, env: Mapping[str, str]) -> list[str]:
+        """The modules of this row width in the tvm-ffi cache that `env` names. SGLang names a module by its
+        arguments and a hash of its source, and loads one so named without compiling."""
+        cache = Path(env.get("TVM_FFI_CACHE_DIR", "~/.cache/tvm-ffi")).expanduser()
+        return sorted(p.stem for p in cache.glob(f"**/sgl_kernel_jit_kvcache_{self.row_bytes}_{self.v_row_bytes}_*.so"))
 
 
 @dataclass(frozen=True)
@@ -131,16 +138,27 @@ def build(
     """Build both kernels into `compile_cache` (as the workers see it), each in a process of its own, at
     once, and wait for both. Never raises: a build that did not happen leaves the engine to build it as it
     always does."""
-    kernels = [module_for(cfg, model_dir), store_cache_for(cfg, model_dir)]
+    kernels: list[Module | StoreCache | str] = [module_for(cfg, model_dir), store_cache_for(cfg, model_dir)]
     # the rollout workers' environment: the same caches, CUDA and compiler settings
     env = {**os.environ, **runtime_env(cfg, "rollout", compile_cache)["env_vars"]}
     t = time.perf_counter()
-    procs = [
-        None if isinstance(k, str) else subprocess.Popen(k.argv(), env=env, stdout=PIPE, stderr=PIPE, text=True)
-        for k in kernels
-    ]
     whats = ("attention module", "store_cache kernel")
-    return [_result(w, k, p, t + timeout_s, t) for w, k, p in zip(whats, kernels, procs, strict=True)]
+    known: dict[int, Result] = {}
+    store = kernels[1]
+    if isinstance(store, StoreCache) and (names := store.built(env)):
+        # found without a process: the check itself would cost one SGLang's import, beside the runs' own.
+        # A module of another SGLang's source (another hash) leaves the engine to build its own, once
+        known[1] = Result("found", f"{names[0]} (rows of {store.row_bytes} bytes)", time.perf_counter() - t, whats[1])
+    procs = [
+        None
+        if isinstance(k, str) or i in known
+        else subprocess.Popen(k.argv(), env=env, stdout=PIPE, stderr=PIPE, text=True)
+        for i, k in enumerate(kernels)
+    ]
+    return [
+        known.get(i) or _result(w, k, p, t + timeout_s, t)
+        for i, (w, k, p) in enumerate(zip(whats, kernels, procs, strict=True))
+    ]
 
 
 def _result(
@@ -199,15 +217,14 @@ def _store_cache(row_bytes: int, v_row_bytes: int) -> int:
     # module name and build directory, under tvm-ffi's lock for that directory
     from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache
 
-    cache = Path(os.environ.get("TVM_FFI_CACHE_DIR", "~/.cache/tvm-ffi")).expanduser()
-    pattern = f"**/sgl_kernel_jit_kvcache_{row_bytes}_{v_row_bytes}_*.so"
-    before = any(cache.glob(pattern))
+    kernel = StoreCache(row_bytes, v_row_bytes)
+    before = bool(kernel.built(os.environ))
     if not can_use_store_cache(row_bytes, v_row_bytes):  # SGLang logged why
         print(
             f"SGLang cannot build its store_cache kernel for rows of {row_bytes}/{v_row_bytes} bytes", file=sys.stderr
         )
         return 1
-    built = sorted(p.stem for p in cache.glob(pattern))
+    built = kernel.built(os.environ)
     print(json.dumps({"name": built[0] if built else f"kvcache {row_bytes}/{v_row_bytes}", "compiled_before": before}))
     return 0
 
