@@ -146,8 +146,8 @@ def build(
     known: dict[int, Result] = {}
     store = kernels[1]
     if isinstance(store, StoreCache) and (names := store.built(env)):
-        # found without a process: the check itself would cost one SGLang's import, beside the runs' own.
-        # A module of another SGLang's source (another hash) leaves the engine to build its own, once
+        # found without a process: asking SGLang would cost an import of SGLang beside the runs' own. A
+        # module of another SGLang's source (another hash) is taken too, and the engine builds its own, once
         known[1] = Result("found", f"{names[0]} (rows of {store.row_bytes} bytes)", time.perf_counter() - t, whats[1])
     procs = [
         None
