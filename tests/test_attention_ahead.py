@@ -95,7 +95,7 @@ def _importable(name: str) -> bool:
     reason="the GPU stack is importable here: its builds are tests/test_gpu.py's",
 )
 def test_a_build_that_fails_reports_the_error_and_leaves_it_to_the_engines(tmp_path):
-    # the processes run as on the GPU host; here they cannot import flashinfer or SGLang, as on a host without
+    # the processes run as on the GPU host; here they cannot import flashinfer or SGLang, as on a host without them
     attention, store = build(_gpu(), _model(tmp_path, **SMOLLM2), str(tmp_path / "compile"))
     assert attention.status == "failed" and "flashinfer" in attention.detail
     assert store.status == "failed" and "sglang" in store.detail
