@@ -171,6 +171,15 @@ def test_a_worker_missing_a_required_variable_stops_the_run(runs, artifacts):
     assert not (runs / "noenv" / "ledger.jsonl").exists()
 
 
+def test_the_self_test_stops_a_batch_variant_engine_before_iteration_0(runs, artifacts):
+    """The self-test runs while the trainers set up (queued behind the engine's start, not after the
+    trainers): a batch-variant engine still stops the run before iteration 0 is recorded."""
+    cfg = load_config("tiny-cpu", overrides=["rollout.hf.batching=padded", "train.steps=1"])
+    with pytest.raises(DeterminismError, match="the rollout engine is not batch-invariant"):
+        run(cfg, runs / "variant", artifacts)
+    assert not (runs / "variant" / "ledger.jsonl").exists()
+
+
 def test_a_run_directory_is_never_overwritten(runs, tiny_cfg, artifacts):
     with pytest.raises(ConfigError, match="already holds a complete run ledger"):
         run(tiny_cfg, runs / "a", artifacts)

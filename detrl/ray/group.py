@@ -138,6 +138,7 @@ class Workers:
         self._pg: Any = None
         self._hung = False
         self._prepared: Any = None  # the rollout actor's `prepare` call
+        self._selftest: Any = None  # the rollout actor's self-test, started once its engine is up
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -196,12 +197,18 @@ class Workers:
                 return role
         return None
 
+    def _wants_selftest(self) -> bool:
+        return self.cfg.determinism.enabled and self.cfg.determinism.selftest
+
     def selftest(self) -> dict[str, Any] | None:
-        """The engine's batch-invariance self-test (determinism on); fails the run when it is not."""
-        if not (self.cfg.determinism.enabled and self.cfg.determinism.selftest):
+        """The engine's batch-invariance self-test (determinism on); fails the run when it is not. The start
+        queues it on the rollout actor as soon as the engine is up, so it runs while the trainers set up;
+        its start-up part is the wait that remains after them."""
+        if not self._wants_selftest():
             return None
+        ref, self._selftest = self._selftest, None
         with self._timed("selftest"):
-            res = self.wait(self.rollout.selftest.remote(True), "engine self-test")
+            res = self.wait(ref if ref is not None else self.rollout.selftest.remote(True), "engine self-test")
         if not res["passed"]:
             raise DeterminismError(
                 f"the rollout engine is not batch-invariant ({res['unique']}: more than one unique "
@@ -296,6 +303,7 @@ class Workers:
             imports = [t.preload.remote(self.transport) for t in self.trainers]
             with self._timed("engine"):
                 self.engine_info = self.wait(engine, "engine start")
+            rollout_fp = self._queue_after_engine()
             self._await_checkpoint()
             addr, port = self.wait(meet, "trainer rendezvous")
             self.wait(imports, "trainer start")
@@ -305,15 +313,24 @@ class Workers:
             addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
                 engine = self.rollout.setup.remote()
+                rollout_fp = self._queue_after_engine()
                 self._await_checkpoint()
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [engine]
                 self.engine_info = self.wait(setups, "worker start")[-1]
         with self._timed("fingerprint"):
-            fps = self.wait(
-                [t.fingerprint.remote() for t in self.trainers] + [self.rollout.fingerprint.remote()], "fingerprint"
-            )
+            fps = self.wait([t.fingerprint.remote() for t in self.trainers] + [rollout_fp], "fingerprint")
         self.fingerprints = {fp["role"]: fp for fp in fps}
         weight_sync.warm(self, self.transport)
+
+    def _queue_after_engine(self) -> Any:
+        """Queue the rollout actor's fingerprint, then its self-test, behind its engine's start: an actor runs
+        its calls in order, so both run once the engine is up, while the trainers load the checkpoint
+        (nothing of the trainers' reaches the engine, and the engine's memory pool was sized as it started).
+        Returns the fingerprint's reference; a failed start fails both calls, whose errors nobody reads."""
+        fingerprint = self.rollout.fingerprint.remote()
+        if self._wants_selftest():
+            self._selftest = self.rollout.selftest.remote(True)
+        return fingerprint
 
     def _await_checkpoint(self) -> None:
         if self.before_load is not None:
