@@ -126,10 +126,12 @@ def test_import_engine_starts_this_processs_import_of_sglang_and_the_engine_wait
         start.imported()
         assert start.importing is None
     finally:
-        start.close()
+        start.abandon()
+    assert not start.reports.exists()  # only an engine's start reads it; an abandoned start leaves none
     off = sglang_ahead.prepare(SGLangConfig(kernels="sglang", start_ahead=False), deterministic=False)
     off.import_engine()
     assert off.importing is None and off.ahead is None
+    off.abandon()
 
 
 def test_the_rollout_actor_reaches_prepare_without_importing_torch():

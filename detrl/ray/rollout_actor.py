@@ -105,7 +105,7 @@ class RolloutActor:
             self.engine.shutdown()
             self.engine = None
         if self.prepared is not None:  # prepared, never set up (a refused env)
-            self.prepared.close()
+            self.prepared.abandon()
             self.prepared = None
         if self.path_folder is not None:  # the actor is killed after this: no atexit handler runs
             shutil.rmtree(self.path_folder, ignore_errors=True)

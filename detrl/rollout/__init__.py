@@ -61,7 +61,7 @@ def prepare_engine(cfg: RunConfig) -> Any:
     """What `make_engine` can set up before the engine's own start, for a caller with other work first:
     SGLang's processes, started ahead (`detrl.rollout.sglang_ahead.prepare`); None for the hf engine. What it
     returns has `import_engine()` (this process's import of the engine, in a thread, once the caller has
-    imported what its own work meanwhile imports), `imported()` (wait for that import) and `close()`, for
+    imported what its own work meanwhile imports), `imported()` (wait for that import) and `abandon()`, for
     when no engine is made from it."""
     if cfg.backends.rollout != "sglang":
         return None

@@ -31,6 +31,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.spawn
 import os
+import shutil
 import sys
 import threading
 import time
@@ -251,6 +252,12 @@ class Start:
         """Stop the processes started ahead that no engine took (all of them, when none started)."""
         if self.ahead is not None:
             self.ahead.close()
+
+    def abandon(self) -> None:
+        """No engine will start from this: stop its processes and remove the reports' folder, which only
+        an engine's start reads (and removes)."""
+        self.close()
+        shutil.rmtree(self.reports, ignore_errors=True)
 
 
 def prepare(cfg: SGLangConfig, deterministic: bool) -> Start:
