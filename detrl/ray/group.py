@@ -313,20 +313,21 @@ class Workers:
             addr, port = self.wait(self.trainers[0].rendezvous.remote(), "trainer rendezvous")
             with self._timed("engine_and_trainer"):
                 engine = self.rollout.setup.remote()
-                rollout_fp = self._queue_after_engine()
                 self._await_checkpoint()
                 setups = [t.setup.remote(addr, port) for t in self.trainers] + [engine]
                 self.engine_info = self.wait(setups, "worker start")[-1]
+            rollout_fp = self._queue_after_engine()
         with self._timed("fingerprint"):
             fps = self.wait([t.fingerprint.remote() for t in self.trainers] + [rollout_fp], "fingerprint")
         self.fingerprints = {fp["role"]: fp for fp in fps}
         weight_sync.warm(self, self.transport)
 
     def _queue_after_engine(self) -> Any:
-        """Queue the rollout actor's fingerprint, then its self-test, behind its engine's start: an actor runs
-        its calls in order, so both run once the engine is up, while the trainers load the checkpoint
-        (nothing of the trainers' reaches the engine, and the engine's memory pool was sized as it started).
-        Returns the fingerprint's reference; a failed start fails both calls, whose errors nobody reads."""
+        """Once the engine is up, start the rollout actor's fingerprint, then its self-test, and return the
+        fingerprint's reference: on one GPU the self-test then runs while the trainers load the checkpoint
+        (nothing of the trainers' reaches the engine, whose memory pool was sized as it started). Never
+        before the engine's start has succeeded: a call queued behind a failed start would fail too, and
+        Ray logs the error of a reference nobody reads."""
         fingerprint = self.rollout.fingerprint.remote()
         if self._wants_selftest():
             self._selftest = self.rollout.selftest.remote(True)
