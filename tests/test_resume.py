@@ -6,8 +6,10 @@ the checkpoint carries per-TP-rank optimizer state and per-replica data shards. 
 is resumed by a Prefect task retry in test_deployment."""
 
 import json
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import detrl, tiny_run
@@ -19,6 +21,7 @@ from detrl.cli import main
 from detrl.config import ConfigError, load_config
 from detrl.ledger import read_ledger
 from detrl.loop import run
+from detrl.rollout import sglang_plugin
 from detrl.verify import verify
 
 pytestmark = pytest.mark.integration
@@ -40,6 +43,9 @@ def resumed(tmp_path_factory, artifacts, cache_dir, ray_session):
         done.set()
         assert killed.result(), "the trainer was never killed"
     part = read_ledger(crashed)
+    # the surviving rollout actor closed before it was killed: its temp folder is gone
+    rollout_pid = part.header["placement"]["rollout"]["pid"]
+    assert not list(Path(tempfile.gettempdir()).glob(f"{sglang_plugin.PATH_FOLDER_PREFIX}{rollout_pid}-*"))
     assert not part.complete and len(part.iterations) == 1
     ckpt = latest_checkpoint(crashed)
     assert ckpt is not None and ckpt.iteration == 0

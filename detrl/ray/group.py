@@ -400,7 +400,10 @@ class Workers:
     def __exit__(self, *exc: Any) -> None:
         actors = [a for a in [*self.trainers, self.rollout] if a is not None]
         try:  # a hung actor runs no close() before its hung call returns: kill it at once
-            ray.get([a.close.remote() for a in actors], timeout=5 if self._hung else 120)
+            # every close() ends (or the time is up) before any kill: a ray.get would raise at the first dead
+            # worker's, and the kill would then cut the others' short (the engine's shutdown, its temp folder)
+            closing = [a.close.remote() for a in actors]
+            ray.wait(closing, num_returns=len(closing), timeout=5 if self._hung else 120)
         except Exception:
             pass
         for a in actors:

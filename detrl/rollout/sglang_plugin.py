@@ -39,13 +39,15 @@ REPORT_ENV = "DETRL_SGLANG_KERNELS_REPORT"
 PLUGIN_NAME = "detrl_kernels"
 PATCHED = ("layernorm.RMSNorm.forward_cuda",)
 _DIST = "detrl_sglang_plugin-0.1.dist-info"
+PATH_FOLDER_PREFIX = "detrl-sglang-path-"
 
 
 @functools.cache
 def path_folder() -> Path:
     """This process's folder of what det-rl puts first on the path of SGLang's processes (the plugin's
-    record, hidden packages), found through `sys.path`; removed at exit."""
-    folder = Path(tempfile.mkdtemp(prefix="detrl-sglang-path-"))
+    record, hidden packages), found through `sys.path`; removed at exit. Named with the process id, so
+    that one left behind says whose it was."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{PATH_FOLDER_PREFIX}{os.getpid()}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
