@@ -6,8 +6,9 @@ of each part where a base flow ran in the same phase, and the issue's targets ju
 Each FILE is a `benchmarks/nightly_gpu.py` record and LABEL names its flow: `new` or `base` (the tree before
 a change, proofs.sh's base and basewarm), with a suffix of its own if a label repeats (`new2`). A record
 holding both phases counts as two flows. `--log` scans the flows' logs for WARNING and ERROR lines (issue 29
-asks a clean nightly for none) and for task attempts that failed (a retry that passed still hides a failure,
-and its time counts in the flow's); `--steps` is proofs.sh's `steps` file, whose wall seconds per step are the
+asks a clean nightly for none), for task attempts that failed (a retry that passed still hides a failure,
+and its time counts in the flow's), and for each engine's CUDA-graph capture time and each kernel built ahead
+(`engine_starts`); `--steps` is proofs.sh's `steps` file, whose wall seconds per step are the
 processes' whole time (a flow's own figure starts at its call).
 """
 
@@ -28,6 +29,10 @@ COLD_FLOW_S, WARM_FLOW_S, WARM_STARTUP_S, PREFLIGHT_S, ITERATION0_SYNC_S = 150, 
 WARNING = re.compile(r"\b(WARNING|ERROR)\b")
 # Prefect's line for a task attempt that failed, logged at INFO when a retry follows
 FAILED_ATTEMPT = re.compile(r"Task run failed with exception")
+# SGLang's info line at the end of an engine's CUDA-graph capture (a cold engine's capture is where it waits
+# for the kernels it compiles on first use), and the build-attention-module task's line per kernel built ahead
+CAPTURE = re.compile(r"Capture target decode CUDA graph end\. elapsed=([\d.]+) s")
+AHEAD = re.compile(r"\b(attention module|store_cache kernel) ahead: (built|found|skipped|failed)(?: in ([\d.]+) s)?")
 
 
 def flows_of(label: str, path: Path) -> dict[str, dict[str, Any]]:
@@ -144,6 +149,18 @@ def targets(flows: dict[str, dict[str, Any]], logs: list[Path]) -> dict[str, str
     }
 
 
+def engine_starts(logs: list[Path]) -> dict[str, dict[str, Any]]:
+    """Per log: each engine's CUDA-graph capture in seconds, in the log's order, and what became of each kernel
+    the flow built ahead (status, and seconds where the task took any): whether the cold engines still
+    waited in their capture for a kernel, beside what the build did."""
+    out = {}
+    for path in logs:
+        text = path.read_text()
+        ahead = {m[1]: m[2] + (f" in {m[3]} s" if m[3] else "") for m in AHEAD.finditer(text)}
+        out[path.name] = {"capture_s": [float(x) for x in CAPTURE.findall(text)], "kernels_ahead": ahead}
+    return out
+
+
 def step_walls(path: Path) -> dict[str, float]:
     """proofs.sh's `steps`: NAME RC [WALLs] per line; the steps that ran to the end, with their wall time."""
     out = {}
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "before_after": before_after(flows),
         "targets": targets(flows, a.log),
     }
+    if a.log:
+        record["engine_starts"] = engine_starts(a.log)
     if a.steps:
         record["process_wall_s"] = step_walls(a.steps)
     Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
@@ -194,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         for part in ("flow_s", "flow.server_and_flow_start", "run_a.startup_total_s", "run_b.startup_total_s"):
             if part in table:
                 print(f"{phase} {part}: {table[part][0]} -> {table[part][1]}")
+    for name, seen in record.get("engine_starts", {}).items():
+        print(f"{name}: capture s {seen['capture_s']}, kernels ahead {seen['kernels_ahead']}")
     if record.get("process_wall_s"):
         print("process wall s:", json.dumps(record["process_wall_s"]))
     return 0

@@ -94,6 +94,20 @@ def test_a_warm_flow_in_a_record_of_its_own_is_judged(tmp_path):
     assert t["cold_flow"] == "not met: 182.2 / 193 s (goal 150)"
 
 
+def test_each_engines_capture_and_each_kernel_built_ahead_are_read_from_the_logs(tmp_path):
+    """The H100 host of 2026-12-08 (before the store_cache kernel was built ahead): the cold engines' captures
+    waited for its nvcc build (35.74 and 37.66 s), the warm ones took 4.48 and 5.99 s; the attention module was built
+    ahead in the cold flow and found in the warm one."""
+    logs = [R / f"h100-startup-{p}-flow-20261208.log" for p in ("cold", "warm")]
+    flows = [f"new={R / 'h100-startup-cold-flow-20261208.json'}", f"new2={R / 'h100-startup-warm-flow-20261208.json'}"]
+    seen = record(tmp_path, *flows, logs=logs)["engine_starts"]
+    cold, warm = seen[logs[0].name], seen[logs[1].name]
+    assert cold == {"capture_s": [35.74, 37.66], "kernels_ahead": {"attention module": "built in 53.8 s"}}
+    assert warm["capture_s"] == [4.48, 5.99]
+    assert warm["kernels_ahead"] == {"attention module": "found in 7.9 s"}
+    assert "engine_starts" not in record(tmp_path, *flows, logs=[])  # no log, nothing claimed
+
+
 @pytest.mark.parametrize(
     "flows, says",
     [
