@@ -162,6 +162,7 @@ class Workers:
                         raise
                     self._raise_if_a_worker_is_gone(phase, iteration)
         except RayActorError as exc:
+            self._hung = True  # its peers may wait in a collective with it: the exit's close() waits 5 s, not 120
             role = self._role_of(exc)
             pid = self.placement.get(role, {}).get("pid") if role else None
             report = death_report(role, phase, pid)
@@ -399,9 +400,10 @@ class Workers:
 
     def __exit__(self, *exc: Any) -> None:
         actors = [a for a in [*self.trainers, self.rollout] if a is not None]
-        try:  # a hung actor runs no close() before its hung call returns: kill it at once
-            # every close() ends (or the time is up) before any kill: a ray.get would raise at the first dead
-            # worker's, and the kill would then cut the others' short (the engine's shutdown, its temp folder)
+        # every close() ends, or its time is up, before any kill: a ray.get would raise at a dead worker's, and
+        # the kill would then cut the others' short (the engine's shutdown, its temp folder). After a hang or
+        # a death (`_hung`) the time is short: an actor whose call waits on the lost one runs no close()
+        try:
             closing = [a.close.remote() for a in actors]
             ray.wait(closing, num_returns=len(closing), timeout=5 if self._hung else 120)
         except Exception:
