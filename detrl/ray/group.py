@@ -136,7 +136,7 @@ class Workers:
         self.startup_s: dict[str, float] = {}  # seconds per start-up part, for the ledger header
         self._started_ray = False
         self._pg: Any = None
-        self._hung = False
+        self._lost = False  # a worker hung or died: its peers' calls may never end, so their close() may not run
         self._prepared: Any = None  # the rollout actor's `prepare` call
         self._selftest: Any = None  # the rollout actor's self-test, started once its engine is up
 
@@ -162,7 +162,7 @@ class Workers:
                         raise
                     self._raise_if_a_worker_is_gone(phase, iteration)
         except RayActorError as exc:
-            self._hung = True  # its peers may wait in a collective with it: the exit's close() waits 5 s, not 120
+            self._lost = True  # its peers may wait in a collective with it
             role = self._role_of(exc)
             pid = self.placement.get(role, {}).get("pid") if role else None
             report = death_report(role, phase, pid)
@@ -171,7 +171,7 @@ class Workers:
             exc.add_note(report)  # mid-run: stays retriable (the run resumes from its checkpoint)
             raise
         except GetTimeoutError:
-            self._hung = True
+            self._lost = True
             where = "start-up" if iteration is None else f"iteration {iteration}"
             key = "timeouts.startup_s" if iteration is None else "timeouts.phase_s"
             raise PhaseTimeout(
@@ -185,7 +185,7 @@ class Workers:
         here = ray.get_runtime_context().get_node_id()
         for role, where in self.placement.items():
             if where.get("node_id") == here and where.get("pid") and not process_alive(where["pid"]):
-                self._hung = True  # its actor cannot answer close(): stop the others at once
+                self._lost = True  # its actor cannot answer close()
                 report = death_report(role, phase, where["pid"])
                 if iteration is None:
                     raise WorkerStartError(f"start-up: {report}")
@@ -402,10 +402,10 @@ class Workers:
         actors = [a for a in [*self.trainers, self.rollout] if a is not None]
         # every close() ends, or its time is up, before any kill: a ray.get would raise at a dead worker's, and
         # the kill would then cut the others' short (the engine's shutdown, its temp folder). After a hang or
-        # a death (`_hung`) the time is short: an actor whose call waits on the lost one runs no close()
+        # a death (`_lost`) the time is short: an actor whose call waits on the lost one runs no close()
         try:
             closing = [a.close.remote() for a in actors]
-            ray.wait(closing, num_returns=len(closing), timeout=5 if self._hung else 120)
+            ray.wait(closing, num_returns=len(closing), timeout=5 if self._lost else 120)
         except Exception:
             pass
         for a in actors:
