@@ -116,10 +116,11 @@ def module_for(cfg: RunConfig, model_dir: str | Path) -> Module | str:
     return Module(sg.dtype, head_dim)
 
 
-def store_cache_for(cfg: RunConfig, model_dir: str | Path) -> StoreCache | str:
+def store_cache_for(cfg: RunConfig, model_dir: str | Path, module: Module | str | None = None) -> StoreCache | str:
     """The store_cache kernel the run's engines will build, or why none is built ahead. Every condition of
-    the attention module holds here too: the same engines, and a model whose layers share one KV layout."""
-    module = module_for(cfg, model_dir)
+    the attention module holds here too: the same engines, and a model whose layers share one KV layout
+    (`module`: `module_for`'s answer, when the caller has it already)."""
+    module = module_for(cfg, model_dir) if module is None else module
     if isinstance(module, str):
         return module
     model = json.loads((Path(model_dir) / "config.json").read_text())
@@ -138,7 +139,8 @@ def build(
     """Build both kernels into `compile_cache` (as the workers see it), each in a process of its own, at
     once, and wait for both. Never raises: a build that did not happen leaves the engine to build it as it
     always does."""
-    kernels: list[Module | StoreCache | str] = [module_for(cfg, model_dir), store_cache_for(cfg, model_dir)]
+    module = module_for(cfg, model_dir)
+    kernels: list[Module | StoreCache | str] = [module, store_cache_for(cfg, model_dir, module)]
     # the rollout workers' environment: the same caches, CUDA and compiler settings
     env = {**os.environ, **runtime_env(cfg, "rollout", compile_cache)["env_vars"]}
     t = time.perf_counter()
